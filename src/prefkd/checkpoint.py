@@ -1,0 +1,152 @@
+"""Checkpoints: written atomically, loadable with ``from_pretrained``, complete enough to resume exactly.
+
+Layout of ``<run>/checkpoints/<name>/`` (name = ``step-N``, ``last`` or ``best``)::
+
+    config.json + model.safetensors   (full model)   or   adapter_config.json + adapter_model.safetensors (LoRA)
+    tokenizer files
+    projectors.safetensors            the loss's own modules and state (projectors, cost weights), if any
+    trainer_state/                    optimizer.pt, scheduler.pt, rng-<rank>.pt, state.json
+
+A checkpoint is written into ``.tmp-<name>`` and renamed into place, so a kill at any moment leaves the
+previous one intact; ``find_latest`` only ever sees complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "trainer_state"
+PROJECTORS = "projectors.safetensors"
+
+
+def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished ``tmp`` to ``dest``; an existing ``dest`` is swapped out first, then deleted."""
+    old = dest.with_name(f".old-{dest.name}")
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(dest: Path, *, accelerator, model, tokenizer, loss_module, optimizer, scheduler,
+                    state: dict) -> Path:
+    """Save everything needed to continue training into ``dest`` (atomically). Collective: all ranks call."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_DIR).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    model_state = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        loss_state = {k: v.detach().contiguous().cpu() for k, v in loss_module.state_dict().items()}
+        if loss_state:
+            save_file(loss_state, str(tmp / PROJECTORS))
+        torch.save(optimizer.state_dict(), tmp / STATE_DIR / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # state.json last: its presence marks the checkpoint complete.
+        (tmp / STATE_DIR / "state.json").write_text(json.dumps(state, indent=2))
+        _atomic_replace_dir(tmp, dest)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+def link_checkpoint(src: Path, dest: Path) -> None:
+    """Make ``dest`` a copy of ``src`` with hard links (no extra disk), atomically."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, copy_function=os.link)
+    except OSError:  # a file system without hard links
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    _atomic_replace_dir(tmp, dest)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / STATE_DIR / "state.json").is_file()
+
+
+def find_latest(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest global step under ``checkpoint_dir`` (or None)."""
+    best, best_step = None, -1
+    if not Path(checkpoint_dir).is_dir():
+        return None
+    for child in Path(checkpoint_dir).iterdir():
+        if child.name.startswith(".") or not is_complete(child):
+            continue
+        step = json.loads((child / STATE_DIR / "state.json").read_text())["global_step"]
+        # prefer step-N over its `last`/`best` twins at equal step (same content)
+        if step > best_step or (step == best_step and re.fullmatch(r"step-\d+", child.name)):
+            best, best_step = child, step
+    return best
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Load the weights saved by ``save_checkpoint`` into ``model`` (full model or peft adapter)."""
+    path = Path(path)
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name != PROJECTORS:
+            state.update(load_file(str(file)))
+    if not state:
+        raise FileNotFoundError(f"{path} holds no model weights (*.safetensors).")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        name for name, p in model.named_parameters()}
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_checkpoint(path: Path, *, accelerator, model, loss_module, optimizer, scheduler) -> dict:
+    """Restore weights, projectors, optimizer, scheduler and RNG from ``path``; return its state.json."""
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete prefkd checkpoint (no {STATE_DIR}/state.json).")
+    load_model_weights(accelerator.unwrap_model(model), path)
+    if (path / PROJECTORS).exists():
+        loss_module.load_state_dict(load_file(str(path / PROJECTORS)))
+    optimizer.load_state_dict(torch.load(path / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / STATE_DIR / "scheduler.pt", weights_only=True))
+    rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((path / STATE_DIR / "state.json").read_text())

@@ -1,0 +1,122 @@
+"""Instruction records: the Alpaca templates of SPEC §1, record validation and a JSONL reader.
+
+A record is a dict with ``prompt`` (already templated) and ``output`` (a string, or a non-empty list of
+reference strings in evaluation sets such as S-NI). Records that carry ``instruction`` / ``input`` and no
+``prompt`` get the Alpaca template. Every problem is a :class:`DataError` whose message names the field,
+the place (file and 1-based line) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+RECORD_HELP = ("each line must be a JSON object with `prompt` (the templated prompt) and `output` (the reference "
+               "response), or `instruction` (+ optional `input`) and `output`")
+
+
+class DataError(ValueError):
+    """A record or a data file is malformed. The message names the field, the place and the fix."""
+
+
+def alpaca_prompt(instruction: str, input: str | None = "") -> str:
+    """The Alpaca prompt of SPEC §1: the with-input variant when ``input`` is non-empty."""
+    if input:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def _check_output(output, where: str) -> None:
+    if isinstance(output, str):
+        if not output.strip():
+            raise DataError(f"{where}: field 'output' is empty; give every record a non-empty reference "
+                            f"response (or remove the record).")
+        return
+    if isinstance(output, list):
+        if not output:
+            raise DataError(f"{where}: field 'output' is an empty list; give at least one reference string.")
+        for k, ref in enumerate(output):
+            if not isinstance(ref, str) or not ref.strip():
+                raise DataError(f"{where}: field 'output' reference {k} is {ref!r}; every reference must be a "
+                                f"non-empty string.")
+        return
+    raise DataError(f"{where}: field 'output' is a {type(output).__name__}; it must be a string (or a list of "
+                    f"reference strings for evaluation sets).")
+
+
+def to_instruction_record(raw: dict, where: str) -> dict:
+    """Return a copy of ``raw`` with ``prompt`` and ``output`` checked (other fields are kept).
+
+    ``where`` names the record in error messages (e.g. ``"train.jsonl line 12"``). A record without
+    ``prompt`` but with ``instruction`` gets the Alpaca template (``input`` may be missing, None or "").
+    Raises :class:`DataError` on a missing/empty ``output`` or a missing prompt.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}; {RECORD_HELP}.")
+    record = dict(raw)
+    if "prompt" not in record or record["prompt"] is None:
+        if record.get("instruction") is None:
+            raise DataError(f"{where}: missing field 'prompt' (and no 'instruction' to build it from); "
+                            f"{RECORD_HELP}.")
+        if not isinstance(record["instruction"], str):
+            raise DataError(f"{where}: field 'instruction' must be a string, got "
+                            f"{type(record['instruction']).__name__}.")
+        record["prompt"] = alpaca_prompt(record["instruction"], record.get("input") or "")
+    elif not isinstance(record["prompt"], str) or not record["prompt"].strip():
+        raise DataError(f"{where}: field 'prompt' must be a non-empty string, got {record['prompt']!r}.")
+    if "output" not in record or record["output"] is None:
+        raise DataError(f"{where}: missing field 'output'; {RECORD_HELP}.")
+    _check_output(record["output"], where)
+    return record
+
+
+def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dict]:
+    """Read a JSONL file into a list of records (blank lines are skipped).
+
+    With the default ``required`` the records go through :func:`to_instruction_record` (Alpaca template,
+    output checks). Other ``required`` fields (e.g. ``("prompt", "chosen", "rejected")``) are checked for
+    presence and, for strings, non-emptiness. Errors: :class:`FileNotFoundError` naming the path,
+    :class:`DataError` naming the field, the file, the 1-based line and the fix.
+    """
+    path = Path(path).expanduser()
+    required = tuple(required)
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"{path}: {what}; expected a JSONL file ({RECORD_HELP}).")
+    instruction = "prompt" in required and "output" in required
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix that line so that "
+                                f"it holds exactly one JSON object ({RECORD_HELP}).") from None
+            if not isinstance(raw, dict):
+                raise DataError(f"{where}: a line must hold a JSON object, got {type(raw).__name__}; "
+                                f"{RECORD_HELP}.")
+            record = to_instruction_record(raw, where) if instruction else dict(raw)
+            for name in required:
+                value = record.get(name)
+                if value is None:
+                    raise DataError(f"{where}: missing field {name!r}; add it to every line "
+                                    f"(required fields: {', '.join(required)}).")
+                if isinstance(value, str) and not value.strip():
+                    raise DataError(f"{where}: field {name!r} is empty; give it a non-empty string "
+                                    f"(or remove the line).")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: the file holds no records; {RECORD_HELP}.")
+    return records

@@ -1,0 +1,101 @@
+"""Tokenisation of one (prompt, output) pair for one model (SPEC §1, the DSKD/MiniLLM convention).
+
+Prompt and output are tokenised separately with ``add_special_tokens=False`` (no BOS). The prompt ids are
+cut to ``max_prompt_length`` (the first tokens are kept), EOS is appended to the response ids, and the
+whole sequence ``full = prompt + response + [eos]`` is cut to ``max_length``. The model sees
+``input_ids = full[:-1]`` and is trained on ``labels = full[1:]`` with -100 where the target is a prompt
+token, so ``labels[i]`` is the target predicted at position i and the first label that is not -100 is
+the first response token (at position ``prompt_length - 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from prefkd.data.records import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    """One example for one model. Lengths: ``len(input_ids) == len(labels) == len(full_ids) - 1``.
+
+    input_ids: full[:-1]. labels: full[1:], -100 on the ``prompt_length - 1`` prompt targets.
+    prompt_length: prompt tokens kept in ``full``. prompt_truncated: the prompt was cut to
+    max_prompt_length. sequence_truncated: the whole sequence was cut to max_length (EOS then missing).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+    prompt_truncated: bool = False
+    sequence_truncated: bool = False
+
+    @property
+    def full_ids(self) -> list[int]:
+        """prompt + response (+ EOS unless truncated), length n + 1."""
+        return self.input_ids + self.labels[-1:]
+
+    @property
+    def response_ids(self) -> list[int]:
+        """The response tokens kept (EOS included unless the sequence was truncated)."""
+        return self.full_ids[self.prompt_length:]
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token pad := eos (SPEC §1); returns the tokenizer. No eos: an error."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no EOS "
+                        f"token; prefkd appends EOS to every response: set tokenizer.eos_token first.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, ``add_special_tokens=False`` (batched: fast tokenizers run in parallel)."""
+    if not texts:
+        return []
+    out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return [list(ids) for ids in out["input_ids"]]
+
+
+def build_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
+                  max_prompt_length: int = 256, max_length: int = 512, where: str = "example") -> TokenizedExample:
+    """Assemble a :class:`TokenizedExample` from already tokenised prompt and response ids (no EOS yet)."""
+    if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
+        raise ValueError(f"need 1 <= max_prompt_length < max_length and max_length >= 2, got "
+                         f"max_prompt_length={max_prompt_length}, max_length={max_length}.")
+    if not prompt_ids:
+        raise DataError(f"{where}: the prompt tokenises to nothing; the first response token needs a prompt "
+                        f"position to be predicted from.")
+    if not response_ids:
+        raise DataError(f"{where}: the output tokenises to nothing; give the record a non-empty output.")
+    prompt_truncated = len(prompt_ids) > max_prompt_length
+    prompt = list(prompt_ids[:max_prompt_length])
+    full = prompt + list(response_ids) + [int(eos_id)]
+    sequence_truncated = len(full) > max_length
+    full = full[:max_length]
+    p = len(prompt)
+    labels = [IGNORE_INDEX] * (p - 1) + full[p:]
+    return TokenizedExample(input_ids=full[:-1], labels=labels, prompt_length=p,
+                            prompt_truncated=prompt_truncated, sequence_truncated=sequence_truncated)
+
+
+def tokenize_pair(prompt: str, output: str, tokenizer, max_prompt_length: int = 256, max_length: int = 512,
+                  where: str = "example") -> TokenizedExample:
+    """Tokenise one (prompt, output) pair for one model (see the module docstring).
+
+    Raises :class:`DataError` (naming ``where``) for an empty or whitespace-only output or prompt, and for a
+    tokenizer without EOS.
+    """
+    if not isinstance(output, str) or not output.strip():
+        raise DataError(f"{where}: the output is empty ({output!r}); every training example needs a "
+                        f"non-empty response.")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: the prompt is empty ({prompt!r}).")
+    ensure_pad_token(tokenizer)
+    prompt_ids, response_ids = encode(tokenizer, [prompt, output])
+    return build_example(prompt_ids, response_ids, tokenizer.eos_token_id, max_prompt_length, max_length, where)

@@ -1,0 +1,118 @@
+"""Batched, left-padded sampling with the SPEC §9 settings, reproducible from a seed.
+
+Each prompt is tokenised without special tokens (SPEC §1: no BOS) and cut to its first
+``max_prompt_length`` (256) tokens, as in training. A batch of B prompts becomes
+
+    input_ids, attention_mask: (B, T)   left-padded with pad_token_id (T = longest prompt of the batch)
+
+and ``model.generate`` samples at most ``max_new_tokens`` tokens after position T. Before batch b the
+torch RNG is seeded with ``batch_seed(seed, b)``, inside ``torch.random.fork_rng`` so the caller's RNG
+state (a training run's) is untouched: the same (seed, prompts, batch_size) give the same text whatever
+ran before. The new tokens are decoded with ``skip_special_tokens`` and stripped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; the defaults are exactly SPEC §9 (dev selection uses no_repeat_ngram_size=0)."""
+
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = no top-k filtering
+    no_repeat_ngram_size: int = 6
+    max_new_tokens: int = 256
+    max_prompt_length: int = 256        # prompt tokens kept
+    truncation_side: str = "right"      # "right" keeps the first tokens (SPEC §1); "left" the last (dialogues)
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``model.generate``. Penalties that a model's own generation_config might
+        set are pinned to their neutral values so that only these settings decide the sample."""
+        kw = asdict(self)
+        kw.pop("max_prompt_length"), kw.pop("truncation_side")
+        if not self.do_sample:
+            kw.pop("temperature"), kw.pop("top_p"), kw.pop("top_k")
+        return {**kw, "num_beams": 1, "repetition_penalty": 1.0, "typical_p": 1.0, "use_cache": True}
+
+
+@dataclass
+class Generations:
+    """``texts[i]``: the decoded, stripped continuation of prompt i; ``num_tokens[i]``: its length in
+    tokens up to (not including) the first EOS or pad token."""
+
+    texts: list[str]
+    num_tokens: list[int]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The RNG seed of one batch: distinct for every (seed, batch index) with batch_index < 1,000,003."""
+    return (int(seed) * 1_000_003 + int(batch_index)) % (2 ** 63)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int,
+                   truncation_side: str = "right") -> list[list[int]]:
+    """Token ids of each prompt, no special tokens, cut to ``max_prompt_length`` tokens: the first ones
+    (``truncation_side="right"``) or the last ones (``"left"``)."""
+    if truncation_side not in ("right", "left"):
+        raise ValueError(f"truncation_side={truncation_side!r} must be 'right' or 'left'.")
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if truncation_side == "left":
+        return [row[-max_prompt_length:] if max_prompt_length else [] for row in ids]
+    return [row[:max_prompt_length] for row in ids]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) input_ids and attention_mask, padded on the left to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any EOS of the model's generation_config (e.g. several chat end tokens)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, sampling: Sampling | None = None, batch_size: int = 8,
+             seed: int = 0, progress: bool = True, desc: str = "generating") -> Generations:
+    """Sample one continuation per prompt, in order. The model should be in eval mode (callers switch)."""
+    sampling = sampling or Sampling()
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_length, sampling.truncation_side)
+    texts, lengths = [], []
+    starts = range(0, len(encoded), batch_size)
+    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, unit="batch")):
+        ids, mask = left_pad(encoded[start:start + batch_size], pad_id)
+        rng_devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"):
+            torch.manual_seed(batch_seed(seed, b))
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                                 eos_token_id=stops, **sampling.generate_kwargs())
+        new = out[:, ids.shape[1]:].cpu()
+        is_stop = torch.isin(new, torch.tensor(stops + [pad_id]))
+        n_new = (is_stop.cumsum(dim=1) == 0).sum(dim=1).tolist()
+        texts += [t.strip() for t in tokenizer.batch_decode([row[:n] for row, n in zip(new, n_new)],
+                                                             skip_special_tokens=True)]
+        lengths += n_new
+    return Generations(texts=texts, num_tokens=lengths)

@@ -1,0 +1,173 @@
+"""Preference metrics (SPEC §10): DPO implicit rewards on held-out pairs, and a reward-model win rate.
+
+For a pair (x, y_w, y_l) and a policy π with reference π_ref:
+
+    log π(y | x) = Σ_{t ∈ response} log π(y_t | x, y_<t)        (response tokens + EOS)
+    r(y)         = β · (log π(y | x) − log π_ref(y | x))          (π_ref omitted: r = β log π)
+    accuracy     = mean [r(y_w) > r(y_l)]     (a tie counts as wrong, as in DPO)
+    margin       = mean (r(y_w) − r(y_l))
+
+Each model scores the response with its own tokenizer, so a reference with another vocabulary (the
+teacher of PrefKD) compares log-probabilities of the same strings. Tokenisation follows the DPO
+reference code: prompt and response tokenised separately without special tokens, EOS appended to
+the response; over ``max_length`` the prompt keeps its last ``max_prompt_length`` tokens, then the
+response is cut.
+
+HH format (``chosen``/``rejected`` full dialogues): the prompt is everything up to and including the
+last ``"\\n\\nAssistant:"`` of the chosen dialogue. Where the rejected dialogue does not share that
+prefix (4 of the 2,312 HH harmless test pairs, whose responses hold further turns), the prompt is cut
+at the last ``"\\n\\nAssistant:"`` inside the common prefix. Records with a ``prompt`` field
+(UltraFeedback/TIS-DPO format) are used as given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from prefkd.data.records import DataError, read_jsonl
+from prefkd.eval.generation import Sampling, generate
+from prefkd.eval.sets import resolve_data_path
+
+HH_SEP = "\n\nAssistant:"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def split_hh(chosen: str, rejected: str, where: str = "pair") -> PreferencePair:
+    """Split two HH dialogues into (prompt, chosen response, rejected response)."""
+    cut = chosen.rfind(HH_SEP)
+    if cut < 0:
+        raise DataError(f"{where}: the chosen dialogue has no {HH_SEP!r}; HH pairs are full dialogues ending "
+                        f"with an assistant turn (or give a `prompt` field).")
+    prompt = chosen[:cut + len(HH_SEP)]
+    if not rejected.startswith(prompt):
+        common = os.path.commonprefix([chosen, rejected])
+        cut = common.rfind(HH_SEP)
+        if cut < 0:
+            raise DataError(f"{where}: chosen and rejected share no prompt ending in {HH_SEP!r}.")
+        prompt = common[:cut + len(HH_SEP)]
+    return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):])
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
+    """HH (``chosen``, ``rejected``) or prompt/chosen/rejected records from a JSONL file; first ``limit``."""
+    path = resolve_data_path(path)
+    rows = read_jsonl(path, required=("chosen", "rejected"))[:limit]
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) if r.get("prompt") is not None
+            else split_hh(r["chosen"], r["rejected"], where=f"{path} pair {i + 1}") for i, r in enumerate(rows)]
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int = 512,
+           max_prompt_length: int = 256) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + response + EOS, labels -100 on the prompt; truncated as above."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) + len(r) > max_length:
+        p = p[-max_prompt_length:]
+        r = r[:max(max_length - len(p), 1)]
+    return p + r, [-100] * len(p) + r
+
+
+@torch.no_grad()
+def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    """(B,) float64: Σ over label positions of log π(label_t | ids_<t) for right-padded rows."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    target = labels[:, 1:].to(device)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * target.ne(-100)).sum(-1).double().cpu()
+
+
+def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_size: int, max_length: int,
+                   max_prompt_length: int, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,), (N,): log π(y_w | x) and log π(y_l | x) for every pair (chosen and rejected share a batch)."""
+    model.eval()
+    chosen, rejected = [], []
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = pairs[start:start + batch_size]
+        rows = ([encode(tokenizer, p.prompt, p.chosen, max_length, max_prompt_length) for p in batch]
+                + [encode(tokenizer, p.prompt, p.rejected, max_length, max_prompt_length) for p in batch])
+        lp = sequence_logps(model, rows, tokenizer.pad_token_id)
+        chosen.append(lp[:len(batch)])
+        rejected.append(lp[len(batch):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                       ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+                       beta: float) -> dict[str, float]:
+    """The SPEC §10 metrics from (N,) sequence log-probs: rewards/*, logps/*."""
+    r_w = beta * (policy_chosen - (ref_chosen if ref_chosen is not None else 0))
+    r_l = beta * (policy_rejected - (ref_rejected if ref_rejected is not None else 0))
+    return {"rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
+            "rewards/accuracies": (r_w > r_l).double().mean().item(), "rewards/margins": (r_w - r_l).mean().item(),
+            "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item(),
+            "n": len(r_w), "beta": beta}
+
+
+def evaluate_preference(policy, policy_tokenizer, pairs: Sequence[PreferencePair], *, reference=None,
+                        reference_tokenizer=None, beta: float = 0.1, batch_size: int = 4, max_length: int = 512,
+                        max_prompt_length: int = 256, progress: bool = True) -> dict[str, float]:
+    """Preference accuracy and reward margins of ``policy`` against ``reference`` on ``pairs``."""
+    if not pairs:
+        raise DataError("no preference pairs to evaluate.")
+    kw = dict(batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length, progress=progress)
+    pol = response_logps(policy, policy_tokenizer, pairs, desc="policy log-probs", **kw)
+    ref = (None, None)
+    if reference is not None:
+        ref = response_logps(reference, reference_tokenizer or policy_tokenizer, pairs, desc="reference log-probs", **kw)
+    return preference_metrics(*pol, *ref, beta=beta)
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, texts: Sequence[str], *, batch_size: int = 4,
+                  max_length: int = 1024) -> torch.Tensor:
+    """(N,) scalar rewards: logits[:, 0] of a sequence-classification model (truncated on the left)."""
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    if getattr(reward_model.config, "pad_token_id", None) is None:
+        reward_model.config.pad_token_id = tokenizer.pad_token_id
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            out.append(reward_model(**enc.to(device)).logits[:, 0].double().cpu())
+    finally:
+        tokenizer.truncation_side = side
+    return torch.cat(out)
+
+
+def reward_win_rate(policy, policy_tokenizer, reward_model, reward_tokenizer, pairs: Sequence[PreferencePair], *,
+                    sampling: Sampling | None = None, batch_size: int = 4, seed: int = 10,
+                    progress: bool = True) -> dict:
+    """Win rate of the policy's sampled responses against the chosen ones under a reward model:
+    mean [R(x, ŷ) > R(x, y_w)] + ½ mean [R(x, ŷ) = R(x, y_w)]. Prompts keep their last tokens."""
+    sampling = sampling or Sampling(truncation_side="left")
+    policy.eval()
+    gens = generate(policy, policy_tokenizer, [p.prompt for p in pairs], sampling=sampling, batch_size=batch_size,
+                    seed=seed, progress=progress, desc="policy responses")
+    ours = reward_scores(reward_model, reward_tokenizer, [p.prompt + " " + g for p, g in zip(pairs, gens.texts)],
+                         batch_size=batch_size)
+    theirs = reward_scores(reward_model, reward_tokenizer, [p.prompt + p.chosen for p in pairs], batch_size=batch_size)
+    win = (ours > theirs).double().mean() + 0.5 * (ours == theirs).double().mean()
+    return {"win_rate": win.item(), "reward/policy": ours.mean().item(), "reward/chosen": theirs.mean().item(),
+            "generations": gens.texts}

@@ -1,0 +1,159 @@
+"""`python -m prefkd.evaluate model.path=P [model.adapter=A] [eval=instruct|preference] [key=value ...]`.
+
+- ``eval=instruct`` (default): SPEC §9 on the instruction sets; writes ``output_dir/results.{json,md,csv}``
+  and ``output_dir/<set>/seed<S>.jsonl``; rerun with the same ``output_dir`` to resume.
+- ``eval=preference``: SPEC §10 preference accuracy and reward margins against ``reference.path``, and
+  with ``reward_model.path`` the win rate; writes ``output_dir/results.json`` (and ``generations.jsonl``).
+
+A LoRA adapter is applied to its base with peft, not merged; ``model.path`` may be left out, the base is
+then read from the adapter's ``adapter_config.json``. ``dataset=NAME`` is shorthand for ``eval.dataset=NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prefkd.models.bundle import ModelBundle
+from prefkd.train import config_dir, load_env
+
+log = logging.getLogger("prefkd.evaluate")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def adapter_base(adapter: str) -> str:
+    """``base_model_name_or_path`` of a peft adapter directory."""
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"adapter={adapter!r}: no adapter_config.json there; pass a peft adapter directory.")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: pass model.path=BASE.")
+    return base
+
+
+def load_model(path: str | None = None, adapter: str | None = None, tokenizer_path: str | None = None,
+               dtype: str = "float32", device: str = "auto") -> ModelBundle:
+    """A frozen model in eval mode: ``path`` alone, or its base with a peft ``adapter`` applied (not merged)."""
+    from prefkd.models.loading import ModelLoadError, load_pretrained
+
+    if path is None and adapter:
+        path = adapter_base(adapter)
+    if path is None:
+        raise ValueError("no model given: pass model.path=CHECKPOINT (or model.adapter=LORA_DIR).")
+    bundle = load_pretrained(path, tokenizer_path=tokenizer_path, dtype=dtype, freeze=True)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            bundle.model = PeftModel.from_pretrained(bundle.model, adapter, is_trainable=False)
+        except Exception as err:  # peft raises several types for a wrong or missing adapter
+            raise ModelLoadError(f"cannot apply adapter={adapter!r} to {path!r}: {err}") from err
+        bundle.name = f"{path}+{adapter}"
+    bundle.model.to(resolve_device(device)).eval()
+    return bundle
+
+
+def load_reward_model(path: str, tokenizer_path: str | None = None, dtype: str = "float32",
+                      device: str = "auto") -> ModelBundle:
+    """A sequence-classification reward model (logit 0 is the reward) with its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefkd.models.loading import DTYPES, load_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    return ModelBundle(model.to(resolve_device(device)).eval(), tokenizer, path)
+
+
+def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
+    from prefkd.eval.generation import Sampling
+    from prefkd.eval.instruct import evaluate_instruct
+    from prefkd.eval.report import to_markdown
+    from prefkd.eval.sets import select_sets
+
+    e = cfg.eval
+    sampling = Sampling(do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                        no_repeat_ngram_size=e.no_repeat_ngram_size, max_new_tokens=e.max_new_tokens,
+                        max_prompt_length=e.max_prompt_length)
+    sets = select_sets(list(e.datasets), OmegaConf.to_container(e.sets, resolve=True))
+    results = evaluate_instruct(policy.model, policy.tokenizer, sets, output_dir, seeds=list(e.seeds),
+                                batch_size=e.batch_size, limit=e.limit, sampling=sampling, progress=cfg.progress,
+                                model_name=cfg.model.path or policy.name, adapter=cfg.model.adapter)
+    print("\n" + to_markdown(results))
+    return results
+
+
+def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
+    from prefkd.eval.generation import Sampling
+    from prefkd.eval.preference import evaluate_preference, load_pairs, reward_win_rate
+    from prefkd.eval.report import atomic_write
+
+    e = cfg.eval
+    data = e.sets.get(e.dataset) or e.dataset
+    pairs = load_pairs(data, e.limit)
+    reference = instantiate(cfg.reference) if cfg.reference.path or cfg.reference.adapter else None
+    results = {"model": policy.name, "reference": reference.name if reference else None, "data": str(data),
+               **evaluate_preference(policy.model, policy.tokenizer, pairs,
+                                     reference=reference.model if reference else None,
+                                     reference_tokenizer=reference.tokenizer if reference else None, beta=e.beta,
+                                     batch_size=e.batch_size, max_length=e.max_length,
+                                     max_prompt_length=e.max_prompt_length, progress=cfg.progress)}
+    if cfg.reward_model.path:
+        rm = instantiate(cfg.reward_model)
+        w = e.win_rate
+        sampling = Sampling(max_new_tokens=w.max_new_tokens, no_repeat_ngram_size=w.no_repeat_ngram_size,
+                            max_prompt_length=w.max_prompt_length, truncation_side="left")
+        subset = pairs[:w.limit] if w.limit else pairs
+        win = reward_win_rate(policy.model, policy.tokenizer, rm.model, rm.tokenizer, subset, sampling=sampling,
+                              batch_size=e.batch_size, seed=w.seed, progress=cfg.progress)
+        gens = win.pop("generations")
+        atomic_write(output_dir / "generations.jsonl", "".join(
+            json.dumps({"prompt": p.prompt, "generation": g, "chosen": p.chosen}, ensure_ascii=False) + "\n"
+            for p, g in zip(subset, gens)))
+        results.update(win, reward_model=rm.name)
+    atomic_write(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """Load the model(s) named by a composed config and run its protocol; returns the results dict."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runners = {"instruct": run_instruct, "preference": run_preference}
+    if cfg.eval.protocol not in runners:
+        raise ValueError(f"eval.protocol={cfg.eval.protocol!r} is not one of {sorted(runners)}.")
+    policy = instantiate(cfg.model)
+    return runners[cfg.eval.protocol](cfg, policy, output_dir)
+
+
+def _dataset_shorthand(argv: list[str]) -> list[str]:
+    """``dataset=X`` -> ``eval.dataset=X``: config/dataset is the training data group, unused here."""
+    return [f"eval.{a}" if a.startswith("dataset=") else a for a in argv]
+
+
+@hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    load_env()
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    sys.argv = _dataset_shorthand(sys.argv)
+    main()

@@ -1,0 +1,102 @@
+"""The loss interface every method implements.
+
+A loss is an ``nn.Module`` built from ``config/loss/*.yaml`` by Hydra's ``_target_``. It says what it
+needs through :class:`Needs`; the trainer runs exactly those forward passes and hands the results over
+in a :class:`LossInputs`. Its own parameters (projectors, salience heads, learned cost weights) are the
+"trainable modules": the trainer puts them in their own optimizer group with ``projector_lr`` and saves
+them with every checkpoint.
+
+Normalisation (SPEC §2): ``forward`` returns the **sum** of its per-token terms over the micro-batch.
+The trainer divides by the number of student response tokens in the *global* batch (all micro-batches of
+one optimizer step, all ranks), so one process with batch 8 and two processes with batch 4 agree.
+A loss that is per sequence (DPO) sets ``Needs.normalize_by = "sequences"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss asks the trainer for."""
+
+    teacher: bool = False  # teacher forward pass (eval mode, no_grad)
+    hidden_states: bool = False  # last hidden states of the student (and of the teacher when it runs)
+    reference: bool = False  # a frozen reference model's forward pass (preference losses)
+    normalize_by: Literal["tokens", "sequences"] = "tokens"
+
+
+@dataclass
+class ModelOutputs:
+    """One model's forward pass over a batch.
+
+    logits: B×T×V (the model's dtype; losses upcast per chunk). hidden: B×T×d last hidden state or None.
+    model: the (unwrapped) model, for its embedding tables and output head (used detached).
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    model: nn.Module | None = None
+
+
+@dataclass
+class LossInputs:
+    """Everything a loss may read. ``batch`` is the collated dict of the data pipeline:
+
+    input_ids, attention_mask, labels: B×n student tensors; labels are already shifted
+    (``labels[:, i]`` is the target of ``logits[:, i]``) and -100 where no loss is taken.
+    teacher_input_ids, teacher_attention_mask, teacher_labels: B×m, the same for the teacher.
+    Any field a precompute hook added (alignments) is there too, padded.
+    """
+
+    batch: dict[str, torch.Tensor]
+    student: ModelOutputs
+    teacher: ModelOutputs | None = None
+    reference: ModelOutputs | None = None
+    step: int = 0  # optimizer step, for schedules inside a loss
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar, the micro-batch **sum** (see module docstring). metrics: scalars to log, each also a
+    micro-batch sum over the same unit, so the trainer can normalise them like the loss."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+PrecomputeHook = Callable[..., dict[str, Any]]
+
+
+class DistillationLoss(nn.Module):
+    """Base class. Subclasses set ``needs`` and implement ``forward``.
+
+    ``precompute`` (optional) is the per-example hook of the data pipeline: it gets the example's
+    strings and both sides' token ids and returns extra fields (lists or tensors, padded by the collator)
+    which arrive in ``LossInputs.batch``. Its result is cached on disk, keyed by the data, the
+    tokenizers and ``precompute_version``.
+    """
+
+    needs: Needs = Needs()
+    precompute: PrecomputeHook | None = None
+    precompute_version: str = "1"
+
+    def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The loss's own trainable modules (projectors). Default: every child module with parameters."""
+        return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (adaptive weights update here)."""
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """B×T bool: positions that carry a target."""
+    return labels.ne(-100)

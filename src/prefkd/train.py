@@ -1,0 +1,113 @@
+"""`python -m prefkd.train [group=option ...] [key=value ...]`: config → models → data → trainer → checkpoint.
+
+With no overrides it runs the embedded demo. Config groups live in the repository's ``config/`` (or
+``PREFKD_CONFIG_DIR``); ``--config-dir DIR`` adds a user's own groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("prefkd.train")
+
+
+def config_dir() -> str:
+    """The config/ folder: PREFKD_CONFIG_DIR, else the repository's (found from an editable install)."""
+    if os.environ.get("PREFKD_CONFIG_DIR"):
+        return os.environ["PREFKD_CONFIG_DIR"]
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "config" / "train.yaml").is_file():
+            return str(parent / "config")
+    raise FileNotFoundError("prefkd's config/ folder was not found: install with `pip install -e .` from a clone, "
+                            "or set PREFKD_CONFIG_DIR to the folder holding train.yaml.")
+
+
+def load_env() -> None:
+    """Secrets come from the environment or a .env file (never from the config)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+    if os.environ.get("HUGGINGFACE_TOKEN") and not os.environ.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = os.environ["HUGGINGFACE_TOKEN"]
+
+
+def has_target(node) -> bool:
+    return node is not None and isinstance(node, DictConfig) and node.get("_target_") is not None
+
+
+def build_datasets(cfg: DictConfig, splits, student, teacher, loss):
+    from prefkd.data.dataset import DistillDataset
+
+    common = dict(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer if teacher else None,
+                  max_prompt_length=cfg.dataset.max_prompt_length, max_length=cfg.dataset.max_length,
+                  precompute=loss.precompute, precompute_version=loss.precompute_version)
+    train = DistillDataset(splits.train, source=f"{splits.source}:train", **common)
+    dev = DistillDataset(splits.dev, source=f"{splits.source}:dev", **common) if splits.dev else None
+    return train, dev
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Build everything from a composed config and train. Returns the train summary."""
+    from prefkd.tracking import Tracker
+    from prefkd.trainer import Trainer
+
+    tcfg = cfg.trainer
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu")
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    set_seed(tcfg.seed)
+
+    loss = instantiate(cfg.loss)
+    student = instantiate(cfg.student)
+    teacher = None
+    if loss.needs.teacher:
+        if not has_target(cfg.get("teacher")):
+            raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
+                             f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
+        teacher = instantiate(cfg.teacher)
+    splits = instantiate(cfg.dataset.source)
+    train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(run_dir, dict(cfg.logger), config, name=f"{cfg.run_name}-seed{tcfg.seed}",
+                      enabled=accelerator.is_main_process)
+    try:
+        trainer = Trainer(tcfg, accelerator=accelerator, student=student, teacher=teacher, loss=loss,
+                          train_set=train_set, dev_set=dev_set, run_dir=run_dir, tracker=tracker)
+        summary = trainer.fit()
+    finally:
+        tracker.close()
+    if accelerator.is_main_process:
+        before, after = summary["dev_loss_start"], summary["dev_loss_final"]
+        print(f"\ncheckpoint: {summary['checkpoints'].get('last')}")
+        if summary["best"]:
+            print(f"best checkpoint: {summary['checkpoints'].get('best')} ({summary['best']['metric']} "
+                  f"{summary['best']['value']:.4f} at step {summary['best']['step']})")
+        if before is not None and after is not None:
+            print(f"dev loss: {before:.4f} before training -> {after:.4f} after {summary['steps']} steps")
+        print(f"{summary['tokens']:.0f} tokens in {summary['wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)")
+    return summary
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    load_env()
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

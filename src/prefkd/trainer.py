@@ -1,0 +1,299 @@
+"""The one training loop. It never looks at which loss it runs: the loss says what it needs (teacher,
+hidden states, reference) and the trainer provides exactly that.
+
+Batches (SPEC §2): the sampler yields one *global* batch per optimizer step (batch_size × processes ×
+accumulation examples). It is cut into micro-batches and each process takes its slice, so one process
+with batch 8 and two processes with batch 4 (or one with batch 4 and accumulation 2) see the same
+examples. Loss sums are divided by the number of units (response tokens, or sequences) of the whole
+global batch, counted before the first backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prefkd import checkpoint as ckpt
+from prefkd.data.dataset import DistillDataset, collate
+from prefkd.data.sampler import GlobalBatchSampler
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
+from prefkd.models.bundle import ModelBundle
+from prefkd.optim import build_optimizer, build_scheduler
+from prefkd.tracking import Tracker, peak_memory_mb
+
+log = logging.getLogger(__name__)
+
+
+def count_units(batch: dict, normalize_by: str) -> int:
+    """Response tokens (labels != -100) or sequences of a micro-batch: the loss's normaliser."""
+    if normalize_by == "sequences":
+        return int(batch.get("num_sequences", batch["input_ids"].shape[0]))
+    return int(batch["labels"].ne(-100).sum())
+
+
+class Trainer:
+    def __init__(self, cfg, *, accelerator, student: ModelBundle, teacher: ModelBundle | None,
+                 loss: DistillationLoss, train_set: DistillDataset, dev_set: DistillDataset | None,
+                 run_dir: Path, tracker: Tracker):
+        self.cfg, self.acc, self.loss, self.run_dir, self.tracker = cfg, accelerator, loss, Path(run_dir), tracker
+        self.train_set, self.dev_set = train_set, dev_set
+        self.tokenizer = student.tokenizer
+        self.pad = student.tokenizer.pad_token_id
+        self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+        self.micro = cfg.batch_size
+        self.sampler = GlobalBatchSampler(train_set.lengths, global_batch_size=cfg.batch_size * world * accum,
+                                          seed=cfg.seed, shuffle=True, group_by_length=cfg.group_by_length,
+                                          drop_last=True)
+        if len(self.sampler) == 0:
+            raise ValueError(f"the training set has {len(train_set)} examples, fewer than one optimizer step's "
+                             f"{cfg.batch_size * world * accum} (batch_size × processes × gradient_accumulation_steps).")
+        self.total_steps = cfg.max_steps or cfg.max_epochs * len(self.sampler)
+
+        self.loss.to(accelerator.device)
+        model = student.model
+        if cfg.compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, loss, cfg)
+        # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
+        self.student, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
+        self.teacher = teacher.model.to(accelerator.device) if teacher else None
+        self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "train_seconds": 0.0,
+                      "first_train_loss": None, "last_train_loss": None, "dev_history": [], "best": None,
+                      "dev_loss_start": None, "nonfinite_steps": 0}
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, batch: dict) -> LossOutput:
+        needs = self.loss.needs
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=needs.hidden_states, use_cache=False)
+        student = ModelOutputs(out.logits, out.hidden_states[-1] if needs.hidden_states else None,
+                               self.acc.unwrap_model(self.student))
+        teacher = None
+        if needs.teacher:
+            with torch.no_grad():
+                t = self.teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                                 output_hidden_states=needs.hidden_states, use_cache=False)
+            teacher = ModelOutputs(t.logits, t.hidden_states[-1] if needs.hidden_states else None, self.teacher)
+        return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, step=self.state["global_step"]))
+
+    def _batch(self, indices: list[int], dataset: DistillDataset) -> dict:
+        batch = collate([dataset[i] for i in indices], self.pad, self.teacher_pad)
+        return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(t, reduction="sum").tolist() if self.acc.num_processes > 1 else t.tolist()
+
+    # ---------------------------------------------------------------- one optimizer step
+    def _train_step(self, global_batch: list[int]) -> dict:
+        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
+        per_micro = self.micro * world
+        micro_batches = [global_batch[k:k + per_micro][rank * self.micro:(rank + 1) * self.micro]
+                         for k in range(0, len(global_batch), per_micro)]
+        batches = [self._batch(idx, self.train_set) for idx in micro_batches]
+        n_local = sum(count_units(b, self.loss.needs.normalize_by) for b in batches)
+        tokens_local = sum(int(b["attention_mask"].sum()) for b in batches)
+        n_global, tokens_global = self._reduce([n_local, tokens_local])
+        n_global = max(n_global, 1.0)
+        sums: dict[str, float] = {}
+        self.student.train()
+        self.loss.train()
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.student)
+            with ctx, acc.autocast():
+                out = self._forward(batch)
+                acc.backward(out.loss * (world / n_global))
+            for name, v in {"loss": out.loss, **out.metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach())
+        names = sorted(sums)
+        metrics = dict(zip(names, (v / n_global for v in self._reduce([sums[n] for n in names]))))
+        self._sync_loss_grads()
+        if not math.isfinite(metrics["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["nonfinite_steps"] += 1
+            log.warning("non-finite loss at step %d: step skipped", self.state["global_step"])
+            metrics["skipped"] = 1.0
+        else:
+            if self.cfg.max_grad_norm:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                metrics["grad_norm"] = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss.on_optimizer_step(self.state["global_step"] + 1)
+        metrics["tokens"] = tokens_global
+        return metrics
+
+    def _sync_loss_grads(self) -> None:
+        """The loss's own modules are not wrapped in DDP: average their gradients across processes."""
+        if self.acc.num_processes == 1:
+            return
+        for p in self.loss.parameters():
+            if p.grad is not None:
+                p.grad.copy_(self.acc.reduce(p.grad, reduction="mean"))
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Dev loss (and the loss's metrics), normalised over the whole dev set like training."""
+        if self.dev_set is None or len(self.dev_set) == 0:
+            return {}
+        self.student.eval()
+        self.loss.eval()
+        n = len(self.dev_set) if self.cfg.dev_limit is None else min(self.cfg.dev_limit, len(self.dev_set))
+        mine = list(range(self.acc.process_index, n, self.acc.num_processes))
+        sums: dict[str, float] = {"units": 0.0}
+        for start in range(0, len(mine), self.cfg.eval_batch_size):
+            batch = self._batch(mine[start:start + self.cfg.eval_batch_size], self.dev_set)
+            with self.acc.autocast():
+                out = self._forward(batch)
+            sums["units"] += count_units(batch, self.loss.needs.normalize_by)
+            for name, v in {"loss": out.loss, **out.metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
+        names = sorted(sums)
+        totals = dict(zip(names, self._reduce([sums[k] for k in names])))
+        units = max(totals.pop("units"), 1.0)
+        return {f"dev/{k}": v / units for k, v in totals.items()}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self, name: str) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir / name, accelerator=self.acc, model=self.student,
+                                    tokenizer=self.tokenizer, loss_module=self.loss, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, state=self.state)
+
+    def _after_eval(self, dev: dict) -> None:
+        """Save step-N, update `best` by select_metric, keep the `keep_best` best step checkpoints + newest."""
+        step = self.state["global_step"]
+        metric = self.cfg.select_metric
+        value = dev.get(metric)
+        self.state["dev_history"].append({"step": step, **dev})
+        improved = value is not None and (self.state["best"] is None or value < self.state["best"]["value"])
+        if improved:
+            self.state["best"] = {"step": step, "metric": metric, "value": value}
+        if step == 0:
+            return
+        path = self._save(f"step-{step}")
+        if self.acc.is_main_process:
+            if improved:
+                ckpt.link_checkpoint(path, self.ckpt_dir / "best")
+            self._prune()
+        self.acc.wait_for_everyone()
+
+    def _prune(self) -> None:
+        scores = {h["step"]: h.get(self.cfg.select_metric, math.inf) for h in self.state["dev_history"]}
+        steps = sorted(int(p.name[5:]) for p in self.ckpt_dir.glob("step-*") if p.name[5:].isdigit())
+        keep = set(sorted(steps, key=lambda s: scores.get(s, math.inf))[: self.cfg.keep_best]) | set(steps[-1:])
+        for s in steps:
+            if s not in keep:
+                shutil.rmtree(self.ckpt_dir / f"step-{s}", ignore_errors=True)
+
+    def _resume(self) -> None:
+        mode = str(self.cfg.resume)
+        path = None if mode == "never" else ckpt.find_latest(self.ckpt_dir) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        self.state.update(ckpt.load_checkpoint(path, accelerator=self.acc, model=self.student, loss_module=self.loss,
+                                               optimizer=self.optimizer, scheduler=self.scheduler))
+        log.info("resumed from %s at step %d", path, self.state["global_step"])
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg, acc, st = self.cfg, self.acc, self.state
+        self._resume()
+        if st["global_step"] == 0 and cfg.eval_at_start and st["dev_loss_start"] is None:
+            dev = self.evaluate()
+            st["dev_loss_start"] = dev.get("dev/loss")
+            self._after_eval(dev)
+            self.tracker.log(dev, step=0)
+        bar = tqdm(total=self.total_steps, initial=st["global_step"], disable=not acc.is_main_process,
+                   desc="train", dynamic_ncols=True)
+        window = {"tokens": 0.0, "seconds": 0.0}
+        while st["global_step"] < self.total_steps:
+            self.sampler.set_epoch(st["epoch"])
+            batches = list(self.sampler)
+            for global_batch in batches[st["batches_in_epoch"]:]:
+                t0 = time.perf_counter()
+                m = self._train_step(global_batch)
+                seconds = time.perf_counter() - t0
+                st["global_step"] += 1
+                st["batches_in_epoch"] += 1
+                st["tokens_seen"] += m["tokens"]
+                st["train_seconds"] += seconds
+                st["first_train_loss"] = st["first_train_loss"] if st["first_train_loss"] is not None else m["loss"]
+                st["last_train_loss"] = m["loss"]
+                window["tokens"] += m["tokens"]
+                window["seconds"] += seconds
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens'] / seconds:.0f}")
+                if st["global_step"] % cfg.log_every == 0 or st["global_step"] == self.total_steps:
+                    self._log_train(m, window)
+                    window = {"tokens": 0.0, "seconds": 0.0}
+                last = st["global_step"] >= self.total_steps
+                stop = st["global_step"] == self.cfg.stop_at_step
+                end_of_epoch = st["batches_in_epoch"] == len(batches)
+                if end_of_epoch:
+                    st["epoch"] += 1
+                    st["batches_in_epoch"] = 0
+                if (cfg.eval_every and st["global_step"] % cfg.eval_every == 0) or end_of_epoch or last:
+                    dev = self.evaluate()
+                    self.tracker.log(dev, step=st["global_step"])
+                    if dev:
+                        bar.write(f"step {st['global_step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+                    self._after_eval(dev)
+                elif (cfg.save_every and st["global_step"] % cfg.save_every == 0) or stop:
+                    self._save(f"step-{st['global_step']}")
+                if stop and not last:
+                    bar.close()
+                    log.info("stopped at step %d (trainer.stop_at_step); resume with trainer.resume=auto", st["global_step"])
+                    return self._finish(interrupted=True)
+                if last or end_of_epoch:
+                    break
+        bar.close()
+        return self._finish()
+
+    def _log_train(self, m: dict, window: dict) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        rate = window["tokens"] / max(window["seconds"], 1e-9)
+        record = {f"train/{k}": v for k, v in m.items() if k != "tokens"}
+        record.update({"train/lr": lr, "perf/tokens_per_s": rate,
+                       "perf/step_time_s": window["seconds"] / max(self.cfg.log_every, 1),
+                       "perf/peak_mem_mb": peak_memory_mb(self.acc.device), "train/epoch": self.state["epoch"]})
+        self.tracker.log(record, step=self.state["global_step"])
+
+    def _finish(self, interrupted: bool = False) -> dict:
+        st = self.state
+        step_dir = self.ckpt_dir / f"step-{st['global_step']}"
+        if ckpt.is_complete(step_dir):
+            if self.acc.is_main_process:
+                ckpt.link_checkpoint(step_dir, self.ckpt_dir / "last")
+            self.acc.wait_for_everyone()
+        else:
+            self._save("last")
+        final = st["dev_history"][-1] if st["dev_history"] else {}
+        summary = {
+            "run_dir": str(self.run_dir), "finished": not interrupted, "steps": st["global_step"], "epochs": st["epoch"],
+            "tokens": st["tokens_seen"], "wall_time_s": st["train_seconds"],
+            "tokens_per_s": st["tokens_seen"] / max(st["train_seconds"], 1e-9),
+            "first_train_loss": st["first_train_loss"], "last_train_loss": st["last_train_loss"],
+            "dev_loss_start": st["dev_loss_start"], "dev_loss_final": final.get("dev/loss"),
+            "best": st["best"], "nonfinite_steps": st["nonfinite_steps"],
+            "peak_mem_mb": peak_memory_mb(self.acc.device),
+            "checkpoints": {p.name: str(p) for p in sorted(self.ckpt_dir.iterdir()) if not p.name.startswith(".")},
+        }
+        if self.acc.is_main_process:
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            self.tracker.summary({"best_dev": (st["best"] or {}).get("value"), "final_loss": st["last_train_loss"],
+                                  "tokens_per_s": summary["tokens_per_s"]})
+        return summary

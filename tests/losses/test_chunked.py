@@ -1,0 +1,186 @@
+"""chunked_token_loss: equals the plain computation, keeps no per-chunk graph, backward only scales."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from prefkd.losses.chunked import chunked_token_loss
+
+
+def toy_fn(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A per-token value using every input: (t · log_softmax(s)).sum + s[y]²."""
+    return (t.float() * torch.log_softmax(s, -1)).sum(-1) + s.gather(-1, y[:, None]).squeeze(-1) ** 2
+
+
+def make(B=3, T=5, V=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g).to(dtype)
+    t = torch.randn(B, T, V, generator=g).softmax(-1)
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return s, t, y, mask
+
+
+def plain(s, t, y, mask, weights=None):
+    """The same sum with ordinary autograd over the whole (masked) batch."""
+    x = s.detach().clone().float().requires_grad_(True)
+    vals = toy_fn(x[mask], t[mask], y[mask])
+    if weights is not None:
+        vals = vals * weights[mask]
+    total = vals.sum()
+    total.backward()
+    return total.detach(), x.grad
+
+
+def chunked(s, t, y, mask, chunk_size, weights=None):
+    x = s.detach().clone().requires_grad_(True)
+    loss = chunked_token_loss(toy_fn, x, mask, t, y, chunk_size=chunk_size, weights=weights)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 1000])
+def test_equals_plain_computation(chunk_size):
+    s, t, y, mask = make()
+    ref_v, ref_g = plain(s, t, y, mask)
+    v, g = chunked(s, t, y, mask, chunk_size)
+    torch.testing.assert_close(v, ref_v)
+    torch.testing.assert_close(g, ref_g)
+    assert (g[~mask] == 0).all()
+
+
+def test_weights_scale_each_token():
+    s, t, y, mask = make(seed=1)
+    w = torch.rand(mask.shape)
+    ref_v, ref_g = plain(s, t, y, mask, w)
+    v, g = chunked(s, t, y, mask, 2, w)
+    torch.testing.assert_close(v, ref_v)
+    torch.testing.assert_close(g, ref_g)
+
+
+def test_grad_output_scales_the_gradient():
+    s, t, y, mask = make(seed=2)
+    _, g1 = chunked(s, t, y, mask, 2)
+    x = s.clone().requires_grad_(True)
+    (-2.5 * chunked_token_loss(toy_fn, x, mask, t, y, chunk_size=2)).backward()
+    torch.testing.assert_close(x.grad, -2.5 * g1)
+
+
+def test_gradient_reaches_a_non_leaf_student_and_only_it():
+    s, t, y, mask = make(seed=3)
+    w_head = torch.randn(s.shape[-1], s.shape[-1], requires_grad=True)
+    t = t.clone().requires_grad_(True)
+    weights = torch.rand(mask.shape, requires_grad=True)
+    logits = s @ w_head  # non-leaf, like an LM head's output
+    chunked_token_loss(toy_fn, logits, mask, t, y, chunk_size=2, weights=weights).backward()
+    assert w_head.grad is not None and torch.isfinite(w_head.grad).all()
+    assert t.grad is None and weights.grad is None
+
+
+def test_non_contiguous_inputs():
+    s, t, y, mask = make(T=6, seed=4)
+    s_view, t_view, y_view, m_view = s[:, :-1], t[:, 1:], y[:, 1:], mask[:, :-1]
+    assert not s_view.is_contiguous()
+    ref_v, ref_g = plain(s_view.contiguous(), t_view.contiguous(), y_view, m_view)
+    v, g = chunked(s_view, t_view, y_view, m_view, 2)
+    torch.testing.assert_close(v, ref_v)
+    torch.testing.assert_close(g, ref_g)
+
+
+def test_empty_mask_gives_zero_and_zero_grad():
+    s, t, y, mask = make(seed=5)
+    v, g = chunked(s, t, y, torch.zeros_like(mask), 2)
+    assert v.item() == 0.0 and (g == 0).all()
+
+
+def test_holds_no_per_chunk_graph():
+    """After forward the loss's node is the Function's, it saves exactly one tensor (the gradient buffer,
+    shaped like the logits), and every per-chunk tensor is already gone; backward still works."""
+    s, t, y, mask = make(seed=6)
+    x = s.clone().requires_grad_(True)
+    seen: list[weakref.ref] = []
+
+    def fn(s_chunk, t_chunk, y_chunk):
+        out = toy_fn(s_chunk, t_chunk, y_chunk)
+        seen.extend(weakref.ref(z) for z in (s_chunk, t_chunk, y_chunk, out))
+        return out
+
+    loss = chunked_token_loss(fn, x, mask, t, y, chunk_size=2)
+    gc.collect()
+    assert len(seen) == 4 * -(-int(mask.sum()) // 2)  # one call per chunk
+    assert all(r() is None for r in seen), "a per-chunk tensor survived the forward"
+    assert type(loss.grad_fn).__name__ == "_ChunkedTokenLossBackward"
+    saved = loss.grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == x.shape and saved[0].dtype == x.dtype
+    # the only edge of the graph leads to the student logits
+    edges = [fn_ for fn_, _ in loss.grad_fn.next_functions if fn_ is not None]
+    assert len(edges) == 1 and edges[0].variable is x
+    loss.backward()
+    torch.testing.assert_close(x.grad, plain(s, t, y, mask)[1])
+
+
+def test_second_backward_is_refused():
+    s, t, y, mask = make(seed=7)
+    x = s.clone().requires_grad_(True)
+    loss = chunked_token_loss(toy_fn, x, mask, t, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_no_gradient_work_without_grad():
+    s, t, y, mask = make(seed=8)
+    calls = []
+
+    def fn(s_chunk, *rest):
+        calls.append(s_chunk.requires_grad)
+        return toy_fn(s_chunk, *rest)
+
+    v = chunked_token_loss(fn, s, mask, t, y, chunk_size=2)  # s does not require grad
+    assert v.grad_fn is None and not any(calls)
+    with torch.no_grad():
+        v2 = chunked_token_loss(fn, s.clone().requires_grad_(True), mask, t, y, chunk_size=2)
+    assert v2.grad_fn is None and not any(calls)
+    torch.testing.assert_close(v, plain(s, t, y, mask)[0])
+
+
+def test_bf16_student_upcast_per_chunk():
+    s, t, y, mask = make(seed=9, dtype=torch.bfloat16)
+    seen = []
+
+    def fn(s_chunk, *rest):
+        seen.append(s_chunk.dtype)
+        return toy_fn(s_chunk, *rest)
+
+    x = s.clone().requires_grad_(True)
+    loss = chunked_token_loss(fn, x, mask, t, y, chunk_size=2)
+    loss.backward()
+    assert set(seen) == {torch.float32} and loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    ref_v, ref_g = plain(s, t, y, mask)  # same bf16 values, upcast
+    torch.testing.assert_close(loss, ref_v)
+    torch.testing.assert_close(x.grad, ref_g.bfloat16())
+
+
+def test_argument_checks():
+    s, t, y, mask = make(seed=10)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_token_loss(toy_fn, s, mask, t, y, chunk_size=0)
+    with pytest.raises(ValueError, match="mask"):
+        chunked_token_loss(toy_fn, s, mask[:, 1:], t, y)
+    with pytest.raises(ValueError, match="other"):
+        chunked_token_loss(toy_fn, s, mask, t[:, 1:], y)
+    with pytest.raises(ValueError, match="one value per row"):
+        chunked_token_loss(lambda a, *r: a, s, mask, t, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    s, t, y, mask = make(B=4, T=64, V=300, seed=11)
+    ref_v, ref_g = chunked(s, t, y, mask, 7)
+    v, g = chunked(s.cuda(), t.cuda(), y.cuda(), mask.cuda(), 7)
+    torch.testing.assert_close(v.cpu(), ref_v, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g.cpu(), ref_g, rtol=1e-5, atol=1e-5)

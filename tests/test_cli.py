@@ -1,0 +1,71 @@
+"""The commands users type: `python -m prefkd.train ...` as subprocesses, from another working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def train(*args: str, cwd: Path, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "prefkd.train", *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_run_from_any_directory(tmp_path):
+    res = train("model=tiny_same", "loss=kd", "trainer.max_steps=20", "logger=none",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint:" in res.stdout and "dev loss:" in res.stdout
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 20 and summary["dev_loss_final"] < summary["dev_loss_start"]
+
+
+def test_multirun_sweep_with_the_basic_launcher(tmp_path):
+    res = train("--multirun", "loss=sft,kd", "model=tiny_same", "trainer.max_steps=5", "logger=none",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = sorted((tmp_path / "sweep").glob("*/train_summary.json"))
+    assert len(summaries) == 2
+    assert [p.parent.name for p in summaries] == ["0_logger=none,loss=sft,model=tiny_same,trainer.max_steps=5",
+                                                  "1_logger=none,loss=kd,model=tiny_same,trainer.max_steps=5"]
+
+
+def test_missing_real_model_fails_clearly(tmp_path):
+    res = train("loss=sft", "model=tinyllama", "dataset=dolly", "logger=none", "student.path=/models/tinyllama",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert res.returncode != 0
+    assert "path='/models/tinyllama'" in res.stderr and "student.path=" in res.stderr
+
+
+def test_kd_on_different_tokenizers_fails_clearly(tmp_path):
+    res = train("model=tiny", "loss=kd", "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                cwd=tmp_path, timeout=120)
+    assert res.returncode != 0 and "same tokenizer" in res.stderr
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """SPEC §2: two processes with batch 4 (gloo on CPU) = one process with batch 8: same loss, same weights."""
+    common = ("model=tiny_same", "loss=kd", "trainer.max_steps=3", "logger=none", "trainer.device=cpu",
+              "trainer.eval_every=1000", "trainer.eval_at_start=false")
+    two = train(*common, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path,
+                launcher=[str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = train(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / d / "train_summary.json").read_text()) for d in ("one", "two"))
+    assert s1["first_train_loss"] == pytest.approx(s2["first_train_loss"], rel=1e-6)
+    assert s1["last_train_loss"] == pytest.approx(s2["last_train_loss"], rel=1e-6)
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

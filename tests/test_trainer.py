@@ -1,0 +1,101 @@
+"""The training loop on tiny models: it learns, resumes exactly, and normalises over the global batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from prefkd.train import config_dir, run
+
+TINY = ("model=tiny_same", "logger=none", "run_name=test", "trainer.device=cpu", "trainer.eval_at_start=false")
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=[*TINY, *overrides])
+
+
+def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
+
+
+def test_overfits_a_fixed_batch(tmp_path):
+    cfg = compose_cfg("loss=kd", "dataset.source.n_train=8", "trainer.batch_size=8", "trainer.max_steps=60",
+                      "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.group_by_length=false",
+                      "trainer.eval_every=1000", "trainer.log_every=10")
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 60
+    assert summary["last_train_loss"] < 0.3 * summary["first_train_loss"], summary
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [m for m in metrics if "train/loss" in m]
+    assert logged and all(m["perf/tokens_per_s"] > 0 and m["perf/peak_mem_mb"] > 0 for m in logged)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    common = ("loss=kd", "trainer.max_steps=6", "trainer.eval_every=2", "dataset.source.n_train=64",
+              "trainer.dev_limit=8", "trainer.batch_size=4")
+    straight = run(compose_cfg(*common), tmp_path / "straight")
+    first = run(compose_cfg(*common, "trainer.stop_at_step=3"), tmp_path / "resumed")
+    assert first["steps"] == 3 and not first["finished"]
+    second = run(compose_cfg(*common), tmp_path / "resumed")  # resume=auto picks step-3
+    assert second["steps"] == 6 and second["finished"]
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert straight["last_train_loss"] == pytest.approx(second["last_train_loss"], rel=1e-6)
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path):
+    """SPEC §2: loss sums are divided by the tokens of the whole optimizer step, not per micro-batch."""
+    common = ("loss=kd", "trainer.max_steps=2", "dataset.source.n_train=32", "trainer.eval_every=1000",
+              "trainer.group_by_length=false", "trainer.dev_limit=8")
+    big = run(compose_cfg(*common, "trainer.batch_size=8"), tmp_path / "big")
+    acc = run(compose_cfg(*common, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2"), tmp_path / "acc")
+    assert big["first_train_loss"] == pytest.approx(acc["first_train_loss"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-5)
+
+
+def test_run_directory_layout_and_checkpoints_load(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = run(compose_cfg("loss=sft", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.keep_best=1",
+                              "trainer.eval_at_start=true"), tmp_path / "run")
+    run_dir = tmp_path / "run"
+    assert (run_dir / "config.yaml").exists() and (run_dir / "train_summary.json").exists()
+    saved = json.loads((run_dir / "train_summary.json").read_text())
+    assert saved["steps"] == 4 and saved["dev_loss_start"] is not None and saved["best"]["metric"] == "dev/loss"
+    names = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert {"last", "best", "step-4"} <= names and not any(n.startswith(".") for n in names)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "last")
+    tok = AutoTokenizer.from_pretrained(run_dir / "checkpoints" / "last")
+    assert model.config.vocab_size >= len(tok)
+    assert (run_dir / "checkpoints" / "last" / "trainer_state" / "optimizer.pt").exists()
+    assert summary["checkpoints"]["last"].endswith("last")
+
+
+def test_lora_student_saves_an_adapter(tmp_path):
+    run(compose_cfg("loss=sft", "trainer.max_steps=2", "trainer.eval_every=1000",
+                    "student.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [c_attn]}"), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert (last / "adapter_config.json").exists() and (last / "adapter_model.safetensors").exists()
+    assert not (last / "model.safetensors").exists()
+
+
+def test_kd_refuses_different_tokenizers(tmp_path):
+    cfg = compose_cfg("model=tiny", "loss=kd", "trainer.max_steps=1")
+    with pytest.raises(ValueError, match="same tokenizer"):
+        run(cfg, tmp_path / "run")
+
+
+def test_sft_runs_on_the_cross_tokenizer_pair_without_a_teacher(tmp_path):
+    summary = run(compose_cfg("model=tiny", "loss=sft", "trainer.max_steps=3", "teacher=none"), tmp_path / "run")
+    assert summary["steps"] == 3
