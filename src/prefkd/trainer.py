@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from prefkd import checkpoint as ckpt
 from prefkd.data.dataset import DistillDataset, collate
-from prefkd.data.sampler import GlobalBatchSampler
+from prefkd.data.sampler import GlobalBatchSampler, shard
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.optim import build_optimizer, build_scheduler
@@ -99,7 +99,7 @@ class Trainer:
     def _train_step(self, global_batch: list[int]) -> dict:
         acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
         per_micro = self.micro * world
-        micro_batches = [global_batch[k:k + per_micro][rank * self.micro:(rank + 1) * self.micro]
+        micro_batches = [shard(global_batch[k:k + per_micro], rank, world)
                          for k in range(0, len(global_batch), per_micro)]
         batches = [self._batch(idx, self.train_set) for idx in micro_batches]
         n_local = sum(count_units(b, self.loss.needs.normalize_by) for b in batches)

@@ -37,8 +37,9 @@ def test_student_and_teacher_fields_are_parallel(teacher_name, student_name, rea
         for prefix, tok in (("", s_tok), ("teacher_", t_tok)):
             ids, labels = ex[f"{prefix}input_ids"], ex[f"{prefix}labels"]
             assert ids.dtype == labels.dtype == torch.long and ids.shape == labels.shape
-            if labels[-1] != tok.eos_token_id:
-                continue  # a truncated sequence (checked in test_truncation_warning)
+            prompt_ids = tok.encode(ds.records[i]["prompt"], add_special_tokens=False)
+            if labels[-1] != tok.eos_token_id or len(prompt_ids) > 256:
+                continue  # truncated (checked in test_truncation_warning)
             first = int(labels.ne(IGNORE_INDEX).nonzero()[0])
             prompt, response = ids[:first + 1].tolist(), labels[first:].tolist()
             assert labels[:first].eq(IGNORE_INDEX).all()

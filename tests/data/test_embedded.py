@@ -111,3 +111,13 @@ def test_word_list_and_tokenizer_text():
     texts = list(all_text(seed=0, n=50))
     assert texts[0] == WITH_INPUT and texts[1] == NO_INPUT
     assert len(texts) >= 50 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_chatml_template_keeps_records_and_changes_only_the_prompt():
+    alpaca = embedded_splits(seed=3, n_train=20, n_dev=5, n_test=5)
+    chatml = embedded_splits(seed=3, n_train=20, n_dev=5, n_test=5, prompt_template="chatml")
+    for a, c in zip(alpaca.train, chatml.train):
+        assert (a["instruction"], a["input"], a["output"]) == (c["instruction"], c["input"], c["output"])
+        body = a["instruction"] + (f"\n\n{a['input']}" if a["input"] else "")
+        assert c["prompt"] == f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
+    assert "template=chatml" in chatml.source

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from prefkd.data.records import DataError, to_instruction_record
+from prefkd.data.records import to_instruction_record
 from prefkd.data.tokenize import IGNORE_INDEX, TokenizedExample, build_example, encode, ensure_pad_token
 
 log = logging.getLogger(__name__)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterator, Sequence
 
+from prefkd.data.records import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt
 from prefkd.data.splits import DataSplits
 
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n")
+def chatml_prompt(instruction: str, input: str = "") -> str:
+    """A ChatML user turn (the chat format of SmolLM2 and Qwen) without a system message: short prompts
+    for the CPU demo, in the format an instruction-tuned teacher was trained on."""
+    content = f"{instruction}\n\n{input}" if input else instruction
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
-PROMPT_TEMPLATES = ("alpaca",)
+
+PROMPT_TEMPLATES = {"alpaca": alpaca_prompt, "chatml": chatml_prompt}
 
 NOUNS = """
 apple river mountain table window garden book letter friend family house school teacher student city
@@ -58,13 +58,6 @@ cleans moves takes brings sells buys draws holds keeps shares
 WORDS = sorted(set(NOUNS) | set(ADJECTIVES))
 
 Record = dict
-
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt of SPEC §1: the with-input variant when ``input`` is non-empty."""
-    if input:
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
 def _phrase(rng: random.Random) -> str:
@@ -247,7 +240,12 @@ def embedded_splits(seed: int = 0, n_train: int = 2000, n_dev: int = 200, n_test
     train = _generate(rng, n_train, names, seen)
     dev = _generate(rng, n_dev, names, seen)
     test = _generate(rng, n_test, names, seen)
+    if prompt_template != "alpaca":
+        for record in (*train, *dev, *test):
+            record["prompt"] = PROMPT_TEMPLATES[prompt_template](record["instruction"], record["input"])
     label = f"embedded(seed={seed})" if families is None else f"embedded(seed={seed}, families={names})"
+    if prompt_template != "alpaca":
+        label = label[:-1] + f", template={prompt_template})"
     return DataSplits(train=train, dev=dev, test=test, source=label)
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from prefkd.data.tokenize import ensure_pad_token
 from prefkd.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -104,15 +105,6 @@ def _not_found(path: str, what: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load the {what} from path={path!r}: {hint}. Cause: {type(err).__name__}: {err}")
 
 
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, where: str = "") -> PreTrainedTokenizerBase:
-    """pad := eos where the tokenizer has no pad token (SPEC §1). No eos at all is an error."""
-    if tokenizer.eos_token is None:
-        raise ModelLoadError(f"the tokenizer {where} has no eos token; set one (tokenizer.eos_token) before training.")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     directory, gguf_file = resolve_path(path)
     if gguf_file:
@@ -122,7 +114,7 @@ def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code:
                                             trust_remote_code=trust_remote_code, token=_hub_token())
     except (OSError, ValueError) as err:
         raise _not_found(path, "tokenizer", err) from err
-    return ensure_pad_token(tok, where=f"at {path!r}")
+    return ensure_pad_token(tok)
 
 
 def prune_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:

