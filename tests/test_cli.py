@@ -69,3 +69,29 @@ def test_two_processes_equal_one_process(tmp_path):
     b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+    """Pre-emption: SIGTERM finishes the step, saves, exits 75; the same command then resumes to the end."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "prefkd.train", "model=tiny_same", "loss=sft", "trainer.max_steps=100000",
+            "trainer.eval_every=100000", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert not summary["finished"] and summary["steps"] >= 10
+    step_dir = tmp_path / "run" / "checkpoints" / f"step-{summary['steps']}"
+    assert (step_dir / "trainer_state" / "state.json").exists()
+    res = train(*args[3:-1], f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=" + str(summary["steps"] + 2),
+                cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["steps"] == summary["steps"] + 2

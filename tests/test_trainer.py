@@ -99,3 +99,14 @@ def test_kd_refuses_different_tokenizers(tmp_path):
 def test_sft_runs_on_the_cross_tokenizer_pair_without_a_teacher(tmp_path):
     summary = run(compose_cfg("model=tiny", "loss=sft", "trainer.max_steps=3", "teacher=none"), tmp_path / "run")
     assert summary["steps"] == 3
+
+
+def test_dev_rouge_selects_the_best_checkpoint(tmp_path):
+    summary = run(compose_cfg("loss=sft", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval.rouge=true",
+                              "trainer.eval.rouge_samples=1", "trainer.eval.max_new_tokens=8",
+                              "trainer.eval.rouge_limit=4"), tmp_path / "run")
+    assert summary["best"]["metric"] == "dev/rougeL"
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rouges = [h["dev/rougeL"] for h in history if "dev/rougeL" in h]
+    assert len(rouges) == 2 and all(0.0 <= r <= 100.0 for r in rouges)
+    assert summary["best"]["value"] == max(rouges)

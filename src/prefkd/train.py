@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -105,8 +106,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from prefkd.trainer import PREEMPT_EXIT_CODE, Preempted
+
     load_env()
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Preempted as stop:
+        print(f"{stop}: exiting with code {PREEMPT_EXIT_CODE}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(PREEMPT_EXIT_CODE)
 
 
 if __name__ == "__main__":

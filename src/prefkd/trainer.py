@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +31,32 @@ from prefkd.optim import build_optimizer, build_scheduler
 from prefkd.tracking import Tracker, peak_memory_mb
 
 log = logging.getLogger(__name__)
+
+PREEMPT_EXIT_CODE = 75  # SIGTERM / SIGUSR1: the step finished, a checkpoint was saved, requeue and resume
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM/SIGUSR1 was honoured; ``summary`` is the interrupted run's summary."""
+
+    def __init__(self, summary: dict, signum: int):
+        super().__init__(f"stopped by signal {signum} at step {summary['steps']}; checkpoint saved")
+        self.summary, self.signum = summary, signum
+
+
+@contextlib.contextmanager
+def preemption_signals():
+    """While training, SIGTERM and SIGUSR1 only set a flag; the loop saves and stops after the step."""
+    received: list[int] = []
+    handled = [signal.SIGTERM, signal.SIGUSR1]
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def count_units(batch: dict, normalize_by: str) -> int:
@@ -165,7 +192,41 @@ class Trainer:
         names = sorted(sums)
         totals = dict(zip(names, self._reduce([sums[k] for k in names])))
         units = max(totals.pop("units"), 1.0)
-        return {f"dev/{k}": v / units for k, v in totals.items()}
+        dev = {f"dev/{k}": v / units for k, v in totals.items()}
+        if self.cfg.eval.rouge:
+            dev["dev/rougeL"] = self._dev_rouge()
+        return dev
+
+    def _dev_rouge(self) -> float:
+        """Dev ROUGE-L of SPEC §9 (sampled generations), on the main process, shared with the others."""
+        from accelerate.utils import broadcast_object_list
+
+        from prefkd.eval.dev_rouge import dev_rouge
+
+        value = [None]
+        if self.acc.is_main_process:
+            e = self.cfg.eval
+            records = self.dev_set.records[: e.rouge_limit] if e.rouge_limit else self.dev_set.records
+            value[0] = dev_rouge(self.acc.unwrap_model(self.student), self.tokenizer, records,
+                                 num_samples=e.rouge_samples, no_repeat_ngram_size=e.no_repeat_ngram_size,
+                                 batch_size=self.cfg.eval_batch_size, max_new_tokens=e.max_new_tokens,
+                                 seed=self.cfg.seed, progress=True)
+        return broadcast_object_list(value)[0] if self.acc.num_processes > 1 else value[0]
+
+    @property
+    def select_metric(self) -> str:
+        """`auto`: dev ROUGE-L when it is computed (SPEC §2), else the dev loss."""
+        metric = self.cfg.select_metric
+        if metric == "auto":
+            return "dev/rougeL" if self.cfg.eval.rouge else "dev/loss"
+        return metric
+
+    def _score(self, value: float | None) -> float:
+        """Lower is better: losses as they are, accuracies and ROUGE negated."""
+        if value is None:
+            return math.inf
+        higher_is_better = any(k in self.select_metric for k in ("rouge", "acc", "match"))
+        return -value if higher_is_better else value
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> Path:
@@ -176,10 +237,11 @@ class Trainer:
     def _after_eval(self, dev: dict) -> None:
         """Save step-N, update `best` by select_metric, keep the `keep_best` best step checkpoints + newest."""
         step = self.state["global_step"]
-        metric = self.cfg.select_metric
+        metric = self.select_metric
         value = dev.get(metric)
         self.state["dev_history"].append({"step": step, **dev})
-        improved = value is not None and (self.state["best"] is None or value < self.state["best"]["value"])
+        improved = value is not None and (self.state["best"] is None or
+                                          self._score(value) < self._score(self.state["best"]["value"]))
         if improved:
             self.state["best"] = {"step": step, "metric": metric, "value": value}
         if step == 0:
@@ -192,7 +254,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _prune(self) -> None:
-        scores = {h["step"]: h.get(self.cfg.select_metric, math.inf) for h in self.state["dev_history"]}
+        scores = {h["step"]: self._score(h.get(self.select_metric)) for h in self.state["dev_history"]}
         steps = sorted(int(p.name[5:]) for p in self.ckpt_dir.glob("step-*") if p.name[5:].isdigit())
         keep = set(sorted(steps, key=lambda s: scores.get(s, math.inf))[: self.cfg.keep_best]) | set(steps[-1:])
         for s in steps:
@@ -210,6 +272,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
+        with preemption_signals() as received:
+            return self._fit(received)
+
+    def _signalled(self, received: list[int]) -> int:
+        """The signal number every process should stop for (0 = none); agreed across processes."""
+        local = received[0] if received else 0
+        if self.acc.num_processes == 1:
+            return local
+        anyone = self._reduce([float(local > 0)])[0] > 0
+        return (local or int(signal.SIGTERM)) if anyone else 0
+
+    def _fit(self, received: list[int]) -> dict:
         cfg, acc, st = self.cfg, self.acc, self.state
         self._resume()
         if st["global_step"] == 0 and cfg.eval_at_start and st["dev_loss_start"] is None:
@@ -241,7 +315,8 @@ class Trainer:
                     self._log_train(m, window)
                     window = {"tokens": 0.0, "seconds": 0.0}
                 last = st["global_step"] >= self.total_steps
-                stop = st["global_step"] == self.cfg.stop_at_step
+                signum = self._signalled(received)
+                stop = st["global_step"] == self.cfg.stop_at_step or signum != 0
                 end_of_epoch = st["batches_in_epoch"] == len(batches)
                 if end_of_epoch:
                     st["epoch"] += 1
@@ -256,8 +331,11 @@ class Trainer:
                     self._save(f"step-{st['global_step']}")
                 if stop and not last:
                     bar.close()
-                    log.info("stopped at step %d (trainer.stop_at_step); resume with trainer.resume=auto", st["global_step"])
-                    return self._finish(interrupted=True)
+                    log.info("stopped at step %d; resume with trainer.resume=auto", st["global_step"])
+                    summary = self._finish(interrupted=True)
+                    if signum:
+                        raise Preempted(summary, signum)
+                    return summary
                 if last or end_of_epoch:
                     break
         bar.close()

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.metrics import exact_match, rouge_l
 from prefkd.eval.report import atomic_write, summarize, write_results
-from prefkd.eval.sets import EvalExample, load_eval_set
+from prefkd.eval.sets import EvalExample, load_eval_set, resolve_data_path
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def evaluate_instruct(model, tokenizer, sets: Mapping[str, str | Path], output_d
             log.info("%s seed %d: ROUGE-L %.2f, EM %.2f (%d examples)", name, seed,
                      per_seed[name][seed]["rougeL"], per_seed[name][seed]["exact_match"], len(rows))
     results = {"model": model_name, "adapter": adapter, "seeds": seeds, "limit": limit, "batch_size": batch_size,
-               "sampling": asdict(sampling), "files": {n: str(p) for n, p in sets.items()},
+               "sampling": asdict(sampling), "files": {n: str(resolve_data_path(p).resolve()) for n, p in sets.items()},
                **summarize(per_seed),
                "generated_pairs": generated, "reused_pairs": reused, "wall_time_s": time.time() - start}
     write_results(output_dir, results)
