@@ -92,7 +92,8 @@ def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict
     sets = select_sets(list(e.datasets), OmegaConf.to_container(e.sets, resolve=True))
     results = evaluate_instruct(policy.model, policy.tokenizer, sets, output_dir, seeds=list(e.seeds),
                                 batch_size=e.batch_size, limit=e.limit, sampling=sampling, progress=cfg.progress,
-                                model_name=cfg.model.path or policy.name, adapter=cfg.model.adapter)
+                                model_name=cfg.model.path or adapter_base(cfg.model.adapter),
+                                adapter=cfg.model.adapter)
     print("\n" + to_markdown(results))
     return results
 
@@ -104,6 +105,8 @@ def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> di
 
     e = cfg.eval
     data = e.sets.get(e.dataset) or e.dataset
+    if e.dataset not in e.sets and not str(data).endswith(".jsonl"):
+        raise ValueError(f"eval.dataset={e.dataset!r}: use one of {sorted(e.sets)} or the path of a JSONL file.")
     pairs = load_pairs(data, e.limit)
     reference = instantiate(cfg.reference) if cfg.reference.path or cfg.reference.adapter else None
     results = {"model": policy.name, "reference": reference.name if reference else None, "data": str(data),

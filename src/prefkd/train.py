@@ -80,6 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
         teacher = instantiate(cfg.teacher)
+    loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
     splits = instantiate(cfg.dataset.source)
     train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
 

@@ -103,3 +103,15 @@ def test_leaderboard_wrapper_on_a_local_task(tiny_dir, tmp_path):
     assert len(files) == 1
     results = json.loads(files[0].read_text())["results"]
     assert set(results) == {"prefkd_local_mc"} and 0.0 <= results["prefkd_local_mc"]["acc,none"] <= 1.0
+
+
+@pytest.mark.parametrize("script", ["run_eval.sh", "run_eval_lora.sh", "eval_leaderboard.sh"])
+def test_scripts_print_usage(script):
+    proc = subprocess.run(["bash", str(REPO / "run_eval" / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_lora_script_needs_an_adapter_dir(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "run_eval/run_eval_lora.sh"), str(tmp_path), "4"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "adapter_config.json not found" in proc.stderr

@@ -86,6 +86,10 @@ class DistillationLoss(nn.Module):
     precompute: PrecomputeHook | None = None
     precompute_version: str = "1"
 
+    def setup(self, student_tokenizer, teacher_tokenizer) -> None:
+        """Called once with both tokenizers (teacher None without a teacher) before the data is built:
+        the place to build vocabulary maps or pick a precompute hook. Default: nothing."""
+
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
