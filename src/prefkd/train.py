@@ -81,6 +81,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
         teacher = instantiate(cfg.teacher)
     loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
+    loss.build(student.model, teacher.model if teacher else None)
     splits = instantiate(cfg.dataset.source)
     train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,15 @@ from prefkd.ot import SinkhornResult, sinkhorn
 ot = pytest.importorskip("ot")
 
 EPS = 0.05
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: one intra-op thread (on a shared, busy CPU, OpenMP barriers cost ms per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pot_plan(cost: torch.Tensor, eps: float, a=None, b=None) -> np.ndarray:
@@ -167,14 +178,61 @@ def test_small_eps_on_unnormalised_costs_stays_finite(low):
     assert (res.marginal_error <= 2.0 + 1e-5).all()
 
 
+def _count_calls(monkeypatch, name):
+    module = sys.modules["prefkd.ot.sinkhorn"]
+    original, calls = getattr(module, name), []
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def test_stabilized_and_log_domain_give_the_same_iterates():
-    """Small ε: early blocks fall back to the log domain, later ones run absorbed; same result."""
-    x = torch.linspace(0, 1, 25, dtype=torch.float64)
-    cost = 100 * (x[:, None] - x[None, :] + 0.05).abs()[None]
-    fast = sinkhorn(cost, 0.5, max_iter=400, tol=1e-9)
-    slow = sinkhorn(cost, 0.5, max_iter=400, tol=1e-9, stabilized=False)
-    assert fast.iterations == slow.iterations
-    torch.testing.assert_close(fast.plan, slow.plan, atol=1e-10, rtol=1e-6)
+    cost = rand_cost(2, 15, 20, seed=10) * 100
+    fast = sinkhorn(cost, 0.01, max_iter=300, tol=0.0)
+    slow = sinkhorn(cost, 0.01, max_iter=300, tol=0.0, stabilized=False)
+    assert fast.iterations == slow.iterations == 300
+    torch.testing.assert_close(fast.plan, slow.plan, atol=1e-11, rtol=0)
+    torch.testing.assert_close(fast.marginal_error, slow.marginal_error, atol=1e-11, rtol=0)
+
+
+def test_log_domain_fallback_when_rows_are_far_off(monkeypatch):
+    """A point of tiny mass that is the cheapest in an expensive column: after the first iteration its
+    row sum is ~e^30 times its mass, so the next block must run in the log domain; still POT's answer."""
+    g = torch.Generator().manual_seed(11)
+    cost = rand_cost(2, 8, 10, seed=11)
+    cost[:, :, 0] += 10
+    cost[:, 0, 0] -= 5
+    a = torch.rand(2, 8, generator=g, dtype=torch.float64)
+    a[:, 0] = 1e-14
+    b = torch.rand(2, 10, generator=g, dtype=torch.float64)
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    log_steps = _count_calls(monkeypatch, "_log_step")
+    exp_blocks = _count_calls(monkeypatch, "_exp_block")
+    res = sinkhorn(cost, 0.05, a=a, b=b, tol=1e-12, max_iter=20000)
+    assert res.converged and len(log_steps) > 1 and len(exp_blocks) > 1
+    for k in range(2):
+        np.testing.assert_allclose(res.plan[k].numpy(), pot_plan(cost[k], 0.05, a[k], b[k]), atol=1e-10)
+
+
+def test_broken_exp_block_is_undone_and_redone_in_log_domain(monkeypatch):
+    module = sys.modules["prefkd.ot.sinkhorn"]
+    original, calls = module._exp_block, []
+
+    def broken_once(kernel, a, b, beta, *rest):
+        calls.append(1)
+        alpha, beta = original(kernel, a, b, beta, *rest)
+        return (alpha * float("nan"), beta) if len(calls) == 2 else (alpha, beta)
+
+    monkeypatch.setattr(module, "_exp_block", broken_once)
+    cost = rand_cost(2, 12, 9, seed=12)
+    res = sinkhorn(cost, 0.05, tol=1e-12, max_iter=20000)
+    assert len(calls) > 2 and res.converged and torch.isfinite(res.plan).all()
+    for k in range(2):
+        np.testing.assert_allclose(res.plan[k].numpy(), pot_plan(cost[k], 0.05), atol=1e-10)
 
 
 def test_one_valid_point():

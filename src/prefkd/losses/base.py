@@ -90,6 +90,10 @@ class DistillationLoss(nn.Module):
         """Called once with both tokenizers (teacher None without a teacher) before the data is built:
         the place to build vocabulary maps or pick a precompute hook. Default: nothing."""
 
+    def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
+        """Called once with both models before the optimizer exists: the place to create projectors whose
+        sizes depend on the models (hidden sizes, vocabularies). Default: nothing."""
+
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -1,23 +1,35 @@
-"""Vanilla KD with one tokenizer (SPEC §2–3): total = (1 − kd_rate)·CE + kd_rate·KD.
+"""Vanilla KD (SPEC §2–3): total = (1 − kd_rate)·CE + kd_rate·KD.
 
 KD = Σ_{labels ≠ −100} D(p_T ‖ p_S) with the teacher's logits at the same positions as the student's,
 D one of :data:`prefkd.losses.divergences.DIVERGENCES`. CE and KD share one chunked pass over the
 student logits (one gradient buffer, see :mod:`prefkd.losses.chunked`).
+
+Different tokenizers: when :meth:`KDLoss.setup` sees two different vocabularies (``get_vocab()``), it logs one
+line and from then on delegates to :class:`prefkd.losses.mined.MinEDLoss` with KDLoss's own divergence,
+temperatures and kd_rate (MinED's DTW alignment and vocabulary map, SPEC §6; its precompute hook becomes
+KDLoss's). Same vocabulary, or no setup: unchanged, and the teacher must have read the student's tokens.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn
+from prefkd.losses.mined import MinEDLoss
 
+log = logging.getLogger(__name__)
+CROSS_TOKENIZER_NOTICE = ("teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary "
+                          "map (SPEC §6)")
 CROSS_TOKENIZER_LOSSES = ("uld", "minedit", "dskd_cma", "mcw_kd")
 
 
 class KDLoss(DistillationLoss):
-    """Same-vocabulary KD. Sums over student response tokens; metrics "ce" and "kd" are sums too."""
+    """KD. Sums over student response tokens; metrics "ce" and "kd" are sums too (plus "aligned" across
+    tokenizers, see the module docstring)."""
 
     needs = Needs(teacher=True)
 
@@ -35,13 +47,30 @@ class KDLoss(DistillationLoss):
         self.divergence = divergence
         self.kd_rate = kd_rate
         self.chunk_size = chunk_size
+        self._options = dict(divergence=divergence, kd_rate=kd_rate, temperature=temperature,
+                             teacher_temperature=teacher_temperature, skew_lambda=skew_lambda,
+                             adaptive_alpha=adaptive_alpha, chunk_size=chunk_size)
+        self.cross_tokenizer: MinEDLoss | None = None  # set by setup() for two different vocabularies
         # raises ValueError listing the valid names for an unknown divergence
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+
+    def setup(self, student_tokenizer, teacher_tokenizer) -> None:
+        """Different vocabularies: switch to MinED alignment (one info line); same vocabulary: nothing."""
+        self.cross_tokenizer, self.precompute, self.precompute_version = None, None, type(self).precompute_version
+        if teacher_tokenizer is None or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
+            return
+        log.info(CROSS_TOKENIZER_NOTICE)
+        self.cross_tokenizer = MinEDLoss(**self._options)
+        self.cross_tokenizer.setup(student_tokenizer, teacher_tokenizer)
+        self.precompute = self.cross_tokenizer.precompute
+        self.precompute_version = self.cross_tokenizer.precompute_version
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch, student = inputs.batch, inputs.student
         if inputs.teacher is None:
             raise ValueError("loss=kd needs the teacher's forward pass (Needs.teacher)")
+        if self.cross_tokenizer is not None:
+            return self.cross_tokenizer(inputs)
         _check_same_tokens(batch, student.logits, inputs.teacher.logits)
         labels = batch["labels"]
         sums = {"ce": 0.0, "kd": 0.0}
@@ -69,7 +98,8 @@ def _check_same_tokens(batch: dict, student_logits: torch.Tensor, teacher_logits
         raise ValueError(
             "loss=kd needs the same tokenizer for teacher and student: teacher_input_ids must equal "
             f"input_ids (shapes {tuple(teacher_ids.shape)} vs {tuple(ids.shape)}). For different "
-            f"tokenizers use a cross-tokenizer loss: {', '.join(CROSS_TOKENIZER_LOSSES)}"
+            f"tokenizers call KDLoss.setup(student_tokenizer, teacher_tokenizer) first (kd then aligns them "
+            f"with MinED) or use a cross-tokenizer loss: {', '.join(CROSS_TOKENIZER_LOSSES)}"
         )
     if teacher_logits.shape[:2] != student_logits.shape[:2]:
         raise ValueError(

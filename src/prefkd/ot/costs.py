@@ -1,9 +1,9 @@
 """Transport costs between a teacher cloud (points j ≤ m) and a student cloud (points i ≤ n) (SPEC §8).
 
 Every cost is a B×m×n tensor C[b, j, i] (teacher along dim 1, student along dim 2, as SPEC §8 writes
-C[j, i]), computed in the promoted floating dtype of its inputs. Entries that involve a padded point hold
-finite values that mean nothing: pass the point masks to :func:`sinkhorn` and :func:`scale_cost`
-(``pair_mask(mask_x, mask_y)``), which ignore them.
+C[j, i]), computed in fp32 or wider (bf16/fp16 inputs are upcast; fp64 stays fp64). Entries that
+involve a padded point hold finite values that mean nothing: pass the point masks to :func:`sinkhorn`
+and :func:`scale_cost` (``pair_mask(mask_x, mask_y)``), which ignore them.
 
 - :func:`euclidean_cost`         C[j, i] = ‖x_j − y_i‖₂
 - :func:`kl_cost`                C[j, i] = Σ_k q_j,k log(q_j,k / p_i,k)
@@ -69,8 +69,9 @@ def scale_cost(
 def euclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """C[b, j, i] = ‖x_bj − y_bi‖₂ for x B×m×d, y B×n×d.
 
-    Computed as √(‖x‖² + ‖y‖² − 2 x·y) after centring both clouds on the mean of y (translation invariant;
-    less cancellation). Coincident points give 0 with a zero gradient (no NaN).
+    Computed as √(max(‖x‖² + ‖y‖² − 2 x·y, 0)) (one batched matmul, no B×m×n×d tensor) after centring both
+    clouds on the mean of y (translation invariant; less cancellation). Coincident points give 0 up to
+    √(rounding) of that formula, and the gradient is never NaN (0 where the squared distance is ≤ 0).
     """
     dtype = _float(x, y)
     x, y = x.to(dtype), y.to(dtype)
@@ -106,23 +107,34 @@ def salience_cost(s_t: torch.Tensor, s_s: torch.Tensor) -> torch.Tensor:
     return (s_t.to(dtype)[:, :, None] - s_s.to(dtype)[:, None, :]).abs()
 
 
-def strip_markers(token: str) -> str:
-    """The token without its leading word-start markers (GPT-2 ``Ġ``, SentencePiece ``▁``)."""
-    return token.lstrip(WORD_MARKERS)
+def strip_markers(token: str, markers: str | tuple[str, ...] = WORD_MARKERS) -> str:
+    """``token`` without word-start markers: every occurrence of each marker is removed (``"ĠĠ"`` → ``""``),
+    as :func:`prefkd.align.strip_marker` does. ``markers``: marker characters (default GPT-2 ``Ġ`` and
+    SentencePiece ``▁``), or a tuple of marker strings, e.g. ``(word_start_marker(tokenizer),)``."""
+    for marker in markers:
+        if marker:
+            token = token.replace(marker, "")
+    return token
 
 
-def normalized_edit_distance_matrix(teacher_tokens: list[str], student_tokens: list[str]) -> torch.Tensor:
-    """m×n fp32 matrix D[j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) (0 for two empty strings), markers stripped.
+def normalized_edit_distance_matrix(
+    teacher_tokens: list[str],
+    student_tokens: list[str],
+    teacher_markers: str | tuple[str, ...] = WORD_MARKERS,
+    student_markers: str | tuple[str, ...] = WORD_MARKERS,
+) -> torch.Tensor:
+    """m×n fp32 matrix D[j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) (0 for two empty strings), after
+    :func:`strip_markers` on both sides.
 
     The full matrix (not only a DTW path), computed once per example by the data pipeline with
-    ``rapidfuzz.process.cdist``; pad it into B×m×n for the batch.
+    ``rapidfuzz.process.cdist`` (needs ``rapidfuzz``, the ``align`` extra); pad it into B×m×n for the batch.
     """
     import numpy as np
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
 
-    t = [strip_markers(s) for s in teacher_tokens]
-    s = [strip_markers(x) for x in student_tokens]
+    t = [strip_markers(x, teacher_markers) for x in teacher_tokens]
+    s = [strip_markers(x, student_markers) for x in student_tokens]
     if not t or not s:
         return torch.zeros(len(t), len(s), dtype=torch.float32)
     d = process.cdist(t, s, scorer=Levenshtein.normalized_distance, dtype=np.float32, workers=1)

@@ -23,7 +23,7 @@ MODES = ("fixed", "adaptive", "learned")
 def combine_costs(costs: list[torch.Tensor] | tuple[torch.Tensor, ...], alpha: torch.Tensor) -> torch.Tensor:
     """C = Σ_k α_k C_k for K costs of the same shape (B×m×n) and α a K tensor (gradients flow to both)."""
     if alpha.dim() != 1 or alpha.shape[0] != len(costs):
-        raise ValueError(f"alpha must be a vector of {len(costs)} weights (one per cost), got shape {tuple(alpha.shape)}")
+        raise ValueError(f"alpha must be a vector of {len(costs)} weights (one per cost), got {tuple(alpha.shape)}")
     if not costs:
         raise ValueError("combine_costs needs at least one cost")
     shape = costs[0].shape

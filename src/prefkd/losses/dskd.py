@@ -1,0 +1,268 @@
+"""DSKD: dual-space knowledge distillation (SPEC §4), same vocabulary (``DSKDLoss``) and any vocabularies via
+cross-model attention (``DSKDCMALoss``).
+
+Both project each model's hidden states into the other's space and read them out with the other's head
+(W^s, W^t, detached):
+
+    z^{t→s} = h̃ W^sᵀ,   z^{s→t} = h̃' W^tᵀ
+
+with h̃ (B×n×d_s), h̃' (B×m×d_t) from :meth:`_DualSpaceLoss.projected` (DSKD: h̃ = W_t2s h^t, h̃' = W_s2t h^s at the
+same positions; CMA: :func:`prefkd.losses.projectors.cross_model_attention`). Then, as sums over tokens:
+
+    L_ce^{t→s} = Σ_{M_s} CE(z^{t→s}, y)                                   (trains t2s [and query])
+    L_kd^{stu} = Σ_{M_s} a_i · D(z^s_i ‖ stopgrad z^{t→s}_i)              (a_i = 1; CMA: [argmax z^{t→s}_i = y_i])
+    L_kd^{tea} = Σ_{M_t} KL(softmax(z^t/τ) ‖ softmax(z^{s→t}/τ))           (trains s2t [and query] and the student)
+    KD = L_ce^{t→s} + L_kd^{stu} + L_kd^{tea};   loss = (1 − kd_rate)·Σ_{M_s} CE(z^s, y) + kd_rate·KD
+
+D is a divergence of :mod:`prefkd.losses.divergences` with z^{t→s} in the teacher role (both sides / τ, the
+teacher side also / τ_t). Teacher-side sums are plain sums too: the trainer divides everything by the student
+response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (SPEC §4's projector pre-training).
+
+Memory: z^{t→s} and z^{s→t} are never materialised for the whole batch. :func:`chunked_rows_loss` walks the
+masked tokens in chunks; per chunk it multiplies the rows of h̃ (h̃') by the head, computes the terms, and
+takes the gradient w.r.t. the chunk's rows of every differentiable input (z^s and h̃; h̃') into one buffer per
+input. Backward scales the buffers; autograd carries h̃'s and h̃''s buffers on into the projectors and h^s.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs
+from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
+from prefkd.losses.projectors import (cross_model_attention, fp32_region, make_projectors, project,
+                                      projector_shapes)
+
+METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
+
+
+# ------------------------------------------------------------------------------------------ chunked helper
+def _row_loop(fn, inputs, mask, others, chunk_size, buffers):
+    """Σ_masked fn(rows...) in chunks; fills ``buffers[k][r, c]`` with d(sum)/d(inputs[k][r, c]) where not None."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    total = None
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+        xs = [x[r, c].to(torch.promote_types(x.dtype, torch.float32)) for x in inputs]
+        rest = [o[r, c] for o in others]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(b is not None) for x, b in zip(xs, buffers)]
+            values = fn(*leaves, *rest)
+            if values.shape != (r.numel(),):
+                raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
+            chunk = values.sum()
+            wanted = [(leaf, b) for leaf, b in zip(leaves, buffers) if b is not None]
+            if wanted and chunk.requires_grad:
+                grads = torch.autograd.grad(chunk, [leaf for leaf, _ in wanted], allow_unused=True)
+                for (_, b), g in zip(wanted, grads):
+                    if g is not None:
+                        b[r, c] = g.to(b.dtype)
+        total = chunk.detach() if total is None else total + chunk.detach()
+    if total is None:
+        total = torch.zeros((), dtype=torch.promote_types(inputs[0].dtype, torch.float32), device=mask.device)
+    return total
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Forward: the chunked sum with the gradients precomputed into one buffer per input. Backward: buffer·g."""
+
+    @staticmethod
+    def forward(ctx, fn, mask, chunk_size, n_inputs, *tensors):
+        inputs, others = tensors[:n_inputs], tensors[n_inputs:]
+        wants = ctx.needs_input_grad[4:4 + n_inputs]
+        buffers = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if w else None for x, w in zip(inputs, wants)]
+        total = _row_loop(fn, inputs, mask, others, chunk_size, buffers)
+        ctx.save_for_backward(*[b for b in buffers if b is not None])
+        ctx.wants, ctx.n_others, ctx.consumed = wants, len(others), False
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.consumed:
+            raise RuntimeError("chunked_rows_loss: backward can run only once per forward (buffers are scaled in "
+                               "place); recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for w in ctx.wants:
+            buffer = next(saved) if w else None
+            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)))
+        return (None, None, None, None, *grads, *([None] * ctx.n_others))
+
+
+def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mask: torch.Tensor,
+                      *others: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Σ_{(b,t): mask[b,t]} fn(inputs[0][b,t], ..., others[0][b,t], ...), chunked, with gradients w.r.t. every
+    input that requires grad (one buffer shaped like each; others are read detached).
+
+    inputs: B×T×D_k tensors (any float dtype; rows reach fn upcast to fp32 at least); mask: B×T bool;
+    others: B×T×... tensors. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
+    Returns a scalar sum. Backward may run once per forward.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bt = mask.shape
+    for t in (*inputs, *others):
+        if t.shape[:2] != bt:
+            raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
+    mask = mask.detach().bool()
+    others = tuple(o.detach() for o in others)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), *inputs, *others)
+    with torch.no_grad():
+        return _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size, [None] * len(inputs))
+
+
+def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """rows n×d times a detached head V×d -> n×V logits, computed in the head's dtype, returned fp32 at least."""
+    return F.linear(rows.to(head.dtype), head.detach()).to(torch.promote_types(rows.dtype, torch.float32))
+
+
+# ------------------------------------------------------------------------------------------ the losses
+class _DualSpaceLoss(DistillationLoss):
+    """The shared dual-space terms; subclasses give :meth:`projected` (h̃, h̃') and say whether a_i = acc_i."""
+
+    needs = Needs(teacher=True, hidden_states=True)
+    name = "dskd"
+    use_query = False
+    accuracy_weighted = False
+
+    def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
+                 teacher_temperature: float = 1.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5,
+                 pretrain_projectors: bool = False, chunk_size: int = 1024):
+        super().__init__()
+        self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
+        self.pretrain_projectors, self.chunk_size = bool(pretrain_projectors), chunk_size
+        # raises ValueError listing the valid names for an unknown divergence
+        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+        self.projectors = nn.ModuleDict()  # t2s, s2t (, query): created by build()
+
+    def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
+        """Create the projectors from the models' sizes (idempotent: an existing set of the right shapes is kept).
+        Must run before the optimizer is built and before a checkpoint's state_dict is loaded."""
+        if teacher_model is None:
+            raise ValueError(f"loss={self.name} needs a teacher model")
+        shapes = projector_shapes(student_model, teacher_model, self.use_query)
+        if len(self.projectors):
+            have = {k: (m.in_features, m.out_features) for k, m in self.projectors.items()}
+            if have != shapes:
+                raise ValueError(f"loss={self.name}: projectors were built for {have}, the models need {shapes}")
+            return
+        device = student_model.get_output_embeddings().weight.device
+        self.projectors.update(make_projectors(shapes, device=None if device.type == "meta" else device))
+
+    def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, inputs: LossInputs) -> None:
+        if inputs.teacher is None:
+            raise ValueError(f"loss={self.name} needs the teacher's forward pass (Needs.teacher)")
+        for side in (inputs.student, inputs.teacher):
+            if side.hidden is None or side.model is None:
+                raise ValueError(f"loss={self.name} needs both models' last hidden states and the models "
+                                 "themselves (ModelOutputs.hidden, ModelOutputs.model)")
+        if not len(self.projectors):
+            raise RuntimeError(f"loss={self.name}: call loss.build(student_model, teacher_model) before the first "
+                               "forward (and before building the optimizer)")
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        self._check(inputs)
+        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
+        t2s_hidden, s2t_hidden = self.projected(inputs)
+        head_s = student.model.get_output_embeddings().weight.detach()
+        head_t = teacher.model.get_output_embeddings().weight.detach()
+        rate, pretrain, weighted = self.kd_rate, self.pretrain_projectors, self.accuracy_weighted
+        sums = dict.fromkeys(METRICS, 0.0)
+
+        def add(name: str, values: torch.Tensor) -> None:
+            sums[name] = sums[name] + values.detach().sum()
+
+        def student_side(s: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            z = head_logits(h, head_s)  # z^{t→s} rows
+            ce_t2s = cross_entropy(z, y)
+            hit = z.detach().argmax(-1).eq(y)
+            kd_stu = self._divergence(s, z)  # the teacher role is detached inside
+            if weighted:
+                kd_stu = torch.where(hit, kd_stu, torch.zeros_like(kd_stu))
+            ce = cross_entropy(s, y)
+            for name, v in (("ce", ce), ("ce_t2s", ce_t2s), ("kd_stu", kd_stu), ("t2s_acc", hit)):
+                add(name, v)
+            return ce_t2s if pretrain else (1 - rate) * ce + rate * (ce_t2s + kd_stu)
+
+        def teacher_side(h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+            kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
+            add("kd_tea", kd_tea)
+            return kd_tea * (0.0 if pretrain else rate)
+
+        s_logits = student.logits.detach() if pretrain else student.logits
+        loss = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
+                                 chunk_size=self.chunk_size)
+        tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)
+        loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100), teacher.logits,
+                                        chunk_size=self.chunk_size)
+        sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
+        metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
+        return LossOutput(loss=loss, metrics=metrics)
+
+
+class DSKDLoss(_DualSpaceLoss):
+    """DSKD with one vocabulary (teacher and student read the same tokens): h̃ = W_t2s h^t, h̃' = W_s2t h^s.
+
+    Projectors t2s (d_t→d_s), s2t (d_s→d_t). a_i = 1 (no accuracy mask); the teacher side of D is z^{t→s}/τ.
+    """
+
+    name = "dskd"
+
+    def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
+                 skew_lambda: float = 0.1, adaptive_alpha: float = 0.5, pretrain_projectors: bool = False,
+                 chunk_size: int = 1024):
+        super().__init__(divergence, kd_rate, temperature, 1.0, skew_lambda, adaptive_alpha, pretrain_projectors,
+                         chunk_size)
+
+    def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_same_tokens(inputs.batch, inputs.student.hidden, inputs.teacher.hidden)
+        with fp32_region(inputs.student.hidden.device):
+            t2s = project(self.projectors["t2s"], inputs.teacher.hidden.detach())
+            s2t = project(self.projectors["s2t"], inputs.student.hidden)
+        return t2s, s2t
+
+
+class DSKDCMALoss(_DualSpaceLoss):
+    """DSKD-CMA for any two vocabularies: h̃, h̃' from cross-model attention (see
+    :func:`prefkd.losses.projectors.cross_model_attention`); projectors t2s, s2t, query (2e_s→2e_t).
+
+    a_i = acc_i = [argmax z^{t→s}_i = y_i]; D's teacher side is z^{t→s}/(τ·τ_t). Metric ``t2s_acc`` (Σ acc_i)
+    becomes the projector accuracy after the trainer's per-token division.
+
+    ``pretrain_projectors=True``: loss = L_ce^{t→s}, which depends on t2s and query only; the student's logits
+    and hidden states get no gradient (the student's parameters keep ``grad=None``, which AdamW skips, so the
+    student stays unchanged even with lr > 0). Under DDP freeze the student instead (no parameter of a DDP
+    module may go unused), or give it lr 0.
+    """
+
+    name = "dskd_cma"
+    use_query = True
+    accuracy_weighted = True
+
+    def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        student_hidden = inputs.student.hidden.detach() if self.pretrain_projectors else inputs.student.hidden
+        return cross_model_attention(self.projectors, student_model=inputs.student.model,
+                                     teacher_model=inputs.teacher.model, batch=inputs.batch,
+                                     student_hidden=student_hidden, teacher_hidden=inputs.teacher.hidden)
+
+
+def _check_same_tokens(batch: dict, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> None:
+    """DSKD pairs position i with position i: the teacher must have read exactly the student's tokens."""
+    ids = batch["input_ids"]
+    teacher_ids = batch.get("teacher_input_ids", ids)
+    if teacher_ids.shape != ids.shape or not torch.equal(teacher_ids.to(ids.device), ids) \
+            or teacher_hidden.shape[:2] != student_hidden.shape[:2]:
+        raise ValueError("loss=dskd needs the same tokenizer for teacher and student (teacher_input_ids must equal "
+                         f"input_ids; shapes {tuple(teacher_ids.shape)} vs {tuple(ids.shape)}). For different "
+                         "tokenizers use loss=dskd_cma.")

@@ -1,0 +1,141 @@
+"""ULD: universal logit distillation across vocabularies (SPEC §5).
+
+Positions. With M_s, M_t the response masks (``labels ≠ −100``; labels are pre-shifted, so ``labels[:, j]`` is
+the target of ``logits[:, j]``), the k-th response position of each side is where the cumulative count of the
+mask reaches k + 1 (k = 0, 1, ...). Student response position k is paired with teacher response position k for
+k < min(n_resp_s, n_resp_t); later student response positions get CE only. :func:`response_alignment` builds the
+pairing as an index (no copy of the teacher logits); the loss gathers the teacher rows per chunk.
+
+Per aligned pair, p = softmax(z/τ) on each side (fp32 at least), sorted descending over the whole vocabulary of
+each model, the shorter one zero-padded:
+
+    ULD_k = Σ_r |p_S^(r) − p_T^(r)|.
+
+``top_k = K`` sorts only the K largest of each side (``torch.topk``) and adds the remaining masses as one bucket:
+ULD_k^K = Σ_{r<K} |p_S^(r) − p_T^(r)| + |(1 − Σ_{r<K} p_S^(r)) − (1 − Σ_{r<K} p_T^(r))|, which equals the full sort
+for K ≥ max(V_s, V_t) (the buckets are empty) and is a lower bound otherwise.
+
+Mixing (``mix``), as sums that the trainer divides by the student response tokens of the global batch:
+
+- ``dskd`` (DSKD's framework): (1 − kd_rate)·Σ_{M_s} CE + kd_rate·Σ_{aligned} ULD_k.
+- ``paper`` (Boizard et al.): Σ_{M_s} CE + λ·Σ_b n_b·mean_{k aligned in b} ULD_k, n_b = student response tokens
+  of sequence b. Multiplying each sequence's mean by n_b makes the trainer's division by Σ_b n_b give the
+  token-weighted mean of the per-sequence means (the paper's batch mean of per-sequence means when every
+  sequence has the same length). Implemented as the per-token weight n_b / a_b (a_b = aligned pairs of b).
+
+Metrics (sums, normalised like the loss by the trainer): ``ce`` (Σ_{M_s} CE), ``uld`` (Σ_{aligned} ULD_k,
+unweighted), ``aligned`` (number of aligned pairs; after the trainer's division, the aligned fraction).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs
+from prefkd.losses.chunked import chunked_token_loss
+from prefkd.losses.divergences import cross_entropy
+
+MIXES = ("dskd", "paper")
+
+
+def response_alignment(labels: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
+    """B×n long: for each student position, the flat teacher row ``b·m + i`` (i = the teacher's sequence position
+    of the same response rank), or −1 where the position is not a response position or has no partner.
+
+    labels B×n, teacher_labels B×m (−100 = no target). Vectorised: ranks are ``cumsum(mask) − 1``.
+    """
+    mask_s, mask_t = labels.ne(-100), teacher_labels.ne(-100)
+    b, m = teacher_labels.shape
+    rank_s, rank_t = mask_s.long().cumsum(1) - 1, mask_t.long().cumsum(1) - 1
+    n_t = mask_t.sum(1, keepdim=True)
+    pos_t = torch.full((b, max(m, 1)), -1, dtype=torch.long, device=labels.device)  # rank k → teacher position
+    rows, cols = mask_t.nonzero(as_tuple=True)
+    pos_t[rows, rank_t[rows, cols]] = cols
+    aligned = mask_s & (rank_s < n_t)
+    partner = pos_t.gather(1, rank_s.clamp(0, max(m - 1, 0)))
+    offset = torch.arange(b, device=labels.device).unsqueeze(1) * m
+    return torch.where(aligned, partner + offset, torch.full_like(partner, -1))
+
+
+def uld_distance(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+    """ULD per row: N×V_s, N×V_t → N (fp32 at least). Full sort (``top_k`` None) or the top-k variant with the
+    remaining-mass bucket (see the module docstring). The teacher side is detached."""
+    dtype = torch.promote_types(torch.promote_types(s_logits.dtype, torch.float32), t_logits.dtype)
+    p_s = torch.softmax(s_logits.to(dtype) / temperature, dim=-1)
+    p_t = torch.softmax(t_logits.detach().to(dtype) / temperature, dim=-1)
+    if top_k is None:
+        sorted_s, sorted_t = p_s.sort(-1, descending=True).values, p_t.sort(-1, descending=True).values
+        rest = None
+    else:
+        sorted_s = p_s.topk(min(top_k, p_s.shape[-1]), dim=-1).values
+        sorted_t = p_t.topk(min(top_k, p_t.shape[-1]), dim=-1).values
+        rest = ((1 - sorted_s.sum(-1)).clamp_min(0) - (1 - sorted_t.sum(-1)).clamp_min(0)).abs()
+    width = max(sorted_s.shape[-1], sorted_t.shape[-1])
+    sorted_s = torch.nn.functional.pad(sorted_s, (0, width - sorted_s.shape[-1]))
+    sorted_t = torch.nn.functional.pad(sorted_t, (0, width - sorted_t.shape[-1]))
+    value = (sorted_s - sorted_t).abs().sum(-1)
+    return value if rest is None else value + rest
+
+
+class ULDLoss(DistillationLoss):
+    """ULD (SPEC §5) for any two vocabularies; sums over the student's response tokens (see the module docstring).
+
+    kd_rate: weight of ULD in ``mix: dskd`` (CE gets 1 − kd_rate). uld_weight: λ of ``mix: paper`` (CE weight 1).
+    temperature: τ on both sides. top_k: None = full sort, else the top-k variant. chunk_size: aligned tokens per
+    chunk of fp32 work.
+    """
+
+    needs = Needs(teacher=True)
+
+    def __init__(self, mix: Literal["dskd", "paper"] = "dskd", kd_rate: float = 0.5, uld_weight: float = 1.5,
+                 temperature: float = 1.0, top_k: int | None = None, chunk_size: int = 1024):
+        super().__init__()
+        if mix not in MIXES:
+            raise ValueError(f"mix={mix!r}: valid values are {', '.join(MIXES)}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be a positive number of sorted probabilities or None, got {top_k}")
+        self.mix, self.kd_rate, self.uld_weight = mix, kd_rate, uld_weight
+        self.temperature, self.top_k, self.chunk_size = temperature, top_k, chunk_size
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
+        if teacher is None:
+            raise ValueError("loss=uld needs the teacher's forward pass (Needs.teacher)")
+        labels, t_labels = batch["labels"], batch["teacher_labels"]
+        if teacher.logits.shape[:2] != t_labels.shape:
+            raise ValueError(f"loss=uld: teacher logits {tuple(teacher.logits.shape)} do not match teacher_labels "
+                             f"{tuple(t_labels.shape)}")
+        mask = labels.ne(-100)
+        partner = response_alignment(labels, t_labels.to(labels.device))
+        aligned = partner.ge(0)
+        if self.mix == "dskd":
+            ce_coef, kd_coef = 1.0 - self.kd_rate, self.kd_rate
+            weight = aligned.to(torch.float32)
+        else:  # paper: per-sequence mean × n_b, i.e. weight n_b / a_b on each aligned pair
+            ce_coef, kd_coef = 1.0, self.uld_weight
+            ratio = mask.sum(1, keepdim=True) / aligned.sum(1, keepdim=True).clamp_min(1)
+            weight = aligned * ratio.to(torch.float32)
+        t_rows = teacher.logits.reshape(-1, teacher.logits.shape[-1])  # a view: rows gathered per chunk
+        sums = {"ce": 0.0, "uld": 0.0}
+        tau, top_k = self.temperature, self.top_k
+
+        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            ce = cross_entropy(s, y)
+            sel = idx.ge(0)
+            uld = torch.zeros_like(ce)
+            if sel.any():
+                uld = uld.masked_scatter(sel, uld_distance(s[sel], t_rows[idx[sel]], tau, top_k))
+            sums["ce"] = sums["ce"] + ce.detach().sum()
+            sums["uld"] = sums["uld"] + uld.detach().sum()
+            return ce_coef * ce + kd_coef * w.to(ce.dtype) * uld
+
+        loss = chunked_token_loss(per_token, student.logits, mask, labels, partner, weight,
+                                  chunk_size=self.chunk_size)
+        metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
+        metrics["aligned"] = aligned.sum().to(loss.dtype)
+        return LossOutput(loss=loss, metrics=metrics)
