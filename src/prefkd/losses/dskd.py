@@ -1,27 +1,28 @@
-"""DSKD: dual-space knowledge distillation (SPEC §4), same vocabulary (``DSKDLoss``) and any vocabularies via
-cross-model attention (``DSKDCMALoss``).
+"""DSKD: dual-space knowledge distillation (SPEC §4), one vocabulary (``DSKDLoss``) or any two via cross-model
+attention (``DSKDCMALoss``).
 
-Both project each model's hidden states into the other's space and read them out with the other's head
-(W^s, W^t, detached):
+Each side's hidden states are projected into the other's space and read out with the other's head (W^s, W^t,
+detached): z^{t→s} = h̃ W^sᵀ, z^{s→t} = h̃' W^tᵀ, with h̃ (B×n×d_s), h̃' (B×m×d_t) from ``projected``
+(DSKD: h̃ = W_t2s h^t, h̃' = W_s2t h^s at the same positions; CMA: :func:`.projectors.cross_model_attention`).
+Then, as sums over tokens:
 
-    z^{t→s} = h̃ W^sᵀ,   z^{s→t} = h̃' W^tᵀ
-
-with h̃ (B×n×d_s), h̃' (B×m×d_t) from :meth:`_DualSpaceLoss.projected` (DSKD: h̃ = W_t2s h^t, h̃' = W_s2t h^s at the
-same positions; CMA: :func:`prefkd.losses.projectors.cross_model_attention`). Then, as sums over tokens:
-
-    L_ce^{t→s} = Σ_{M_s} CE(z^{t→s}, y)                                   (trains t2s [and query])
-    L_kd^{stu} = Σ_{M_s} a_i · D(z^s_i ‖ stopgrad z^{t→s}_i)              (a_i = 1; CMA: [argmax z^{t→s}_i = y_i])
-    L_kd^{tea} = Σ_{M_t} KL(softmax(z^t/τ) ‖ softmax(z^{s→t}/τ))           (trains s2t [and query] and the student)
+    L_ce^{t→s} = Σ_{M_s} CE(z^{t→s}, y)                          (trains t2s [and query])
+    L_kd^{stu} = Σ_{M_s} a_i · D(z^s_i ‖ stopgrad z^{t→s}_i)     (a_i = 1; CMA: [argmax z^{t→s}_i = y_i])
+    L_kd^{tea} = Σ_{M_t} KL(softmax(z^t/τ) ‖ softmax(z^{s→t}/τ))  (trains s2t [and query] and the student)
     KD = L_ce^{t→s} + L_kd^{stu} + L_kd^{tea};   loss = (1 − kd_rate)·Σ_{M_s} CE(z^s, y) + kd_rate·KD
 
 D is a divergence of :mod:`prefkd.losses.divergences` with z^{t→s} in the teacher role (both sides / τ, the
 teacher side also / τ_t). Teacher-side sums are plain sums too: the trainer divides everything by the student
 response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (SPEC §4's projector pre-training).
+Metrics, sums like the loss: ce, kd, ce_t2s, kd_stu, kd_tea, t2s_acc (Σ [argmax z^{t→s}_i = y_i]).
+
+Projectors are created by ``build(student_model, teacher_model)`` from the models' sizes; the trainer calls it
+before the optimizer exists and before a checkpoint is restored (forward refuses to run without it).
 
 Memory: z^{t→s} and z^{s→t} are never materialised for the whole batch. :func:`chunked_rows_loss` walks the
 masked tokens in chunks; per chunk it multiplies the rows of h̃ (h̃') by the head, computes the terms, and
 takes the gradient w.r.t. the chunk's rows of every differentiable input (z^s and h̃; h̃') into one buffer per
-input. Backward scales the buffers; autograd carries h̃'s and h̃''s buffers on into the projectors and h^s.
+input. Backward scales the buffers; autograd carries them on into the projectors and h^s.
 """
 
 from __future__ import annotations
@@ -187,9 +188,11 @@ class _DualSpaceLoss(DistillationLoss):
             z = head_logits(h, head_s)  # z^{t→s} rows
             ce_t2s = cross_entropy(z, y)
             hit = z.detach().argmax(-1).eq(y)
-            kd_stu = self._divergence(s, z)  # the teacher role is detached inside
-            if weighted:
-                kd_stu = torch.where(hit, kd_stu, torch.zeros_like(kd_stu))
+            if weighted:  # D only where a_i = 1 (rows with a_i = 0 contribute exactly 0: skip their work)
+                rows = hit.nonzero().squeeze(-1)
+                kd_stu = torch.zeros_like(ce_t2s).index_add(0, rows, self._divergence(s[rows], z[rows]))
+            else:
+                kd_stu = self._divergence(s, z)  # the teacher role is detached inside
             ce = cross_entropy(s, y)
             for name, v in (("ce", ce), ("ce_t2s", ce_t2s), ("kd_stu", kd_stu), ("t2s_acc", hit)):
                 add(name, v)
@@ -215,6 +218,7 @@ class DSKDLoss(_DualSpaceLoss):
     """DSKD with one vocabulary (teacher and student read the same tokens): h̃ = W_t2s h^t, h̃' = W_s2t h^s.
 
     Projectors t2s (d_t→d_s), s2t (d_s→d_t). a_i = 1 (no accuracy mask); the teacher side of D is z^{t→s}/τ.
+    ``pretrain_projectors=True``: loss = L_ce^{t→s}, which trains t2s only (see :class:`DSKDCMALoss`).
     """
 
     name = "dskd"
