@@ -114,3 +114,48 @@ def test_needs_and_missing_teacher():
     inputs.teacher = None
     with pytest.raises(ValueError, match="teacher"):
         KDLoss()(inputs)
+
+
+# ---------------------------------------------------------------------------------------------- across tokenizers
+def test_setup_with_one_vocabulary_changes_nothing(caplog):
+    from prefkd.models.tiny import tiny_tokenizer
+
+    loss = KDLoss()
+    with caplog.at_level("INFO", logger="prefkd.losses.kd"):
+        loss.setup(tiny_tokenizer("a"), tiny_tokenizer("a"))
+        loss.setup(tiny_tokenizer("a"), None)
+    assert loss.cross_tokenizer is None and loss.precompute is None and not caplog.records
+    with pytest.raises(ValueError, match="same tokenizer"):  # the same-token checks stay
+        inputs = make_inputs(seed=7)
+        inputs.batch["teacher_input_ids"][0, 3] += 1
+        loss(inputs)
+
+
+def test_different_tokenizers_use_mined_and_equal_loss_minedit(caplog):
+    """loss=kd on the tiny cross-tokenizer pair = loss=minedit with the same divergence, τ and kd_rate: same
+    precompute (hook and version), same loss, metrics and gradient on a batch. One info line says so."""
+    from prefkd.losses.mined import MinEDLoss
+    from tests.losses.test_mined import inputs_of, pair_batch, tiny_pair
+
+    t, s, _ = tiny_pair()
+    kd = KDLoss(divergence="js", temperature=1.5, kd_rate=0.3, chunk_size=7)
+    with caplog.at_level("INFO", logger="prefkd.losses.kd"):
+        kd.setup(s.tokenizer, t.tokenizer)
+    lines = [r.getMessage() for r in caplog.records if r.name == "prefkd.losses.kd"]
+    assert lines == ["teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary map "
+                     "(SPEC §6)"]
+    mined = MinEDLoss(divergence="js", temperature=1.5, kd_rate=0.3, chunk_size=7)
+    mined.setup(s.tokenizer, t.tokenizer)
+    assert kd.precompute is not None and kd.precompute_version == mined.precompute_version
+    assert kd.precompute.t2s == mined.precompute.t2s
+    batch, s_logits, t_logits = pair_batch(tiny_pair(), kd.precompute, kd.precompute_version)
+    a, b = inputs_of(batch, s_logits, t_logits), inputs_of(batch, s_logits, t_logits)
+    out_kd, out_mined = kd(a), mined(b)
+    assert set(out_kd.metrics) == {"ce", "kd", "aligned"} and int(out_kd.metrics["aligned"]) > 0
+    torch.testing.assert_close(out_kd.loss, out_mined.loss)
+    for name in out_mined.metrics:
+        torch.testing.assert_close(out_kd.metrics[name], out_mined.metrics[name])
+    out_kd.loss.backward()
+    out_mined.loss.backward()
+    torch.testing.assert_close(a.student.logits.grad, b.student.logits.grad)
+    assert kd.trainable_modules() == []

@@ -23,6 +23,10 @@ Mixing (``mix``), as sums that the trainer divides by the student response token
   token-weighted mean of the per-sequence means (the paper's batch mean of per-sequence means when every
   sequence has the same length). Implemented as the per-token weight n_b / a_b (a_b = aligned pairs of b).
 
+Cost. The full sort dominates: per chunk of n aligned tokens it holds about eight n×V fp32-sized tensors (both
+sides' probabilities, sorted values and int64 sort indices, the student's kept for backward), hence a smaller
+default chunk (256) than the other losses; ``top_k`` sorts K columns instead of V.
+
 Metrics (sums, normalised like the loss by the trainer): ``ce`` (Σ_{M_s} CE), ``uld`` (Σ_{aligned} ULD_k,
 unweighted), ``aligned`` (number of aligned pairs; after the trainer's division, the aligned fraction).
 """
@@ -84,14 +88,14 @@ class ULDLoss(DistillationLoss):
     """ULD (SPEC §5) for any two vocabularies; sums over the student's response tokens (see the module docstring).
 
     kd_rate: weight of ULD in ``mix: dskd`` (CE gets 1 − kd_rate). uld_weight: λ of ``mix: paper`` (CE weight 1).
-    temperature: τ on both sides. top_k: None = full sort, else the top-k variant. chunk_size: aligned tokens per
+    temperature: τ on both sides. top_k: None = full sort, else the top-k variant. chunk_size: response tokens per
     chunk of fp32 work.
     """
 
     needs = Needs(teacher=True)
 
     def __init__(self, mix: Literal["dskd", "paper"] = "dskd", kd_rate: float = 0.5, uld_weight: float = 1.5,
-                 temperature: float = 1.0, top_k: int | None = None, chunk_size: int = 1024):
+                 temperature: float = 1.0, top_k: int | None = None, chunk_size: int = 256):
         super().__init__()
         if mix not in MIXES:
             raise ValueError(f"mix={mix!r}: valid values are {', '.join(MIXES)}")
