@@ -31,13 +31,23 @@ def test_tiny_run_from_any_directory(tmp_path):
 
 
 def test_multirun_sweep_with_the_basic_launcher(tmp_path):
-    res = train("--multirun", "loss=sft,kd", "model=tiny_same", "trainer.max_steps=5", "logger=none",
+    res = train("--multirun", "loss=sft,kd", "model=tiny", "trainer.max_steps=5", "logger=none",
                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = sorted((tmp_path / "sweep").glob("*/train_summary.json"))
     assert len(summaries) == 2
-    assert [p.parent.name for p in summaries] == ["0_logger=none,loss=sft,model=tiny_same,trainer.max_steps=5",
-                                                  "1_logger=none,loss=kd,model=tiny_same,trainer.max_steps=5"]
+    assert [p.parent.name for p in summaries] == ["0_logger=none,loss=sft,model=tiny,trainer.max_steps=5",
+                                                  "1_logger=none,loss=kd,model=tiny,trainer.max_steps=5"]
+
+
+def test_a_users_own_config_dir_adds_groups(tmp_path):
+    own = tmp_path / "my_configs" / "loss"
+    own.mkdir(parents=True)
+    (own / "my_kd.yaml").write_text("_target_: prefkd.losses.kd.KDLoss\ndivergence: js\n")
+    res = train("--config-dir", str(tmp_path / "my_configs"), "loss=my_kd", "model=tiny_same", "--cfg", "job",
+                cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "divergence: js" in res.stdout and "KDLoss" in res.stdout
 
 
 def test_missing_real_model_fails_clearly(tmp_path):
