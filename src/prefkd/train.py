@@ -33,6 +33,10 @@ def config_dir() -> str:
                             "or set PREFKD_CONFIG_DIR to the folder holding train.yaml.")
 
 
+# ${repo_dir:} in configs: the repository root (the folder holding config/), for paths such as ../shared.
+OmegaConf.register_new_resolver("repo_dir", lambda: str(Path(config_dir()).parent), replace=True)
+
+
 def load_env() -> None:
     """Secrets come from the environment or a .env file (never from the config)."""
     from dotenv import load_dotenv
