@@ -14,7 +14,9 @@ CASES = [
     ("tiny_qwen_gpt2", "dskd_cma", ()),
     ("tiny_qwen_gpt2", "uld", ("loss.top_k=2000",)),
     ("tiny_qwen_gpt2", "minedit", ("loss.vocab_map={shared}/" + QWEN_GPT2_MAP,)),  # the published map: no 1-min build
+    ("tiny_qwen_gpt2", "multilevel_ot", ("loss.chunk_size=256",)),
     ("tiny_mistral_tinyllama", "dskd_cma", ()),
+    ("tiny_mistral_tinyllama", "multilevel_ot", ()),
     ("tiny_mistral_tinyllama", "uld", ()),
     ("tiny_mistral_tinyllama", "minedit", ()),
     ("tiny_mistral_tinyllama", "kd", ()),  # different tokenizers: kd goes through MinED's alignment
