@@ -74,3 +74,18 @@ def test_every_key_has_a_comment(path):
         commented = "#" in m.group(1) or (i > 0 and lines[i - 1].strip().startswith("#"))
         nested_block = m.group(1).strip() == ""  # a parent key whose children are commented
         assert commented or nested_block, f"{path.name}:{i + 1} has no comment: {line.strip()}"
+
+
+@pytest.mark.parametrize("preset", options("model"))
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_pair_with_every_dataset(preset, dataset):
+    """Pair presets set no dataset-specific keys, so any dataset composes with any pair."""
+    from hydra.utils import get_method
+
+    cfg = compose_with(f"model={preset}", f"dataset={dataset}")
+    assert cfg.hydra.runtime.choices.dataset == dataset
+    target = get_method(cfg.dataset.source._target_)
+    import inspect
+
+    params = inspect.signature(target).parameters
+    assert all(k in params for k in cfg.dataset.source if k != "_target_"), (preset, dataset)
