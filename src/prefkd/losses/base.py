@@ -105,6 +105,20 @@ class DistillationLoss(nn.Module):
         """Called after each optimizer step (adaptive weights update here)."""
 
 
+def require_teacher(inputs: LossInputs, loss_name: str, *, check_labels: bool = False) -> ModelOutputs:
+    """The teacher's outputs, or a clear error when the trainer did not provide them. ``check_labels``:
+    the teacher logits must cover the B×m positions of ``batch["teacher_labels"]``."""
+    teacher = inputs.teacher
+    if teacher is None:
+        raise ValueError(f"loss={loss_name} needs the teacher's forward pass (Needs.teacher)")
+    if check_labels:
+        t_labels = inputs.batch["teacher_labels"]
+        if teacher.logits.shape[:2] != t_labels.shape:
+            raise ValueError(f"loss={loss_name}: teacher logits {tuple(teacher.logits.shape)} do not match "
+                             f"teacher_labels {tuple(t_labels.shape)}")
+    return teacher
+
+
 def response_mask(labels: torch.Tensor) -> torch.Tensor:
     """B×T bool: positions that carry a target."""
     return labels.ne(-100)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import (cross_model_attention, fp32_region, make_projectors, project,
                                       projector_shapes)
@@ -162,8 +162,7 @@ class _DualSpaceLoss(DistillationLoss):
         raise NotImplementedError
 
     def _check(self, inputs: LossInputs) -> None:
-        if inputs.teacher is None:
-            raise ValueError(f"loss={self.name} needs the teacher's forward pass (Needs.teacher)")
+        require_teacher(inputs, self.name)
         for side in (inputs.student, inputs.teacher):
             if side.hidden is None or side.model is None:
                 raise ValueError(f"loss={self.name} needs both models' last hidden states and the models "

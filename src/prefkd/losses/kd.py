@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn
 from prefkd.losses.mined import MinEDLoss
@@ -67,8 +67,7 @@ class KDLoss(DistillationLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch, student = inputs.batch, inputs.student
-        if inputs.teacher is None:
-            raise ValueError("loss=kd needs the teacher's forward pass (Needs.teacher)")
+        require_teacher(inputs, "kd")
         if self.cross_tokenizer is not None:
             return self.cross_tokenizer(inputs)
         _check_same_tokens(batch, student.logits, inputs.teacher.logits)

@@ -38,7 +38,7 @@ import torch
 
 from prefkd.align.mined import FIELD, MinEDAligner
 from prefkd.align.vocab_map import load_vocab_map, map_to_tensor
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn
 
@@ -124,9 +124,8 @@ class MinEDLoss(DistillationLoss):
         return self._maps[key]
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
-        if teacher is None:
-            raise ValueError("loss=minedit needs the teacher's forward pass (Needs.teacher)")
+        batch, student = inputs.batch, inputs.student
+        teacher = require_teacher(inputs, "minedit")
         if self.aligner is None:
             raise ValueError("MinEDLoss.setup(student_tokenizer, teacher_tokenizer) must run before the loss "
                              "(it builds the vocabulary map and the alignment hook)")

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy
 from prefkd.losses.uld import response_alignment
@@ -134,13 +134,9 @@ class MultiLevelOTLoss(DistillationLoss):
         self.eps, self.max_iter, self.tol, self.chunk_size = eps, max_iter, tol, chunk_size
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
-        if teacher is None:
-            raise ValueError("loss=multilevel_ot needs the teacher's forward pass (Needs.teacher)")
+        batch, student = inputs.batch, inputs.student
+        teacher = require_teacher(inputs, "multilevel_ot", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
-        if teacher.logits.shape[:2] != t_labels.shape:
-            raise ValueError(f"loss=multilevel_ot: teacher logits {tuple(teacher.logits.shape)} do not match "
-                             f"teacher_labels {tuple(t_labels.shape)}")
         s_logits = student.logits
         mask = labels.ne(-100)
         ce = chunked_token_loss(cross_entropy, s_logits, mask, labels, chunk_size=self.chunk_size)

@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy
 
@@ -107,13 +107,9 @@ class ULDLoss(DistillationLoss):
         self.temperature, self.top_k, self.chunk_size = temperature, top_k, chunk_size
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
-        if teacher is None:
-            raise ValueError("loss=uld needs the teacher's forward pass (Needs.teacher)")
+        batch, student = inputs.batch, inputs.student
+        teacher = require_teacher(inputs, "uld", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
-        if teacher.logits.shape[:2] != t_labels.shape:
-            raise ValueError(f"loss=uld: teacher logits {tuple(teacher.logits.shape)} do not match teacher_labels "
-                             f"{tuple(t_labels.shape)}")
         mask = labels.ne(-100)
         partner = response_alignment(labels, t_labels.to(labels.device))
         aligned = partner.ge(0)
