@@ -28,7 +28,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_loop(
+def token_loss_into_buffer(
     per_token_fn: PerTokenFn,
     student_logits: torch.Tensor,
     mask: torch.Tensor,
@@ -74,7 +74,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, per_token_fn, mask, weights, chunk_size, *others):
         grad_buffer = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-        total = _chunk_loop(per_token_fn, student_logits, mask, others, weights, chunk_size, grad_buffer)
+        total = token_loss_into_buffer(per_token_fn, student_logits, mask, others, weights, chunk_size, grad_buffer)
         ctx.save_for_backward(grad_buffer)
         ctx.n_others = len(others)
         ctx.consumed = False
@@ -133,4 +133,4 @@ def chunked_token_loss(
     if torch.is_grad_enabled() and student_logits.requires_grad:
         return _ChunkedTokenLoss.apply(student_logits, per_token_fn, mask, weights, chunk_size, *others)
     with torch.no_grad():
-        return _chunk_loop(per_token_fn, student_logits.detach(), mask, others, weights, chunk_size, None)
+        return token_loss_into_buffer(per_token_fn, student_logits.detach(), mask, others, weights, chunk_size, None)
