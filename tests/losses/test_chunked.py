@@ -184,3 +184,31 @@ def test_cuda_matches_cpu():
     v, g = chunked(s.cuda(), t.cuda(), y.cuda(), mask.cuda(), 7)
     torch.testing.assert_close(v.cpu(), ref_v, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g.cpu(), ref_g, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_chunked_rows_loss_features_share_the_sum_gradient(chunk_size):
+    """chunked_rows_loss with RowFeatures: (Σ CE, top-k of softmax rows) with value and gradient of any function
+    of both equal to plain autograd, and the features' rows given by flat indices."""
+    from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
+    from prefkd.losses.divergences import cross_entropy
+
+    s, _, y, mask = make(B=3, T=5, V=7, seed=4)
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    index = torch.tensor([0, 2, 7, 11, 14])
+    feats = RowFeatures(index, select=lambda r: torch.softmax(r, -1).topk(3, -1).indices,
+                        value=lambda r, idx: torch.softmax(r, -1).gather(1, idx))
+    x = s.detach().clone().requires_grad_(True)
+    total, values = chunked_rows_loss(cross_entropy, (x,), mask, y, chunk_size=chunk_size, features=feats)
+    (total * 0.5 + (values * w).sum()).backward()
+
+    ref_x = s.detach().clone().requires_grad_(True)
+    ref_total = cross_entropy(ref_x[mask], y[mask]).sum()
+    ref_values = torch.softmax(ref_x.reshape(-1, 7)[index], -1).topk(3, -1).values
+    (ref_total * 0.5 + (ref_values * w).sum()).backward()
+    torch.testing.assert_close(total, ref_total)
+    torch.testing.assert_close(values, ref_values)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    with torch.no_grad():
+        nt, nv = chunked_rows_loss(cross_entropy, (x,), mask, y, chunk_size=chunk_size, features=feats)
+    torch.testing.assert_close(nv, ref_values)

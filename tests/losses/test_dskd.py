@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
-from prefkd.losses.dskd import DSKDLoss, chunked_rows_loss
+from prefkd.losses.chunked import chunked_rows_loss
+from prefkd.losses.dskd import DSKDLoss
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

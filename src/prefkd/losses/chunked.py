@@ -15,7 +15,8 @@ teacher side is always stop-grad).
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -134,3 +135,134 @@ def chunked_token_loss(
         return _ChunkedTokenLoss.apply(student_logits, per_token_fn, mask, weights, chunk_size, *others)
     with torch.no_grad():
         return token_loss_into_buffer(per_token_fn, student_logits.detach(), mask, others, weights, chunk_size, None)
+
+
+# ------------------------------------------------------------------------------------------ several inputs
+@dataclass
+class RowFeatures:
+    """Differentiable per-row features of ``inputs[0]`` (the student logits) at some rows, returned next to the
+    chunked sum by :func:`chunked_rows_loss` without a second logits-sized gradient buffer.
+
+    index: N flat row indices into ``inputs[0].view(-1, V)``.
+    select(rows n×V) -> n×k int64: which entries to keep (run under no_grad, once; ties then resolve once).
+    value(rows n×V, idx n×k) -> n×k: the differentiable features (e.g. ``rows.gather(1, idx)``).
+    """
+
+    index: torch.Tensor
+    select: Callable[[torch.Tensor], torch.Tensor]
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.to(_compute_dtype(x.dtype))
+
+
+def _row_loop(fn, inputs, mask, others, chunk_size, buffers):
+    """Σ_masked fn(rows...) in chunks; fills ``buffers[k][r, c]`` with d(sum)/d(inputs[k][r, c]) where not None."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    total = None
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+        xs = [_upcast(x[r, c]) for x in inputs]
+        rest = [o[r, c] for o in others]
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(b is not None) for x, b in zip(xs, buffers)]
+            values = fn(*leaves, *rest)
+            if values.shape != (r.numel(),):
+                raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
+            chunk = values.sum()
+            wanted = [(leaf, b) for leaf, b in zip(leaves, buffers) if b is not None]
+            if wanted and chunk.requires_grad:
+                grads = torch.autograd.grad(chunk, [leaf for leaf, _ in wanted], allow_unused=True)
+                for (_, b), g in zip(wanted, grads):
+                    if g is not None:
+                        b[r, c] = g.to(b.dtype)
+        total = chunk.detach() if total is None else total + chunk.detach()
+    if total is None:
+        total = torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device)
+    return total
+
+
+@torch.no_grad()
+def _feature_loop(logits: torch.Tensor, features: RowFeatures, chunk_size: int):
+    """(values N×k, idx N×k) of ``features`` on the rows of ``logits`` (B×T×V), chunked, no grad."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    values, indices = [], []
+    for start in range(0, features.index.numel(), chunk_size):
+        rows = _upcast(flat[features.index[start:start + chunk_size]])
+        idx = features.select(rows)
+        values.append(features.value(rows, idx))
+        indices.append(idx)
+    if not values:
+        return flat.new_zeros(0, 0, dtype=_compute_dtype(flat.dtype)), features.index.new_zeros(0, 0)
+    return torch.cat(values), torch.cat(indices)
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Forward: the chunked sum with the gradients precomputed into one buffer per input (and the features).
+    Backward: buffer·g, plus the features' gradient recomputed per chunk and added into the first buffer."""
+
+    @staticmethod
+    def forward(ctx, fn, mask, chunk_size, n_inputs, features, *tensors):
+        inputs, others = tensors[:n_inputs], tensors[n_inputs:]
+        wants = ctx.needs_input_grad[5:5 + n_inputs]
+        buffers = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if w else None for x, w in zip(inputs, wants)]
+        total = _row_loop(fn, inputs, mask, others, chunk_size, buffers)
+        ctx.wants, ctx.n_others, ctx.consumed, ctx.chunk_size = wants, len(others), False, chunk_size
+        if features is None:
+            ctx.save_for_backward(*[b for b in buffers if b is not None])
+            return total
+        values, idx = _feature_loop(inputs[0], features, chunk_size)
+        ctx.features = features
+        ctx.save_for_backward(*[b for b in buffers if b is not None], inputs[0], idx)
+        return total, values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_values=None):
+        if ctx.consumed:
+            raise RuntimeError("chunked_rows_loss: backward can run only once per forward (buffers are scaled in "
+                               "place); recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
+        saved = list(ctx.saved_tensors)
+        grads = []
+        for w in ctx.wants:
+            buffer = saved.pop(0) if w else None
+            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)))
+        if grad_values is not None and grads[0] is not None:
+            logits, idx = saved
+            flat, out = logits.reshape(-1, logits.shape[-1]), grads[0].view(-1, logits.shape[-1])
+            index = ctx.features.index
+            for start in range(0, index.numel(), ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                with torch.enable_grad():
+                    leaf = _upcast(flat[index[sl]]).detach().requires_grad_(True)
+                    (g,) = torch.autograd.grad(ctx.features.value(leaf, idx[sl]), leaf, grad_values[sl].to(leaf.dtype))
+                out.index_add_(0, index[sl], g.to(out.dtype))
+        return (None, None, None, None, None, *grads, *([None] * ctx.n_others))
+
+
+def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mask: torch.Tensor,
+                      *others: torch.Tensor, chunk_size: int = 1024, features: RowFeatures | None = None):
+    """Σ_{(b,t): mask[b,t]} fn(inputs[0][b,t], ..., others[0][b,t], ...), chunked, with gradients w.r.t. every
+    input that requires grad (one buffer shaped like each; others are read detached).
+
+    inputs: B×T×D_k tensors (any float dtype; rows reach fn upcast to fp32 at least); mask: B×T bool;
+    others: B×T×... tensors. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
+    features: optional :class:`RowFeatures` of ``inputs[0]``; then returns (sum, N×k features), whose gradient
+    lands in the same buffer as the sum's (one logits-sized tensor in all).
+    Returns a scalar sum (fp32 at least). Backward may run once per forward.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    bt = mask.shape
+    for t in (*inputs, *others):
+        if t.shape[:2] != bt:
+            raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
+    mask = mask.detach().bool()
+    others = tuple(o.detach() for o in others)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), features, *inputs, *others)
+    with torch.no_grad():
+        total = _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size, [None] * len(inputs))
+        return total if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])

@@ -27,97 +27,17 @@ input. Backward scales the buffers; autograd carries them on into the projectors
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
+from prefkd.losses.chunked import chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import (cross_model_attention, fp32_region, make_projectors, project,
                                       projector_shapes)
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
-
-
-# ------------------------------------------------------------------------------------------ chunked helper
-def _row_loop(fn, inputs, mask, others, chunk_size, buffers):
-    """Σ_masked fn(rows...) in chunks; fills ``buffers[k][r, c]`` with d(sum)/d(inputs[k][r, c]) where not None."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    total = None
-    for start in range(0, rows.numel(), chunk_size):
-        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
-        xs = [x[r, c].to(torch.promote_types(x.dtype, torch.float32)) for x in inputs]
-        rest = [o[r, c] for o in others]
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(b is not None) for x, b in zip(xs, buffers)]
-            values = fn(*leaves, *rest)
-            if values.shape != (r.numel(),):
-                raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
-            chunk = values.sum()
-            wanted = [(leaf, b) for leaf, b in zip(leaves, buffers) if b is not None]
-            if wanted and chunk.requires_grad:
-                grads = torch.autograd.grad(chunk, [leaf for leaf, _ in wanted], allow_unused=True)
-                for (_, b), g in zip(wanted, grads):
-                    if g is not None:
-                        b[r, c] = g.to(b.dtype)
-        total = chunk.detach() if total is None else total + chunk.detach()
-    if total is None:
-        total = torch.zeros((), dtype=torch.promote_types(inputs[0].dtype, torch.float32), device=mask.device)
-    return total
-
-
-class _ChunkedRows(torch.autograd.Function):
-    """Forward: the chunked sum with the gradients precomputed into one buffer per input. Backward: buffer·g."""
-
-    @staticmethod
-    def forward(ctx, fn, mask, chunk_size, n_inputs, *tensors):
-        inputs, others = tensors[:n_inputs], tensors[n_inputs:]
-        wants = ctx.needs_input_grad[4:4 + n_inputs]
-        buffers = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if w else None for x, w in zip(inputs, wants)]
-        total = _row_loop(fn, inputs, mask, others, chunk_size, buffers)
-        ctx.save_for_backward(*[b for b in buffers if b is not None])
-        ctx.wants, ctx.n_others, ctx.consumed = wants, len(others), False
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.consumed:
-            raise RuntimeError("chunked_rows_loss: backward can run only once per forward (buffers are scaled in "
-                               "place); recompute the loss instead of retain_graph=True")
-        ctx.consumed = True
-        saved = iter(ctx.saved_tensors)
-        grads = []
-        for w in ctx.wants:
-            buffer = next(saved) if w else None
-            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)))
-        return (None, None, None, None, *grads, *([None] * ctx.n_others))
-
-
-def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mask: torch.Tensor,
-                      *others: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Σ_{(b,t): mask[b,t]} fn(inputs[0][b,t], ..., others[0][b,t], ...), chunked, with gradients w.r.t. every
-    input that requires grad (one buffer shaped like each; others are read detached).
-
-    inputs: B×T×D_k tensors (any float dtype; rows reach fn upcast to fp32 at least); mask: B×T bool;
-    others: B×T×... tensors. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
-    Returns a scalar sum. Backward may run once per forward.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    bt = mask.shape
-    for t in (*inputs, *others):
-        if t.shape[:2] != bt:
-            raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
-    mask = mask.detach().bool()
-    others = tuple(o.detach() for o in others)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), *inputs, *others)
-    with torch.no_grad():
-        return _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size, [None] * len(inputs))
 
 
 def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,13 @@ ULD's ``mix: paper``, each sequence's value is multiplied by its student respons
 i.e. HAD and SL carry the per-token weight n_b / a_b and SD_b the weight n_b. After the trainer's division this is
 the token-weighted mean of the per-sequence losses (the plain batch mean when all sequences have equal length).
 
-Memory. Only the K largest probabilities per position are needed. :class:`_CEAndTopKProbs` walks the student
-positions in chunks of ``chunk_size``: CE and its gradient go into one gradient buffer shaped like the student logits
-(student dtype, the only B×T×V tensor the loss allocates); for the aligned positions, under no_grad, it upcasts the
-chunk, computes p and keeps ``topk`` values and indices (N×K each); the chunk's fp32 n×V work dies with the chunk. The
-teacher side is gathered per chunk through the alignment index (no copy of the teacher logits) the same way. Alive
-after forward: the buffer, the N×K values of both sides, the N×K int64 student indices, and the small HAD/SL/Sinkhorn
-graph (B×A×A cost and plan). Backward scales the buffer by dCE, recomputes each top-K chunk's p with autograd, takes
-the gradient of the gathered values (the same indices, so ties resolve the same way) and adds it into the buffer.
+Memory. Only the K largest probabilities per position are needed. CE and the student's top-K probabilities come
+from one :func:`prefkd.losses.chunked.chunked_rows_loss` call with :class:`~prefkd.losses.chunked.RowFeatures`: it
+walks the positions in chunks of ``chunk_size``, writes CE's gradient into one buffer shaped like the student logits
+(the only B×T×V tensor the loss allocates) and keeps the N×K top-K values and indices; backward recomputes each
+chunk's p with autograd (the same indices, so ties resolve the same way) and adds its gradient into that buffer. The
+teacher side is gathered per chunk through the alignment index (no copy of the teacher logits). Alive after forward:
+the buffer, the N×K values of both sides, the N×K int64 indices, and the small HAD/SL/Sinkhorn graph (B×A×A).
 
 Metrics (sums on the scale of the loss, normalised by the trainer like it): ``ce`` (Σ_{M_s} CE), ``had``
 (Σ_b n_b·mean_b HAD), ``sl`` (Σ_b n_b·mean_b SL), ``sd`` (Σ_b n_b·SD_b), so loss = ce + λ·(had + sl_weight·sl +
@@ -43,10 +42,9 @@ sd_weight·sd); ``aligned`` (number of aligned pairs).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
-from prefkd.losses.chunked import chunked_token_loss, token_loss_into_buffer
+from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy
 from prefkd.losses.uld import response_alignment
 from prefkd.ot import sinkhorn
@@ -72,44 +70,6 @@ def _topk_rows(rows: torch.Tensor, index: torch.Tensor, k: int, temperature: flo
             top = std_normalized_probs(rows[index[sl]].to(dtype), temperature).topk(k, dim=-1)
             values[sl], indices[sl] = top.values, top.indices
     return values, indices
-
-
-class _CEAndTopKProbs(torch.autograd.Function):
-    """(Σ_{M_s} CE, N×k top-k probabilities of the rows ``logits.view(-1, V)[index]``) with ONE gradient buffer.
-
-    Forward: the CE sum and its gradient go chunk by chunk into a buffer shaped like the logits (as
-    :func:`prefkd.losses.chunked.chunked_token_loss`); the top-k values are taken under no_grad. Backward scales the
-    buffer by dCE, then recomputes each top-k chunk with autograd and adds its gradient into the same buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, mask, labels, index, k, temperature, chunk_size, dtype):
-        buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        ce = token_loss_into_buffer(cross_entropy, logits, mask, (labels,), None, chunk_size, buffer)
-        rows = logits.reshape(-1, logits.shape[-1])
-        values, indices = _topk_rows(rows, index, k, temperature, chunk_size, dtype)
-        ctx.save_for_backward(logits, buffer, index, indices)
-        ctx.temperature, ctx.chunk_size, ctx.dtype, ctx.consumed = temperature, chunk_size, dtype, False
-        return ce, values
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_ce, grad_values):
-        if ctx.consumed:
-            raise RuntimeError("multilevel_ot: backward can run only once per forward (the gradient buffer is scaled "
-                               "in place); recompute the loss instead of retain_graph=True")
-        ctx.consumed = True
-        logits, buffer, index, indices = ctx.saved_tensors
-        buffer.mul_(grad_ce.to(buffer.dtype))
-        rows, grad = logits.reshape(-1, logits.shape[-1]), buffer.view(-1, logits.shape[-1])
-        for start in range(0, index.numel(), ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            with torch.enable_grad():
-                leaf = rows[index[sl]].to(ctx.dtype).detach().requires_grad_(True)
-                top = std_normalized_probs(leaf, ctx.temperature).gather(1, indices[sl])
-                (g,) = torch.autograd.grad(top, leaf, grad_values[sl].to(top.dtype))
-            grad.index_add_(0, index[sl], g.to(grad.dtype))  # aligned rows are response rows: CE grad is there too
-        return buffer, None, None, None, None, None, None, None
 
 
 def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -156,13 +116,10 @@ class MultiLevelOTLoss(DistillationLoss):
         rows, cols = aligned.nonzero(as_tuple=True)  # token order: grouped by example
         s_index = rows * n + cols
         dtype = torch.promote_types(torch.promote_types(s_logits.dtype, torch.float32), teacher.logits.dtype)
-        if torch.is_grad_enabled() and s_logits.requires_grad:
-            ce, p_s = _CEAndTopKProbs.apply(s_logits, mask, labels, s_index, self.top_k, self.temperature,
-                                            self.chunk_size, dtype)
-        else:
-            ce = chunked_token_loss(cross_entropy, s_logits, mask, labels, chunk_size=self.chunk_size)
-            p_s = _topk_rows(s_logits.detach().reshape(-1, s_logits.shape[-1]), s_index, self.top_k,
-                             self.temperature, self.chunk_size, dtype)[0]
+        k, temperature = min(self.top_k, s_logits.shape[-1]), self.temperature
+        top = RowFeatures(s_index, select=lambda r: std_normalized_probs(r.to(dtype), temperature).topk(k, -1).indices,
+                          value=lambda r, idx: std_normalized_probs(r.to(dtype), temperature).gather(1, idx))
+        ce, p_s = chunked_rows_loss(cross_entropy, (s_logits,), mask, labels, chunk_size=self.chunk_size, features=top)
         zero = ce.new_zeros(())
         had = sl = sd = zero
         if rows.numel() > 0:
