@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_DIR = "trainer_state"
 PROJECTORS = "projectors.safetensors"
+LOSS_EXTRA = "loss_extra.pt"  # non-tensor loss-module state (torch.save, loaded weights_only)
 
 
 def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -53,6 +54,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def split_loss_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for safetensors, everything else) of a loss module's state_dict (``*._extra_state`` entries)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+
+
 def save_checkpoint(dest: Path, *, accelerator, model, tokenizer, loss_module, optimizer, scheduler,
                     state: dict) -> Path:
     """Save everything needed to continue training into ``dest`` (atomically). Collective: all ranks call."""
@@ -67,9 +74,11 @@ def save_checkpoint(dest: Path, *, accelerator, model, tokenizer, loss_module, o
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        loss_state = {k: v.detach().contiguous().cpu() for k, v in loss_module.state_dict().items()}
+        loss_state, loss_extra = split_loss_state(loss_module.state_dict())
         if loss_state:
             save_file(loss_state, str(tmp / PROJECTORS))
+        if loss_extra:  # non-tensor module state (get_extra_state: e.g. an inner optimizer's state)
+            torch.save(loss_extra, tmp / STATE_DIR / LOSS_EXTRA)
         torch.save(optimizer.state_dict(), tmp / STATE_DIR / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -142,8 +151,11 @@ def load_checkpoint(path: Path, *, accelerator, model, loss_module, optimizer, s
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete prefkd checkpoint (no {STATE_DIR}/state.json).")
     load_model_weights(accelerator.unwrap_model(model), path)
-    if (path / PROJECTORS).exists():
-        loss_module.load_state_dict(load_file(str(path / PROJECTORS)))
+    loss_state = load_file(str(path / PROJECTORS)) if (path / PROJECTORS).exists() else {}
+    if (path / STATE_DIR / LOSS_EXTRA).exists():
+        loss_state.update(torch.load(path / STATE_DIR / LOSS_EXTRA, map_location="cpu", weights_only=True))
+    if loss_state:
+        loss_module.load_state_dict(loss_state)
     optimizer.load_state_dict(torch.load(path / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / STATE_DIR / "scheduler.pt", weights_only=True))
     rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
-from prefkd.losses.chunked import chunked_rows_loss
+from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import (cross_model_attention, fp32_region, make_projectors, project,
                                       projector_shapes)
@@ -92,12 +92,21 @@ class _DualSpaceLoss(DistillationLoss):
                                "forward (and before building the optimizer)")
 
     def forward(self, inputs: LossInputs) -> LossOutput:
+        loss, metrics, _ = self.dual_space_terms(inputs)
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def dual_space_terms(self, inputs: LossInputs, features: RowFeatures | None = None,
+                         ce_weight: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """(loss, metrics, student features) of the dual-space KD: ce_weight·CE + kd_rate·KD (ce_weight None:
+        1 − kd_rate, SPEC §4). ``features``: :class:`RowFeatures` of the student logits, computed in the same
+        chunked pass (one gradient buffer), returned third (else None)."""
         self._check(inputs)
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
         t2s_hidden, s2t_hidden = self.projected(inputs)
         head_s = student.model.get_output_embeddings().weight.detach()
         head_t = teacher.model.get_output_embeddings().weight.detach()
         rate, pretrain, weighted = self.kd_rate, self.pretrain_projectors, self.accuracy_weighted
+        w_ce = 1 - rate if ce_weight is None else ce_weight
         sums = dict.fromkeys(METRICS, 0.0)
 
         def add(name: str, values: torch.Tensor) -> None:
@@ -115,7 +124,7 @@ class _DualSpaceLoss(DistillationLoss):
             ce = cross_entropy(s, y)
             for name, v in (("ce", ce), ("ce_t2s", ce_t2s), ("kd_stu", kd_stu), ("t2s_acc", hit)):
                 add(name, v)
-            return ce_t2s if pretrain else (1 - rate) * ce + rate * (ce_t2s + kd_stu)
+            return ce_t2s if pretrain else w_ce * ce + rate * (ce_t2s + kd_stu)
 
         def teacher_side(h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
             kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
@@ -123,14 +132,15 @@ class _DualSpaceLoss(DistillationLoss):
             return kd_tea * (0.0 if pretrain else rate)
 
         s_logits = student.logits.detach() if pretrain else student.logits
-        loss = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
-                                 chunk_size=self.chunk_size)
+        out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
+                                chunk_size=self.chunk_size, features=features)
+        loss, values = out if features is not None else (out, None)
         tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)
         loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100), teacher.logits,
                                         chunk_size=self.chunk_size)
         sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
         metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
-        return LossOutput(loss=loss, metrics=metrics)
+        return loss, metrics, values
 
 
 class DSKDLoss(_DualSpaceLoss):

@@ -1,0 +1,271 @@
+"""MCW-KD, multi-cost Wasserstein KD (SPEC §8): DSKD-CMA plus two optimal-transport terms between the teacher's
+and the student's token clouds, each over a weighted combination of several costs in ONE transport problem.
+
+    loss = w_ce·Σ_{M_s} CE + kd_rate·KD_CMA + λ_l·Σ_b n_b·OT_logits,b + λ_h·Σ_b n_b·OT_hidden,b
+
+KD_CMA is DSKD-CMA's KD part (SPEC §4: L_ce^{t→s} + L_kd^{stu} + L_kd^{tea}, see :class:`DSKDCMALoss`). n_b is the
+number of student response tokens of example b. Normalisation: the trainer divides the returned sum by the student
+response tokens of the global batch, so every CE/KD term is per token and each OT term is the n_b-weighted mean of
+the per-sequence transport costs OT_b (the plain batch mean when all sequences have equal length), on the same
+per-token scale as CE (as :class:`prefkd.losses.multilevel_ot.MultiLevelOTLoss`).
+
+Points (per example). Student points i: response positions (labels ≠ −100); teacher points j: teacher response
+positions; ``include_prompt=True`` takes every non-padding position (the released code's choice). Uniform marginals
+over the valid points. Clouds are packed B×P (P = most points in the batch) with masks; padded points get no mass.
+
+Logits branch (one plan over the costs of ``logits_costs``, weights α_l):
+    p_i = softmax(topk(z^s_i, k)/τ_ot), q_j = softmax(topk(z^t_j, k)/τ_ot) (sorted top-k logits, k = ``top_k``)
+    euclidean C[j,i] = ‖q_j − p_i‖₂;  kl C[j,i] = Σ_k q_j,k log(q_j,k/p_i,k);
+    salience  C[j,i] = |σ(wᵀP_ot h^t_j + b) − σ(wᵀh^s_i + b)|  (w, b: the trainable ``salience`` layer)
+Hidden branch (weights α_h), clouds {P_ot h^t_j} and {h^s_i} in R^{d_s} (P_ot: trainable Linear d_t → d_s):
+    lexical C[j,i] = normalised edit distance of the predicted tokens (full matrix, precomputed by
+    :class:`prefkd.align.lexical.LexicalCost`); context_euclidean ‖c^t_j − c^s_i‖₂/max; context_cosine
+    1 − cos(c^t_j, c^s_i), with c the mean of the cloud over the window [i − w, i + w]; euclidean ‖P_ot h^t_j − h^s_i‖₂.
+
+Each cost is scaled to a comparable range (``cost_scale``: its mean or max over the valid pairs of the example,
+detached), C = Σ_k α_k Ĉ_k, and OT_b = ⟨P*(C), C⟩ with P* from :func:`prefkd.ot.sinkhorn` (ε = ``eps``, masks,
+gradient ``sinkhorn_grad``: envelope by default). α per branch: :class:`prefkd.ot.AdaptiveCostWeights` (fixed,
+adaptive from the running transport values ⟨P*, Ĉ_k⟩, or learned softmax(β)); its state is in the loss's
+state_dict, so checkpoints keep it.
+
+Memory. The student's top-k logits come out of DSKD-CMA's chunked pass (:class:`prefkd.losses.chunked.RowFeatures`),
+so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad.
+The OT work is B×P×P (plus B×P×k and B×P×d clouds).
+
+Metrics (sums, normalised per token by the trainer like the loss): DSKD-CMA's, ``ot_logits``, ``ot_hidden``
+(Σ_b n_b·OT_b), ``<branch>_<cost>`` (Σ_b n_b·mean raw cost over valid pairs), ``alpha_<branch>_<cost>``,
+``iters_<branch>`` and ``marginal_err_<branch>`` (scaled by the micro-batch's token count so that the trainer's
+division returns α, the Sinkhorn iterations and the mean marginal error).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefkd.losses.base import LossInputs, LossOutput
+from prefkd.losses.chunked import RowFeatures
+from prefkd.losses.dskd import DSKDCMALoss
+from prefkd.losses.projectors import fp32_region, hidden_size
+from prefkd.ot import (AdaptiveCostWeights, context_cosine_cost, context_euclidean_cost, context_vectors,
+                       euclidean_cost, kl_cost, pair_mask, salience_cost, scale_cost, sinkhorn)
+
+LOGITS_COSTS = ("euclidean", "kl", "salience")
+HIDDEN_COSTS = ("lexical", "context_euclidean", "context_cosine", "euclidean")
+
+
+def pack_rows(values: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor, bsz: int, width: int) -> torch.Tensor:
+    """N×… rows (point order: grouped by example) → B×P×… zero-padded clouds (differentiable)."""
+    return values.new_zeros(bsz, width, *values.shape[1:]).index_put((rows, slot), values)
+
+
+class Clouds:
+    """Point positions of one side: ``mask`` B×T; ``rows``, ``cols`` (N), ``slot`` (N, index within the example),
+    ``valid`` B×P, ``width`` P."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.rows, self.cols = mask.nonzero(as_tuple=True)
+        self.slot = mask.long().cumsum(1)[self.rows, self.cols] - 1
+        counts = mask.sum(1)
+        self.width = int(counts.max()) if counts.numel() else 0
+        self.valid = torch.arange(self.width, device=mask.device)[None, :] < counts[:, None]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """B×T×d → B×P×d (the points of each example, in order)."""
+        return pack_rows(x[self.rows, self.cols], self.rows, self.slot, self.mask.shape[0], self.width)
+
+    def pack_rows(self, values: torch.Tensor) -> torch.Tensor:
+        return pack_rows(values, self.rows, self.slot, self.mask.shape[0], self.width)
+
+
+def _check_costs(names, allowed, branch) -> tuple[str, ...]:
+    names = tuple(names)
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"{branch}_costs={list(names)}: each must be one of {', '.join(allowed)} (at least one)")
+    return names
+
+
+class MCWKDLoss(DSKDCMALoss):
+    """MCW-KD (module docstring). Every number of SPEC §8 is an argument (config/loss/mcw_kd.yaml comments each)."""
+
+    name = "mcw_kd"
+
+    def __init__(self, ce_weight: float = 1.0, kd_rate: float = 0.5, divergence: str = "forward_kl",
+                 temperature: float = 1.0, teacher_temperature: float = 1.0, skew_lambda: float = 0.1,
+                 adaptive_alpha: float = 0.5, logits_weight: float = 1.0, hidden_weight: float = 1.0,
+                 top_k: int = 400, ot_temperature: float = 2.0, window: int = 4, include_prompt: bool = False,
+                 logits_costs=LOGITS_COSTS, logits_alpha=(0.2, 0.5, 0.3),
+                 hidden_costs=("lexical", "context_euclidean", "context_cosine"), hidden_alpha=(0.3, 0.5, 0.2),
+                 alpha_mode: str = "fixed", sigma: float = 2.0, alpha_min: float = 0.01, update_interval: int = 100,
+                 cost_scale: str | None = "mean", eps: float = 0.1, max_iter: int = 1000, tol: float = 1e-6,
+                 sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024):
+        super().__init__(divergence, kd_rate, temperature, teacher_temperature, skew_lambda, adaptive_alpha,
+                         pretrain_projectors, chunk_size)
+        if top_k < 1 or ot_temperature <= 0 or window < 0 or eps <= 0:
+            raise ValueError(f"need top_k >= 1, ot_temperature > 0, window >= 0, eps > 0; got {top_k}, "
+                             f"{ot_temperature}, {window}, {eps}")
+        if sinkhorn_grad not in ("envelope", "unrolled"):
+            raise ValueError(f"sinkhorn_grad must be 'envelope' or 'unrolled', got {sinkhorn_grad!r}")
+        self.ce_weight, self.logits_weight, self.hidden_weight = ce_weight, logits_weight, hidden_weight
+        self.top_k, self.ot_temperature, self.window = int(top_k), ot_temperature, int(window)
+        self.include_prompt, self.cost_scale = bool(include_prompt), cost_scale
+        self.eps, self.max_iter, self.tol, self.sinkhorn_grad = eps, int(max_iter), tol, sinkhorn_grad
+        self.costs = {"logits": _check_costs(logits_costs, LOGITS_COSTS, "logits"),
+                      "hidden": _check_costs(hidden_costs, HIDDEN_COSTS, "hidden")}
+        alphas = {"logits": logits_alpha, "hidden": hidden_alpha}
+        for branch, names in self.costs.items():
+            if alphas[branch] is not None and len(alphas[branch]) != len(names):
+                raise ValueError(f"{branch}_alpha has {len(alphas[branch])} weights for {len(names)} costs "
+                                 f"{list(names)}: give one weight per cost (or null for uniform)")
+        self.cost_weights = nn.ModuleDict({
+            branch: AdaptiveCostWeights(len(names), mode=alpha_mode, alpha=alphas[branch], sigma=sigma,
+                                        alpha_min=alpha_min, update_interval=update_interval)
+            for branch, names in self.costs.items()})
+        self.ot_projectors = nn.ModuleDict()  # hidden: P_ot (d_t → d_s), salience: w, b (d_s → 1); from build()
+
+    # ------------------------------------------------------------------------------------------ life cycle
+    def active(self, branch: str) -> bool:
+        return (self.logits_weight if branch == "logits" else self.hidden_weight) != 0
+
+    def setup(self, student_tokenizer, teacher_tokenizer) -> None:
+        """Install the lexical-cost precompute hook when the hidden branch uses it."""
+        if self.active("hidden") and "lexical" in self.costs["hidden"]:
+            if teacher_tokenizer is None:
+                raise ValueError(f"loss={self.name} needs a teacher tokenizer (pick a teacher, not teacher=none)")
+            from prefkd.align.lexical import LexicalCost
+
+            self.precompute = LexicalCost(teacher_tokenizer, student_tokenizer, self.include_prompt)
+            self.precompute_version = self.precompute.version
+
+    def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
+        super().build(student_model, teacher_model)
+        d_s, d_t = hidden_size(student_model), hidden_size(teacher_model)
+        shapes = {"hidden": (d_t, d_s), "salience": (d_s, 1)}
+        if len(self.ot_projectors):
+            have = {k: (m.in_features, m.out_features) for k, m in self.ot_projectors.items()}
+            if have != shapes:
+                raise ValueError(f"loss={self.name}: OT projectors were built for {have}, the models need {shapes}")
+            return
+        device = student_model.get_output_embeddings().weight.device
+        device = None if device.type == "meta" else device
+        self.ot_projectors.update({k: nn.Linear(i, o, device=device, dtype=torch.float32)
+                                   for k, (i, o) in shapes.items()})
+
+    def on_optimizer_step(self, step: int) -> None:
+        for weights in self.cost_weights.values():
+            weights.on_optimizer_step(step)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        self._check(inputs)
+        batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
+        labels, t_labels = batch["labels"], batch["teacher_labels"]
+        if self.include_prompt:
+            s_pts = Clouds(batch["attention_mask"].bool())
+            t_pts = Clouds(batch["teacher_attention_mask"].to(t_labels.device).bool())
+        else:
+            s_pts, t_pts = Clouds(labels.ne(-100)), Clouds(t_labels.ne(-100))
+        k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
+        features = None
+        if self.active("logits") and not self.pretrain_projectors:
+            features = RowFeatures(s_pts.rows * labels.shape[1] + s_pts.cols,
+                                   select=lambda r: r.topk(k, dim=-1).indices, value=lambda r, idx: r.gather(1, idx))
+        loss, metrics, top_s = self.dual_space_terms(inputs, features, ce_weight=self.ce_weight)
+        if self.pretrain_projectors:
+            return LossOutput(loss=loss, metrics=metrics)
+
+        n_b = labels.ne(-100).sum(1).to(loss.dtype)  # student response tokens per example
+        tokens = n_b.sum()
+        with fp32_region(loss.device):
+            x_t = self.ot_projectors["hidden"](t_pts.pack(teacher.hidden.detach()).float())  # B×m×d_s
+            x_s = s_pts.pack(student.hidden).float()  # B×n×d_s
+            branches = []
+            if self.active("logits"):
+                branches.append(("logits", self.logits_weight, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
+                                                                                  x_s, k)))
+            if self.active("hidden"):
+                branches.append(("hidden", self.hidden_weight, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
+            for branch, weight, points, costs in branches:
+                ot_b, diag = self.transport(branch, points, costs, t_pts.valid, s_pts.valid)
+                loss = loss + weight * (n_b * ot_b).sum()
+                metrics[f"ot_{branch}"] = (n_b * ot_b).sum().detach()
+                pairs = pair_mask(t_pts.valid, s_pts.valid)
+                count = pairs.sum((1, 2)).clamp_min(1)
+                alpha = self.cost_weights[branch]().detach()
+                for name, cost, a in zip(self.costs[branch], costs, alpha):
+                    mean_b = torch.where(pairs, cost.detach(), 0).sum((1, 2)) / count
+                    metrics[f"{branch}_{name}"] = (n_b * mean_b).sum()
+                    metrics[f"alpha_{branch}_{name}"] = a * tokens
+                for name, value in diag.items():
+                    metrics[f"{name}_{branch}"] = value * tokens
+        metrics = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in metrics.items()}
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k):
+        """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch."""
+        flat_t = teacher.logits.detach().reshape(-1, teacher.logits.shape[-1])
+        index = t_pts.rows * teacher.logits.shape[1] + t_pts.cols
+        with torch.no_grad():  # the teacher's sorted top-k logits, per chunk
+            top_t = torch.cat([flat_t[index[i:i + self.chunk_size]].float().topk(k, dim=-1).values
+                               for i in range(0, index.numel(), self.chunk_size)] or [flat_t.new_zeros(0, k).float()])
+        log_q = torch.log_softmax(t_pts.pack_rows(top_t) / self.ot_temperature, -1)
+        log_p = torch.log_softmax(s_pts.pack_rows(top_s.float()) / self.ot_temperature, -1)
+        costs = []
+        for name in self.costs["logits"]:
+            if name == "euclidean":
+                costs.append(euclidean_cost(log_q.exp(), log_p.exp()))
+            elif name == "kl":
+                costs.append(kl_cost(log_q, log_p, log_input=True))
+            else:  # salience: one linear layer on the (projected) hidden states
+                sal = self.ot_projectors["salience"]
+                costs.append(salience_cost(torch.sigmoid(sal(x_t)).squeeze(-1), torch.sigmoid(sal(x_s)).squeeze(-1)))
+        return log_q.exp(), costs
+
+    def hidden_costs(self, batch, t_pts: Clouds, s_pts: Clouds, x_t, x_s):
+        """(teacher points P_ot h^t B×m×d_s, [cost B×m×n per name]) of the hidden-state branch."""
+        costs = []
+        c_t = c_s = None
+        if {"context_euclidean", "context_cosine"} & set(self.costs["hidden"]):
+            c_t, c_s = context_vectors(x_t, t_pts.valid, self.window), context_vectors(x_s, s_pts.valid, self.window)
+        for name in self.costs["hidden"]:
+            if name == "lexical":
+                costs.append(self.lexical(batch, t_pts, s_pts))
+            elif name == "context_euclidean":
+                costs.append(context_euclidean_cost(c_t, c_s, t_pts.valid, s_pts.valid))
+            elif name == "context_cosine":
+                costs.append(context_cosine_cost(c_t, c_s))
+            else:
+                costs.append(euclidean_cost(x_t, x_s))
+        return x_t, costs
+
+    def lexical(self, batch, t_pts: Clouds, s_pts: Clouds) -> torch.Tensor:
+        lex = batch.get("lex_cost")
+        shape = (t_pts.mask.shape[0], t_pts.width, s_pts.width)
+        if lex is None:
+            raise ValueError(f"loss={self.name}: the batch has no 'lex_cost' (the lexical cost): build the dataset "
+                             "with precompute=loss.precompute after loss.setup(...), or drop 'lexical' from "
+                             "hidden_costs")
+        if tuple(lex.shape) != shape:
+            raise ValueError(f"loss={self.name}: lex_cost has shape {tuple(lex.shape)}, the clouds need {shape} "
+                             "(teacher points × student points): was the dataset cache built with another "
+                             "include_prompt?")
+        return lex.to(t_pts.valid.device, torch.float32)
+
+    def transport(self, branch: str, points: torch.Tensor, costs: list[torch.Tensor], valid_t: torch.Tensor,
+                  valid_s: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(OT_b = ⟨P*, Σ α_k Ĉ_k⟩ per example (B), diagnostics). ``points``: the teacher cloud (unused here)."""
+        pairs = pair_mask(valid_t, valid_s)
+        scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
+        weights = self.cost_weights[branch]
+        res = sinkhorn(weights.combine(scaled), self.eps, mask_x=valid_t, mask_y=valid_s, max_iter=self.max_iter,
+                       tol=self.tol, grad=self.sinkhorn_grad)
+        if weights.mode == "adaptive" and torch.is_grad_enabled():  # training only: dev batches do not move α
+            plan = res.plan.detach()
+            per_cost = torch.stack([(plan * torch.where(pairs, c.detach(), 0)).sum((1, 2)) for c in scaled], -1)
+            active = (valid_t.any(1) & valid_s.any(1)).to(per_cost.dtype)
+            weights.observe((per_cost * active[:, None]).sum(0) / active.sum().clamp_min(1))
+        active = (valid_t.any(1) & valid_s.any(1))
+        error = res.marginal_error[active].mean() if active.any() else res.marginal_error.new_zeros(())
+        return res.cost, {"iters": torch.as_tensor(float(res.iterations)), "marginal_err": error.detach()}
