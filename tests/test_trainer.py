@@ -16,8 +16,11 @@ TINY = ("model=tiny_same", "logger=none", "run_name=test", "trainer.device=cpu",
 
 
 def compose_cfg(*overrides: str):
+    """The train config on the tiny same-tokenizer pair; loss=kd unless the overrides pick a loss (the demo's
+    default, mcw_kd, is tested in tests/losses/test_mcw_kd.py)."""
+    loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=kd"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=[*TINY, *overrides])
+        return compose(config_name="train", overrides=[*TINY, *loss, *overrides])
 
 
 def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:

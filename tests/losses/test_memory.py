@@ -71,7 +71,7 @@ def prepared(loss, same_tokenizer: bool, n_records=8):
 def losses():
     from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss
     from prefkd.losses.kd import KDLoss
-    from prefkd.losses.mcw_kd import MCWKDLoss
+    from prefkd.losses.mcw_kd import MCWKDDualLoss, MCWKDLoss
     from prefkd.losses.mined import MinEDLoss
     from prefkd.losses.multilevel_ot import MultiLevelOTLoss
     from prefkd.losses.sft import SFTLoss
@@ -88,6 +88,7 @@ def losses():
         "dskd_cma": (lambda: DSKDCMALoss(chunk_size=4), False),
         "multilevel_ot": (lambda: MultiLevelOTLoss(chunk_size=4), False),
         "mcw_kd": (lambda: MCWKDLoss(chunk_size=4, top_k=50, alpha_mode="learned"), False),
+        "mcw_kd_dual": (lambda: MCWKDDualLoss(chunk_size=4, top_k=50), False),
     }
 
 

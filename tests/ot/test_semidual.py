@@ -142,7 +142,7 @@ def test_multi_cost_one_hot_and_linearity():
     for k in range(len(costs)):
         one_hot = torch.nn.functional.one_hot(torch.tensor(k), len(costs)).double()
         torch.testing.assert_close(semidual_objective(phi, costs, one_hot, EPS, mx, my), singles[k])
-    # Σ_k α_k = 1: the objective is the α-mixture of the single-cost objectives (and ∂S/∂α_k = ⟨ν, φ^{c_k}⟩)
+    # Σ_k α_k = 1: S is the α-mixture of the single-cost objectives, and ∂S/∂α_k = ⟨ν, φ^{c_k}⟩
     alpha = alpha.clone().requires_grad_()
     mixed = semidual_objective(phi, costs, alpha, EPS, mx, my)
     torch.testing.assert_close(mixed, sum(alpha[k].detach() * singles[k] for k in range(len(costs))))
@@ -300,6 +300,9 @@ def test_inactive_problems_and_low_precision():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert ot.fit(x.to(torch.bfloat16), [c.to(torch.bfloat16) for c in costs], alpha, mx, my).dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in ot.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the potential stays fp32 under autocast
+        auto = ot(x, costs, alpha, mx, my)
+    assert auto.dtype == torch.float32 and torch.equal(auto, ot(x, costs, alpha, mx, my))
 
 
 def test_potential_network_is_bounded():
@@ -325,6 +328,7 @@ def _distributed_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes (~5 s)
 def test_distributed_ranks_share_one_potential(tmp_path):
     """Two gloo ranks = one process fitting on both batches (same mean gradient), φ identical across ranks."""
     import torch.multiprocessing as mp

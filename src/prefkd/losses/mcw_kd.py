@@ -269,3 +269,60 @@ class MCWKDLoss(DSKDCMALoss):
         active = (valid_t.any(1) & valid_s.any(1))
         error = res.marginal_error[active].mean() if active.any() else res.marginal_error.new_zeros(())
         return res.cost, {"iters": torch.as_tensor(float(res.iterations)), "marginal_err": error.detach()}
+
+
+class MCWKDDualLoss(MCWKDLoss):
+    """MCW-KD with the semi-dual OT of SPEC §8 instead of Sinkhorn, per branch:
+
+        OT_b = max_φ Σ_j μ_j φ(x_j) + Σ_i ν_i Σ_k α_k φ^{c_k}(y_i),  φ^{c_k}(y_i) = −ε log Σ_j μ_j e^{(φ(x_j) − Ĉ_k[j,i])/ε}
+
+    φ is a small tanh-bounded network on the teacher points x_j (the logits branch: q_j, B×m×k; the hidden branch:
+    P_ot h^t_j), one per branch (:class:`prefkd.ot.semidual.SemiDualOT`). Each training forward first runs
+    ``inner_steps`` ascent steps on φ (its own Adam, lr ``inner_lr``; costs and points detached), then the objective
+    at the current φ is the OT value, with gradients to the student, the projectors and β but never to φ (φ is not
+    among :meth:`trainable_modules`; its weights and inner optimizer state are in the loss's state_dict).
+    α = softmax(β) (``alpha_mode: learned``) by default; ``adaptive`` is refused (it needs a plan).
+    """
+
+    name = "mcw_kd_dual"
+
+    def __init__(self, *args, alpha_mode: str = "learned", potential_hidden: int = 64, potential_bound: float = 10.0,
+                 inner_steps: int = 5, inner_lr: float = 1e-2, **kwargs):
+        if alpha_mode == "adaptive":
+            raise ValueError("loss=mcw_kd_dual: alpha_mode=adaptive needs Sinkhorn's plan; use learned or fixed")
+        super().__init__(*args, alpha_mode=alpha_mode, **kwargs)
+        self.potential_hidden, self.potential_bound = int(potential_hidden), float(potential_bound)
+        self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
+        self.potentials = nn.ModuleDict()  # per branch, from build()
+
+    def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
+        from prefkd.ot.semidual import SemiDualOT
+
+        super().build(student_model, teacher_model)
+        if len(self.potentials):
+            return
+        dims = {"logits": min(self.top_k, student_model.get_output_embeddings().weight.shape[0],
+                              teacher_model.get_output_embeddings().weight.shape[0]),
+                "hidden": hidden_size(student_model)}
+        device = student_model.get_output_embeddings().weight.device
+        self.potentials.update({
+            branch: SemiDualOT(dims[branch], eps=self.eps, hidden=self.potential_hidden, bound=self.potential_bound,
+                               inner_steps=self.inner_steps, inner_lr=self.inner_lr).to(
+                None if device.type == "meta" else device)
+            for branch in self.costs if self.active(branch)})
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Projectors and β; never the potentials (they are maximised by their own inner steps)."""
+        return [m for name, m in self.named_children()
+                if name != "potentials" and any(p.requires_grad for p in m.parameters())]
+
+    def transport(self, branch, points, costs, valid_t, valid_s):
+        if branch not in self.potentials:
+            raise RuntimeError(f"loss={self.name}: call loss.build(student_model, teacher_model) first")
+        pairs = pair_mask(valid_t, valid_s)
+        scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
+        alpha = self.cost_weights[branch]()
+        potential = self.potentials[branch]
+        if torch.is_grad_enabled() and self.training:
+            potential.fit(points, scaled, alpha, valid_t, valid_s)
+        return potential(points, scaled, alpha, valid_t, valid_s), {}

@@ -24,6 +24,8 @@ a problem without a valid point on one side gives 0. Compute in fp32 (bf16/fp16 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -101,7 +103,7 @@ class PotentialNetwork(nn.Module):
     The tanh keeps |φ| < ``bound`` (no runaway potentials) and is ≈ the identity for |MLP| ≪ bound. The
     optimal φ is defined up to a constant and spans about the cost range, ~1 for scaled costs
     (``scale_cost``), so the default bound 10 never binds at the optimum. fp32 parameters; inputs are cast
-    to the parameters' dtype.
+    to the parameters' dtype (:class:`SemiDualOT` runs it with autocast off).
     """
 
     def __init__(self, point_dim: int, hidden: int = 64, bound: float = 10.0):
@@ -149,9 +151,12 @@ class SemiDualOT(nn.Module):
     def _phi(self, x, mask_x, params=None):
         if mask_x is not None:  # padded points may hold garbage: NaN inputs would poison the weight grads
             x = torch.where(mask_x.to(x.device, torch.bool)[..., None], x, 0.0)
-        if params is None:
-            return self.potential(x)
-        return torch.func.functional_call(self.potential, params, (x,))
+        try:  # fp32 even inside the trainer's autocast region
+            region = torch.autocast(device_type=x.device.type, enabled=False)
+        except RuntimeError:  # a device type without autocast support
+            region = nullcontext()
+        with region:
+            return self.potential(x) if params is None else torch.func.functional_call(self.potential, params, (x,))
 
     def fit(self, x, costs, alpha, mask_x=None, mask_y=None) -> torch.Tensor | None:
         if not (self.training and torch.is_grad_enabled()) or self.inner_steps == 0:
@@ -178,6 +183,7 @@ class SemiDualOT(nn.Module):
                     for p, g in zip(params, flat.split([p.numel() for p in params])):
                         p.grad = g.view_as(p).clone()
                 opt.step()
+            opt.zero_grad(set_to_none=True)  # φ holds no gradient between fits (none ever comes from outside)
         return value.detach()
 
     def forward(self, x, costs, alpha, mask_x=None, mask_y=None) -> torch.Tensor:
