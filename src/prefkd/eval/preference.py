@@ -22,50 +22,22 @@ at the last ``"\\n\\nAssistant:"`` inside the common prefix. Records with a ``pr
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from prefkd.data.records import DataError, read_jsonl
+from prefkd.data.preference import HH_SEP, PreferencePair, split_hh  # noqa: F401 (re-exported)
+from prefkd.data.preference import load_pairs as _load_pairs
+from prefkd.data.records import DataError
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.sets import resolve_data_path
 
-HH_SEP = "\n\nAssistant:"
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def split_hh(chosen: str, rejected: str, where: str = "pair") -> PreferencePair:
-    """Split two HH dialogues into (prompt, chosen response, rejected response)."""
-    cut = chosen.rfind(HH_SEP)
-    if cut < 0:
-        raise DataError(f"{where}: the chosen dialogue has no {HH_SEP!r}; HH pairs are full dialogues ending "
-                        f"with an assistant turn (or give a `prompt` field).")
-    prompt = chosen[:cut + len(HH_SEP)]
-    if not rejected.startswith(prompt):
-        common = os.path.commonprefix([chosen, rejected])
-        cut = common.rfind(HH_SEP)
-        if cut < 0:
-            raise DataError(f"{where}: chosen and rejected share no prompt ending in {HH_SEP!r}.")
-        prompt = common[:cut + len(HH_SEP)]
-    return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):])
-
-
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    """HH (``chosen``, ``rejected``) or prompt/chosen/rejected records from a JSONL file; first ``limit``."""
-    path = resolve_data_path(path)
-    rows = read_jsonl(path, required=("chosen", "rejected"))[:limit]
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) if r.get("prompt") is not None
-            else split_hh(r["chosen"], r["rejected"], where=f"{path} pair {i + 1}") for i, r in enumerate(rows)]
+    """Held-out pairs from a JSONL file (HH or prompt/chosen/rejected; see :mod:`prefkd.data.preference`); first
+    ``limit``. Pairs with equal or empty responses are kept (they count as ties, i.e. wrong)."""
+    return _load_pairs(resolve_data_path(path), limit=limit, check=False)
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int = 512,

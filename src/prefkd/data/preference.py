@@ -1,0 +1,143 @@
+"""Preference pairs (SPEC §10): (prompt x, chosen y_w, rejected y_l), optionally with per-token/per-parent weights.
+
+Formats, per JSON record (a local JSONL file or rows of ``datasets.load_dataset``):
+
+- Anthropic HH: ``chosen`` and ``rejected`` are full dialogues; the prompt is everything up to and including the
+  last ``"\\n\\nAssistant:"`` of the chosen dialogue, the responses are the remainders. Where the rejected dialogue
+  does not share that prefix (4 of the 2,312 HH harmless test pairs, whose responses hold further turns), the
+  prompt is cut at the last ``"\\n\\nAssistant:"`` inside the common prefix.
+- UltraFeedback / TIS-DPO: ``prompt``, ``chosen``, ``rejected`` (strings), optional ``chosen_weight`` and
+  ``rejected_weight`` (lists of numbers: one per parent, or per token for same-tokenizer TIS-DPO).
+
+``reverse=True`` swaps chosen and rejected, weights included (the data of the reverse-DPO teacher π⁻).
+A pair whose responses are empty or equal is an error that names the file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from prefkd.data.records import DataError, read_jsonl
+
+HH_SEP = "\n\nAssistant:"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One pair. ``chosen_weight`` / ``rejected_weight``: per-parent (or per-token) weights, or None."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_weight: tuple[float, ...] | None = None
+    rejected_weight: tuple[float, ...] | None = None
+
+    def reversed(self) -> "PreferencePair":
+        """The same pair with chosen and rejected (and their weights) swapped."""
+        return replace(self, chosen=self.rejected, rejected=self.chosen, chosen_weight=self.rejected_weight,
+                       rejected_weight=self.chosen_weight)
+
+
+def split_hh(chosen: str, rejected: str, where: str = "pair") -> PreferencePair:
+    """Split two HH dialogues into (prompt, chosen response, rejected response)."""
+    cut = chosen.rfind(HH_SEP)
+    if cut < 0:
+        raise DataError(f"{where}: the chosen dialogue has no {HH_SEP!r}; HH pairs are full dialogues ending "
+                        f"with an assistant turn (or give a `prompt` field).")
+    prompt = chosen[:cut + len(HH_SEP)]
+    if not rejected.startswith(prompt):
+        common = os.path.commonprefix([chosen, rejected])
+        cut = common.rfind(HH_SEP)
+        if cut < 0:
+            raise DataError(f"{where}: chosen and rejected share no prompt ending in {HH_SEP!r}.")
+        prompt = common[:cut + len(HH_SEP)]
+    return PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):])
+
+
+def _weights(raw: dict, key: str, where: str) -> tuple[float, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+        raise DataError(f"{where}: `{key}` must be a list of numbers (one weight per parent or token), got "
+                        f"{type(value).__name__}.")
+    return tuple(float(v) for v in value)
+
+
+def to_pair(raw: dict, where: str, reverse: bool = False, check: bool = True) -> PreferencePair:
+    """One record (HH or prompt/chosen/rejected format) → :class:`PreferencePair`; ``where`` names it in errors."""
+    for key in ("chosen", "rejected"):
+        if not isinstance(raw.get(key), str):
+            raise DataError(f"{where}: field `{key}` is missing or not a string; a preference record needs "
+                            f"`chosen` and `rejected` (and `prompt`, unless they are full HH dialogues).")
+    if raw.get("prompt") is not None:
+        if not isinstance(raw["prompt"], str):
+            raise DataError(f"{where}: field `prompt` must be a string.")
+        pair = PreferencePair(raw["prompt"], raw["chosen"], raw["rejected"])
+    else:
+        pair = split_hh(raw["chosen"], raw["rejected"], where)
+    pair = replace(pair, chosen_weight=_weights(raw, "chosen_weight", where),
+                   rejected_weight=_weights(raw, "rejected_weight", where))
+    if check:
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            side = "chosen" if not pair.chosen.strip() else "rejected"
+            raise DataError(f"{where}: the {side} response is empty; drop the pair or fix the record.")
+        if pair.chosen == pair.rejected:
+            raise DataError(f"{where}: chosen and rejected responses are identical (no preference to learn); "
+                            f"drop the pair.")
+    return pair.reversed() if reverse else pair
+
+
+def to_pairs(rows: Iterable[dict], source: str, reverse: bool = False, check: bool = True,
+             limit: int | None = None, skip_invalid: bool = False) -> list[PreferencePair]:
+    """Records → pairs (the first ``limit``); errors name ``source`` and the 1-based record number.
+    ``skip_invalid``: drop pairs with empty or equal responses (logged with their count) instead of failing."""
+    pairs, skipped = [], []
+    for i, raw in enumerate(rows):
+        if limit is not None and i >= limit:
+            break
+        try:
+            pairs.append(to_pair(dict(raw), f"{source} record {i + 1}", reverse, check))
+        except DataError as e:
+            if not skip_invalid or "response" not in str(e):
+                raise DataError(f"{e} (or set skip_invalid=true to drop such pairs)") if "response" in str(e) \
+                    else e
+            skipped.append(i + 1)
+    if skipped:
+        log.warning("%s: dropped %d pairs with empty or equal responses (records %s)", source, len(skipped),
+                    ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
+    return pairs
+
+
+def load_pairs(path: str | Path, limit: int | None = None, reverse: bool = False, check: bool = True,
+               skip_invalid: bool = False) -> list[PreferencePair]:
+    """Pairs from a local JSONL file (HH or prompt/chosen/rejected records); the first ``limit``."""
+    rows = read_jsonl(path, required=("chosen", "rejected"))
+    return to_pairs(rows, str(path), reverse, check, limit, skip_invalid)
+
+
+def load_hub_pairs(path: str, split: str = "train", name: str | None = None, reverse: bool = False,
+                   limit: int | None = None, skip_invalid: bool = False, **kwargs) -> list[PreferencePair]:
+    """Pairs from ``datasets.load_dataset(path, name, split=split)`` (a hub id such as ``Anthropic/hh-rlhf`` or a
+    local folder)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(path, name, split=split, **kwargs)
+    except Exception as e:
+        raise DataError(f"could not load preference data {path!r} (split {split!r}): {e}. Offline, give a local "
+                        f"JSONL file instead (prompt/chosen/rejected or HH chosen/rejected records).") from e
+    return to_pairs(rows, f"{path}[{split}]", reverse, limit=limit, skip_invalid=skip_invalid)
+
+
+def pairs_as_records(pairs: Sequence[PreferencePair]) -> list[dict]:
+    """Plain dicts (for caching and for the trainer's datasets)."""
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+             **({"chosen_weight": list(p.chosen_weight)} if p.chosen_weight is not None else {}),
+             **({"rejected_weight": list(p.rejected_weight)} if p.rejected_weight is not None else {})}
+            for p in pairs]
