@@ -1,8 +1,12 @@
 """The lexical cost of MCW-KD's hidden-state branch (SPEC §8), precomputed by the data pipeline.
 
-C_lex[j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) between the token strings of teacher point j and student point i
-(word-start markers stripped), the FULL matrix (the released code filled it only on a DTW path and left 0
+C_lex[j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) between the texts of the tokens of teacher point j and student point
+i, the FULL matrix (the released code filled it only on a DTW path and left 0
 elsewhere, which made unrelated tokens free to match).
+
+Token text. ``tokenizer.decode([id]).strip()``: the word-start marker (a space once decoded) and surrounding
+whitespace removed, and byte tokens compared as text, so GPT-2's ``Ċ`` and SentencePiece's ``<0x0A>`` (both a
+newline) match across tokenizer families (raw token strings would not). Memoised per id.
 
 Points. A position i carries the token it predicts, ``full_ids[i + 1]`` (= ``labels[i]`` on response positions;
 DSKD's pre-shifted convention). The points of a side are its response positions (``labels != -100``), in order,
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from prefkd.align.markers import token_strings, word_start_marker
 from prefkd.data.tokenize import IGNORE_INDEX
 
 FIELD = "lex_cost"
@@ -39,14 +42,21 @@ class LexicalCost:
 
         self._matrix = normalized_edit_distance_matrix
         self.include_prompt = bool(include_prompt)
-        self.teacher_marker, self.student_marker = word_start_marker(teacher_tokenizer), word_start_marker(
-            student_tokenizer)
-        self.version = f"lex-1-prompt{int(self.include_prompt)}-{self.teacher_marker!r}-{self.student_marker!r}"
+        self._texts: dict[str, dict[int, str]] = {"teacher": {}, "student": {}}
+        self.version = f"lex-2-prompt{int(self.include_prompt)}"
+
+    def token_texts(self, tokenizer, ids: list[int], side: str) -> list[str]:
+        """``decode([id]).strip()`` per id, memoised per side ("teacher" or "student") and id."""
+        memo = self._texts[side]
+        for i in ids:
+            if i not in memo:
+                memo[i] = tokenizer.decode([i]).strip()
+        return [memo[i] for i in ids]
 
     def __call__(self, record, student, teacher, student_tokenizer, teacher_tokenizer) -> dict[str, torch.Tensor]:
         if teacher is None:
             raise ValueError("the lexical cost needs a teacher tokenizer (pick a teacher, not teacher=none)")
-        t = token_strings(teacher_tokenizer, point_tokens(teacher, self.include_prompt))
-        s = token_strings(student_tokenizer, point_tokens(student, self.include_prompt))
-        cost = self._matrix(t, s, (self.teacher_marker,), (self.student_marker,))
+        t = self.token_texts(teacher_tokenizer, point_tokens(teacher, self.include_prompt), "teacher")
+        s = self.token_texts(student_tokenizer, point_tokens(student, self.include_prompt), "student")
+        cost = self._matrix(t, s, ("",), ("",))
         return {FIELD: cost.to(torch.float16)}

@@ -198,6 +198,8 @@ def parent_logprobs(token_logps: torch.Tensor, index: torch.Tensor, num_parents:
     Differentiable in ``token_logps``; a parent without tokens gets 0."""
     if token_logps.shape != index.shape:
         raise ValueError(f"token_logps {tuple(token_logps.shape)} and index {tuple(index.shape)} differ")
+    if index.numel() and int(index.max()) >= num_parents:
+        raise ValueError(f"parent index {int(index.max())} is out of range for num_parents={num_parents}")
     # Positions with index -1 go to an extra bin at the end, which is dropped.
     bins = torch.where(index >= 0, index, num_parents).long()
     out = token_logps.new_zeros(*token_logps.shape[:-1], num_parents + 1)

@@ -141,3 +141,35 @@ def pairs_as_records(pairs: Sequence[PreferencePair]) -> list[dict]:
              **({"chosen_weight": list(p.chosen_weight)} if p.chosen_weight is not None else {}),
              **({"rejected_weight": list(p.rejected_weight)} if p.rejected_weight is not None else {})}
             for p in pairs]
+
+
+def preference_splits(train: str, dev: str | None = None, test: str | None = None, dev_size: int = 0,
+                      seed: int = 0, reverse: bool = False, limit: int | None = None, skip_invalid: bool = False,
+                      split: str = "train", as_sft: bool = False):
+    """A dataset source (Hydra ``_target_``): pairs from a local JSONL file or a hub id (``train``; a path that
+    exists locally is read as JSONL, anything else through ``datasets.load_dataset(train, split=split)``).
+    Without ``dev``, ``dev_size`` pairs are carved from train (seeded). ``limit``: the first N pairs of train.
+
+    Records: ``{"prompt", "chosen", "rejected"[, weights]}`` (``reverse`` swaps chosen and rejected), or, with
+    ``as_sft``, instruction records ``{"prompt", "output": chosen}`` for SFT on the chosen responses.
+    """
+    from prefkd.data.sources import carve
+    from prefkd.data.splits import DataSplits
+
+    def read(path: str, n: int | None = None) -> list[PreferencePair]:
+        if Path(path).expanduser().exists():
+            return load_pairs(Path(path).expanduser(), n, reverse, skip_invalid=skip_invalid)
+        return load_hub_pairs(path, split=split, reverse=reverse, limit=n, skip_invalid=skip_invalid)
+
+    def records(pairs: Sequence[PreferencePair]) -> list[dict]:
+        if as_sft:
+            return [{"prompt": p.prompt, "output": p.chosen} for p in pairs]
+        return pairs_as_records(pairs)
+
+    train_records = records(read(train, limit))
+    dev_records = records(read(dev)) if dev else []
+    if not dev:
+        train_records, dev_records = carve(train_records, dev_size, seed)
+    test_records = records(read(test)) if test else []
+    name = Path(train).name + (":reversed" if reverse else "")
+    return DataSplits(train=train_records, dev=dev_records, test=test_records, source=f"pairs({name})")
