@@ -85,7 +85,9 @@ class AdaptiveCostWeights(nn.Module):
     the last update, and the accumulator is reset. α starts at ``alpha`` (default uniform).
 
     Buffers: ``alpha`` (K; for ``learned`` it mirrors softmax(β) as of the last forward), ``cost_sum`` (K),
-    ``cost_count`` (scalar), ``updates`` (number of adaptive updates). Parameter: ``beta`` (learned only,
+    ``cost_count`` (scalar), ``updates`` (number of adaptive updates). Under torch.distributed the sums and counts
+are summed over processes at each update step (all processes call ``on_optimizer_step`` at the same steps), so
+every process computes the same α. Parameter: ``beta`` (learned only,
     initialised to log α so that softmax(β) = α).
     """
 
@@ -149,7 +151,10 @@ class AdaptiveCostWeights(nn.Module):
     @torch.no_grad()
     def on_optimizer_step(self, step: int) -> bool:
         """Adaptive mode: at ``step % update_interval == 0`` set α from the running means; True if updated."""
-        if self.mode != "adaptive" or step % self.update_interval != 0 or self.cost_count.item() == 0:
+        if self.mode != "adaptive" or step % self.update_interval != 0:
+            return False
+        self._all_reduce()  # every process must see the same c̄ (SPEC §2: 1×8 examples = 2×4 examples)
+        if self.cost_count.item() == 0:
             return False
         means = self.cost_sum / self.cost_count
         self.alpha.copy_(adaptive_alpha(means, self.sigma, self.alpha_min).to(self.alpha))
@@ -157,6 +162,16 @@ class AdaptiveCostWeights(nn.Module):
         self.cost_count.zero_()
         self.updates += 1
         return True
+
+    def _all_reduce(self) -> None:
+        """Sum the running sums and counts over processes (torch.distributed, when initialised)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            packed = torch.cat([self.cost_sum, self.cost_count.reshape(1)])
+            dist.all_reduce(packed)
+            self.cost_sum.copy_(packed[:-1])
+            self.cost_count.copy_(packed[-1])
 
     def extra_repr(self) -> str:
         extra = f", sigma={self.sigma}, alpha_min={self.alpha_min}, update_interval={self.update_interval}"
