@@ -27,7 +27,7 @@ class Needs:
 
     teacher: bool = False  # teacher forward pass (eval mode, no_grad)
     hidden_states: bool = False  # last hidden states of the student (and of the teacher when it runs)
-    reference: bool = False  # a frozen reference model's forward pass (preference losses)
+    reference: str | None = None  # "initial" (the starting policy) | "teacher": a reference forward on the student rows
     normalize_by: Literal["tokens", "sequences"] = "tokens"
 
 
