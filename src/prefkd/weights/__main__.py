@@ -1,0 +1,51 @@
+"""`python -m prefkd.weights positive.path=DPO_TEACHER negative.path=REVERSE_DPO_TEACHER policy.path=STUDENT
+[dataset=hh] [weights.transform=rank_based] [output=FILE]`: one weight per parent for every pair (SPEC §10).
+
+See :mod:`prefkd.weights.calculator`. The output JSONL is a preference dataset: train with
+``dataset=hh dataset.source.train=FILE``. Rerun the same command to resume an interrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prefkd.train import config_dir, load_env
+
+log = logging.getLogger("prefkd.weights")
+
+
+@hydra.main(config_path=config_dir(), config_name="weights", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from prefkd.data.preference import load_hub_pairs, load_pairs
+    from prefkd.models.loading import load_tokenizer
+    from prefkd.weights.calculator import compute_weights
+
+    load_env()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    src = cfg.dataset.source
+    path = Path(str(src.train)).expanduser()
+    pairs = (load_pairs(path, src.limit, skip_invalid=src.skip_invalid) if path.exists()
+             else load_hub_pairs(str(src.train), split=src.split, limit=src.limit, skip_invalid=src.skip_invalid))
+    positive, negative = instantiate(cfg.positive), instantiate(cfg.negative)
+    policy_tokenizer = load_tokenizer(cfg.policy.tokenizer_path or cfg.policy.path) if (
+        cfg.policy.tokenizer_path or cfg.policy.path) else positive.tokenizer
+    out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "weights.jsonl")
+    w = cfg.weights
+    compute_weights(pairs, positive, negative, policy_tokenizer, out, max_length=cfg.dataset.max_length,
+                    max_prompt_length=cfg.dataset.max_prompt_length, eos_parent=cfg.dataset.eos_parent,
+                    batch_size=cfg.batch_size, k=w.k, lower=w.lower, upper=w.upper, transform=w.transform,
+                    transform_params=OmegaConf.to_container(w.params[w.transform]) if w.transform in w.params else {},
+                    seed=w.seed, progress=cfg.progress)
+    print(f"weights: {out} ({len(pairs)} pairs)")
+
+
+if __name__ == "__main__":
+    main()
