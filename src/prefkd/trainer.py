@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 PREEMPT_EXIT_CODE = 75  # SIGTERM / SIGUSR1: the step finished, a checkpoint was saved, requeue and resume
 
 
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``trainer.max_nonfinite_in_a_row`` optimizer steps in a row were skipped for a non-finite
+    loss or gradient norm. The message names the step, the last good checkpoint and the likely causes;
+    ``summary`` is the stopped run's summary (also in train_summary.json). Nothing is saved from that state."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 class Preempted(Exception):
     """Raised after a SIGTERM/SIGUSR1 was honoured; ``summary`` is the interrupted run's summary."""
 
@@ -97,7 +107,7 @@ class Trainer:
         self.teacher = teacher.model.to(accelerator.device) if teacher else None
         self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "train_seconds": 0.0,
                       "first_train_loss": None, "last_train_loss": None, "dev_history": [], "best": None,
-                      "dev_loss_start": None, "nonfinite_steps": 0}
+                      "dev_loss_start": None, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
 
     # ---------------------------------------------------------------- forward
     def _forward(self, batch: dict) -> LossOutput:
@@ -147,21 +157,52 @@ class Trainer:
         names = sorted(sums)
         metrics = dict(zip(names, (v / n_global for v in self._reduce([sums[n] for n in names]))))
         self._sync_loss_grads()
-        if not math.isfinite(metrics["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state["nonfinite_steps"] += 1
-            log.warning("non-finite loss at step %d: step skipped", self.state["global_step"])
-            metrics["skipped"] = 1.0
-        else:
-            if self.cfg.max_grad_norm:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                metrics["grad_norm"] = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        loss_ok, grad_ok = math.isfinite(metrics["loss"]), True
+        if loss_ok:
+            # The norm is always measured (max_norm=inf clips nothing: the gradients are multiplied by exactly 1)
+            # so that a non-finite gradient under a finite loss is caught too. None: DeepSpeed clips internally.
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+                grad_ok = math.isfinite(metrics["grad_norm"])
+        if world > 1:  # every rank must take the same branch (one raising while the others wait would hang)
+            bad_loss, bad_grad = self._reduce([float(not loss_ok), float(not grad_ok)])
+            loss_ok, grad_ok = bad_loss == 0, bad_grad == 0
+        if loss_ok and grad_ok:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.loss.on_optimizer_step(self.state["global_step"] + 1)
+            self.state["nonfinite_in_a_row"] = 0
+        else:
+            self._skip_step(loss_ok, metrics)
         metrics["tokens"] = tokens_global
         return metrics
+
+    def _skip_step(self, loss_ok: bool, metrics: dict) -> None:
+        """A non-finite loss or gradient norm: no optimizer, scheduler or loss-module update; gradients dropped.
+
+        fp16 loss scaling: an overflow of the *scaled* gradients is routine there. With the gradients dropped,
+        ``optimizer.step()`` moves no parameter but lets the GradScaler see the inf/nan that ``unscale_`` (in
+        clip_grad_norm_) recorded, lower its scale and reset for the next step. Such overflows count as skipped
+        steps, and towards ``max_nonfinite_in_a_row`` only once the scale is down to 1 (before that the scaler
+        is still searching for a scale that fits)."""
+        scaler = getattr(self.acc, "scaler", None)
+        scaled = loss_ok and scaler is not None and scaler.is_enabled()  # loss_ok: unscale_ ran
+        recoverable = scaled and scaler.get_scale() > 1.0
+        self.optimizer.zero_grad(set_to_none=True)
+        if scaled:
+            self.optimizer.step()  # no gradients: no update; the scaler backs off and resets its per-step state
+        st = self.state
+        st["nonfinite_steps"] += 1
+        if not recoverable:
+            st["nonfinite_in_a_row"] += 1
+        what = "loss" if not loss_ok else "gradient norm"
+        log.warning("non-finite %s at step %d (loss %s, gradient norm %s): optimizer step skipped (%d in a row)%s",
+                    what, st["global_step"] + 1, metrics["loss"], metrics.get("grad_norm", "not computed"),
+                    st["nonfinite_in_a_row"], "; the fp16 loss scaler lowers its scale" if recoverable else "")
+        metrics.update({"skipped": 1.0, "nonfinite_loss": float(not loss_ok), "nonfinite_grad": float(loss_ok)})
 
     def _sync_loss_grads(self) -> None:
         """The loss's own modules are not wrapped in DDP: average their gradients across processes."""
@@ -314,6 +355,14 @@ class Trainer:
                 if st["global_step"] % cfg.log_every == 0 or st["global_step"] == self.total_steps:
                     self._log_train(m, window)
                     window = {"tokens": 0.0, "seconds": 0.0}
+                elif m.get("skipped"):  # every skipped step is logged, not only those on a log_every step
+                    self.tracker.log({f"train/{k}": m[k] for k in ("loss", "skipped", "nonfinite_loss",
+                                                                   "nonfinite_grad", "grad_norm") if k in m}
+                                     | self._nonfinite_counts(), step=st["global_step"])
+                limit = cfg.max_nonfinite_in_a_row
+                if limit and st["nonfinite_in_a_row"] >= limit:
+                    bar.close()
+                    self._stop_nonfinite(m, limit)  # raises NonFiniteLossError; nothing saved from this state
                 last = st["global_step"] >= self.total_steps
                 signum = self._signalled(received)
                 stop = st["global_step"] == self.cfg.stop_at_step or signum != 0
@@ -345,10 +394,58 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         rate = window["tokens"] / max(window["seconds"], 1e-9)
         record = {f"train/{k}": v for k, v in m.items() if k != "tokens"}
+        record.update(self._nonfinite_counts())
         record.update({"train/lr": lr, "perf/tokens_per_s": rate,
                        "perf/step_time_s": window["seconds"] / max(self.cfg.log_every, 1),
                        "perf/peak_mem_mb": peak_memory_mb(self.acc.device), "train/epoch": self.state["epoch"]})
         self.tracker.log(record, step=self.state["global_step"])
+
+    def _nonfinite_counts(self) -> dict:
+        return {"train/nonfinite_steps": self.state["nonfinite_steps"],
+                "train/nonfinite_in_a_row": self.state["nonfinite_in_a_row"]}
+
+    def _last_good_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint saved right after a successful optimizer step (not inside a run of
+        skipped steps); step-N preferred over its `last`/`best` twins."""
+        found, found_step = None, -1
+        for child in sorted(self.ckpt_dir.iterdir()) if self.ckpt_dir.is_dir() else []:
+            if child.name.startswith(".") or not ckpt.is_complete(child):
+                continue
+            try:
+                saved = json.loads((child / ckpt.STATE_DIR / "state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            step = saved.get("global_step", -1)
+            if saved.get("nonfinite_in_a_row", 0) == 0 and (
+                    step > found_step or (step == found_step and child.name.startswith("step-"))):
+                found, found_step = child, step
+        return found
+
+    def _stop_nonfinite(self, m: dict, limit: int) -> None:
+        """K skipped steps in a row: log, write the summary (finished: false, error), raise. No checkpoint."""
+        st = self.state
+        step, k = st["global_step"], st["nonfinite_in_a_row"]
+        good = self._last_good_checkpoint()
+        if good is not None:
+            good_step = json.loads((good / ckpt.STATE_DIR / "state.json").read_text())["global_step"]
+            where = (f"the last good checkpoint is {good} (step {good_step}); to go on from there after a fix, "
+                     f"rerun with trainer.resume={good}")
+        else:
+            where = "no checkpoint was saved yet (none before the first skipped step)"
+        norm = m.get("grad_norm")
+        message = (
+            f"training stopped at step {step}: {k} optimizer steps in a row (steps {step - k + 1}..{step}) had a "
+            f"non-finite loss or gradient norm and were skipped (last: loss {m['loss']}, gradient norm "
+            f"{'not computed' if norm is None else norm}; trainer.max_nonfinite_in_a_row={limit}). Nothing was "
+            f"saved from this state; {where}. Likely causes: an fp16 overflow (try trainer.precision=bf16 or "
+            f"trainer.precision=no), a learning rate too high (lower trainer.lr or add warm-up), or bad data "
+            f"(look at the examples of these steps). trainer.max_nonfinite_in_a_row=0 keeps skipping instead.")
+        log.error(message)
+        summary = self._summary(interrupted=True)
+        summary.update({"stopped": "nonfinite", "error": message})
+        if self.acc.is_main_process:
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        raise NonFiniteLossError(message, summary)
 
     def _finish(self, interrupted: bool = False) -> dict:
         st = self.state
@@ -359,7 +456,17 @@ class Trainer:
             self.acc.wait_for_everyone()
         else:
             self._save("last")
+        summary = self._summary(interrupted)
+        if self.acc.is_main_process:
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            self.tracker.summary({"best_dev": (st["best"] or {}).get("value"), "final_loss": st["last_train_loss"],
+                                  "tokens_per_s": summary["tokens_per_s"]})
+        return summary
+
+    def _summary(self, interrupted: bool = False) -> dict:
+        st = self.state
         final = st["dev_history"][-1] if st["dev_history"] else {}
+        checkpoints = sorted(self.ckpt_dir.iterdir()) if self.ckpt_dir.is_dir() else []
         summary = {
             "run_dir": str(self.run_dir), "finished": not interrupted, "steps": st["global_step"], "epochs": st["epoch"],
             "tokens": st["tokens_seen"], "wall_time_s": st["train_seconds"],
@@ -368,10 +475,6 @@ class Trainer:
             "dev_loss_start": st["dev_loss_start"], "dev_loss_final": final.get("dev/loss"),
             "best": st["best"], "nonfinite_steps": st["nonfinite_steps"],
             "peak_mem_mb": peak_memory_mb(self.acc.device),
-            "checkpoints": {p.name: str(p) for p in sorted(self.ckpt_dir.iterdir()) if not p.name.startswith(".")},
+            "checkpoints": {p.name: str(p) for p in checkpoints if not p.name.startswith(".")},
         }
-        if self.acc.is_main_process:
-            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-            self.tracker.summary({"best_dev": (st["best"] or {}).get("value"), "final_loss": st["last_train_loss"],
-                                  "tokens_per_s": summary["tokens_per_s"]})
         return summary
