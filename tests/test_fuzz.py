@@ -307,15 +307,18 @@ def test_parent_tokens_on_random_spans(s, t, length, budgets):
     event("truncated" if len(kept) < len(parents) else "whole")
 
 
-# ---------------------------------------------------------------------------------------------- known gap
-@pytest.mark.xfail(strict=True, reason="a lone surrogate (valid JSON: \"\\ud83d\") reaches the tokenizer / the cache "
-                   "key and fails with TypeError / UnicodeEncodeError instead of a DataError naming the record; "
-                   "reported (fix belongs in prefkd.data.records / tokenize, outside this change's files)")
+# ---------------------------------------------------------------------------------------------- lone surrogates
 def test_a_lone_surrogate_is_a_clear_data_error(tmp_path):
+    from prefkd.data.preference import load_pairs
     from prefkd.data.records import read_jsonl
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "Say hi", "output": "hi \\ud83d"}\n')  # half an emoji, as scrapers leave them
-    records = read_jsonl(path)
-    with pytest.raises(DataError, match="line 1|record 0"):
-        DistillDataset(records, tok("gpt2"), use_cache=False, source=str(path))
+    with pytest.raises(DataError, match=r"train.jsonl line 1: field 'output'.*surrogate"):
+        read_jsonl(path)
+    with pytest.raises(DataError, match=r"record 0: field 'output'.*surrogate"):
+        DistillDataset([{"prompt": "Say hi", "output": "hi \ud83d"}], tok("gpt2"), use_cache=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "Q", "chosen": "a \\udc00", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"record 1: field 'chosen'.*surrogate"):
+        load_pairs(pairs)

@@ -310,9 +310,6 @@ class _Killed(BaseException):
     """Stands for a SIGKILL at one exact point of the trainer (raised through everything, like a kill)."""
 
 
-@pytest.mark.xfail(strict=True, reason="a kill between saving step-N and linking `best` at that evaluation leaves "
-                   "`best` missing or stale after resume=auto, while the summary names step N as best "
-                   "(Trainer._resume does not re-link `best`); reported, outside this change's files")
 def test_a_kill_between_the_save_and_the_best_link_keeps_best_consistent(tmp_path, monkeypatch):
     import prefkd.checkpoint
 

@@ -112,7 +112,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from prefkd.trainer import PREEMPT_EXIT_CODE, Preempted
+    from prefkd.trainer import PREEMPT_EXIT_CODE, NonFiniteLossError, Preempted
 
     load_env()
     try:
@@ -120,6 +120,9 @@ def main(cfg: DictConfig) -> None:
     except Preempted as stop:
         print(f"{stop}: exiting with code {PREEMPT_EXIT_CODE}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPT_EXIT_CODE)
+    except NonFiniteLossError as stop:
+        print(f"NonFiniteLossError: {stop}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -299,8 +299,10 @@ class Trainer:
         steps = sorted(int(p.name[5:]) for p in self.ckpt_dir.glob("step-*") if p.name[5:].isdigit())
         keep = set(sorted(steps, key=lambda s: scores.get(s, math.inf))[: self.cfg.keep_best]) | set(steps[-1:])
         for s in steps:
-            if s not in keep:
-                shutil.rmtree(self.ckpt_dir / f"step-{s}", ignore_errors=True)
+            if s not in keep:  # renamed first: a kill mid-delete leaves a dot-folder that resume ignores
+                doomed = self.ckpt_dir / f".deleting-step-{s}"
+                (self.ckpt_dir / f"step-{s}").rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def _resume(self) -> None:
         mode = str(self.cfg.resume)
@@ -310,6 +312,21 @@ class Trainer:
         self.state.update(ckpt.load_checkpoint(path, accelerator=self.acc, model=self.student, loss_module=self.loss,
                                                optimizer=self.optimizer, scheduler=self.scheduler))
         log.info("resumed from %s at step %d", path, self.state["global_step"])
+        self._relink_best()
+
+    def _relink_best(self) -> None:
+        """After a resume: make `best` the checkpoint the state names (a kill may have come between saving it and
+        linking `best`)."""
+        best = self.state.get("best")
+        if not best or not self.acc.is_main_process:
+            return
+        link, src = self.ckpt_dir / "best", self.ckpt_dir / f"step-{best['step']}"
+        if ckpt.is_complete(link) and json.loads((link / ckpt.STATE_DIR / "state.json").read_text())[
+                "global_step"] == best["step"]:
+            return
+        if ckpt.is_complete(src):
+            ckpt.link_checkpoint(src, link)
+            log.info("re-linked best -> %s", src.name)
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from prefkd.data.records import DataError, read_jsonl
+from prefkd.data.records import DataError, check_unicode, read_jsonl
 
 HH_SEP = "\n\nAssistant:"
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ def to_pair(raw: dict, where: str, reverse: bool = False, check: bool = True) ->
         if not isinstance(raw.get(key), str):
             raise DataError(f"{where}: field `{key}` is missing or not a string; a preference record needs "
                             f"`chosen` and `rejected` (and `prompt`, unless they are full HH dialogues).")
+    for key in ("prompt", "chosen", "rejected"):
+        check_unicode(raw.get(key), key, where)
     if raw.get("prompt") is not None:
         if not isinstance(raw["prompt"], str):
             raise DataError(f"{where}: field `prompt` must be a string.")

@@ -35,6 +35,19 @@ def alpaca_prompt(instruction: str, input: str | None = "") -> str:
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
+def check_unicode(value, field: str, where: str) -> None:
+    """A string (or list of strings) that is not encodable as UTF-8 (a lone surrogate such as ``"\\ud83d"``, half
+    an emoji, which JSON allows) is a :class:`DataError` naming the field and the record."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: field {field!r} holds a character that is not valid Unicode text "
+                                f"({text[e.start:e.end]!r} at position {e.start}: a lone surrogate, e.g. half of an "
+                                f"emoji); remove it or fix the record.") from None
+
+
 def _check_output(output, where: str) -> None:
     if isinstance(output, str):
         if not output.strip():
@@ -76,6 +89,8 @@ def to_instruction_record(raw: dict, where: str) -> dict:
     if "output" not in record or record["output"] is None:
         raise DataError(f"{where}: missing field 'output'; {RECORD_HELP}.")
     _check_output(record["output"], where)
+    check_unicode(record["prompt"], "prompt", where)
+    check_unicode(record["output"], "output", where)
     return record
 
 
