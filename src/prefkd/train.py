@@ -51,7 +51,26 @@ def has_target(node) -> bool:
 
 
 def build_datasets(cfg: DictConfig, splits, student, teacher, loss):
+    """Instruction data → DistillDataset (SPEC §1); ``dataset.kind: preference`` → PreferenceDataset (SPEC §10,
+    parents with the teacher's tokenizer when the loss runs the teacher)."""
     from prefkd.data.dataset import DistillDataset
+
+    if cfg.dataset.get("kind", "instruct") == "preference":
+        from prefkd.data.preference import to_pairs
+        from prefkd.data.preference_dataset import PreferenceDataset
+
+        t_tok = teacher.tokenizer if teacher is not None and loss.needs.teacher else None
+        common = dict(student_tokenizer=student.tokenizer, teacher_tokenizer=t_tok,
+                      max_length=cfg.dataset.max_length, max_prompt_length=cfg.dataset.max_prompt_length,
+                      eos_parent=cfg.dataset.get("eos_parent", True))
+        train = PreferenceDataset(to_pairs(splits.train, f"{splits.source}:train"), **common,
+                                  source=f"{splits.source}:train")
+        dev = (PreferenceDataset(to_pairs(splits.dev, f"{splits.source}:dev"), **common, source=f"{splits.source}:dev")
+               if splits.dev else None)
+        return train, dev
+    if loss.needs.normalize_by == "sequences" and loss.needs.reference is not None:
+        raise ValueError(f"loss {cfg.loss._target_} trains on preference pairs: pick a preference dataset "
+                         f"(dataset=hh, or any config with `kind: preference`)")
 
     common = dict(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer if teacher else None,
                   max_prompt_length=cfg.dataset.max_prompt_length, max_length=cfg.dataset.max_length,
@@ -79,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     loss = instantiate(cfg.loss)
     student = instantiate(cfg.student)
     teacher = None
-    if loss.needs.teacher:
+    if loss.needs.teacher or loss.needs.reference == "teacher":
         if not has_target(cfg.get("teacher")):
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")

@@ -105,6 +105,7 @@ class Trainer:
         self.student, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
         self.teacher = teacher.model.to(accelerator.device) if teacher else None
+        self._build_reference(student, teacher)
         self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "train_seconds": 0.0,
                       "first_train_loss": None, "last_train_loss": None, "dev_history": [], "best": None,
                       "dev_loss_start": None, "nonfinite_steps": 0, "nonfinite_in_a_row": 0}
@@ -122,10 +123,52 @@ class Trainer:
                 t = self.teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                                  output_hidden_states=needs.hidden_states, use_cache=False)
             teacher = ModelOutputs(t.logits, t.hidden_states[-1] if needs.hidden_states else None, self.teacher)
-        return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, step=self.state["global_step"]))
+        reference = self._reference_forward(batch) if needs.reference else None
+        return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference,
+                                    step=self.state["global_step"]))
 
-    def _batch(self, indices: list[int], dataset: DistillDataset) -> dict:
-        batch = collate([dataset[i] for i in indices], self.pad, self.teacher_pad)
+    # ---------------------------------------------------------------- reference model (preference losses)
+    def _build_reference(self, student, teacher: ModelBundle | None) -> None:
+        """Needs.reference: "initial" = the policy as it starts (a LoRA student: its base with the adapter disabled,
+        no copy; else a frozen copy made now, before any checkpoint is restored); "teacher" = the teacher model,
+        run on the student's rows (it must share the student's tokenizer)."""
+        kind = self.loss.needs.reference
+        self.reference, self.reference_disables_adapter = None, False
+        if kind is None:
+            return
+        if kind == "teacher":
+            if teacher is None:
+                raise ValueError("the loss uses the teacher as reference but there is no teacher: pick one")
+            if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+                raise ValueError(f"reference=teacher needs the student's tokenizer, but {teacher.name} has another; "
+                                 f"use reference=initial, or kd_tisdpo (which compares parents across tokenizers)")
+            self.reference = teacher.model.to(self.acc.device)
+        elif kind == "initial":
+            if hasattr(student.model, "disable_adapter"):  # peft: the base model is the initial policy
+                self.reference_disables_adapter = True
+            else:
+                import copy
+
+                self.reference = copy.deepcopy(student.model).eval().requires_grad_(False).to(self.acc.device)
+        else:
+            raise ValueError(f"Needs.reference={kind!r}: valid values are 'initial', 'teacher'")
+
+    @torch.no_grad()
+    def _reference_forward(self, batch: dict) -> ModelOutputs:
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if self.reference_disables_adapter:
+            model = self.acc.unwrap_model(self.student)
+            was_training = model.training
+            model.eval()
+            with model.disable_adapter():
+                logits = model(**kwargs).logits
+            model.train(was_training)
+            return ModelOutputs(logits)
+        return ModelOutputs(self.reference(**kwargs).logits, model=self.reference)
+
+    def _batch(self, indices: list[int], dataset) -> dict:
+        make = getattr(dataset, "collate", collate)  # a dataset may bring its own (preference pairs: 2B rows)
+        batch = make([dataset[i] for i in indices], self.pad, self.teacher_pad)
         return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _reduce(self, values: list[float]) -> list[float]:

@@ -72,6 +72,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
 
+    @property
+    def lengths(self) -> list[int]:
+        """Per pair, the longer student row (for length-grouped batches)."""
+        return [max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in self.examples]
+
+    @staticmethod
+    def collate(examples: Sequence[dict], student_pad_id: int, teacher_pad_id: int | None = None) -> dict:
+        return collate_pairs(examples, student_pad_id, teacher_pad_id)
+
     def _encode(self, pair: PreferencePair, where: str) -> dict:
         s_tok, t_tok = self.student_tokenizer, self.teacher_tokenizer
         s_prompt = _prompt_ids(s_tok, pair.prompt, self.max_prompt_length)
@@ -148,4 +157,5 @@ def collate_pairs(examples: Sequence[dict], student_pad_id: int, teacher_pad_id:
         out[f"{prefix}parent_index"] = _pad(index, -1)
     out["parent_weight"] = _pad([torch.tensor(ex[f"{s}_weight"], dtype=torch.float32) for s in SIDES
                                  for ex in examples], 0.0)
+    out["num_sequences"] = len(examples)  # the pairs: the unit of Needs.normalize_by="sequences"
     return out

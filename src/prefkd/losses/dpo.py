@@ -62,8 +62,7 @@ class DPOLoss(DistillationLoss):
         if loss_type not in ("dpo", "ipo"):
             raise ValueError(f"loss_type={loss_type!r}: valid values are dpo, ipo")
         self.beta, self.label_smoothing, self.loss_type, self.chunk_size = beta, label_smoothing, loss_type, chunk_size
-        self.needs = Needs(teacher=_check_reference(reference) == "teacher", reference=reference,
-                           normalize_by="sequences")
+        self.needs = Needs(reference=_check_reference(reference), normalize_by="sequences")
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         labels = inputs.batch["labels"]
@@ -88,8 +87,7 @@ class TISDPOLoss(DistillationLoss):
                  reference: str = "initial", chunk_size: int = 1024):
         super().__init__()
         self.beta, self.kl_alpha, self.token_kl, self.chunk_size = beta, kl_alpha, bool(token_kl), chunk_size
-        self.needs = Needs(teacher=_check_reference(reference) == "teacher", reference=reference,
-                           normalize_by="sequences")
+        self.needs = Needs(reference=_check_reference(reference), normalize_by="sequences")
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch = inputs.batch
