@@ -72,7 +72,29 @@ def test_kd_tisdpo_reads_a_weight_file(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="preference dataset"):
+    with pytest.raises(ValueError, match="pick a preference dataset"):
         quick_run(compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", "trainer.max_steps=1"), tmp_path / "a")
     with pytest.raises(ValueError, match="reference=teacher needs the student's tokenizer"):
         quick_run(compose_cfg("model=tiny", "loss=dpo", "loss.reference=teacher", *HH), tmp_path / "b")
+
+
+def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path):
+    from hydra.utils import instantiate
+
+    from prefkd.data.preference import load_pairs
+    from prefkd.reference_logps import compute_reference_logps
+    from prefkd.train import config_dir
+
+    source = f"{config_dir()}/../../shared/data/preference/hh_harmless_test.jsonl"
+    live = compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", *HH, LR, f"dataset.source.train={source}")
+    initial = instantiate(live.student)  # the seeded tiny student: the policy every run starts from
+    ref_file = compute_reference_logps(load_pairs(source, limit=12, skip_invalid=True), initial,
+                                       tmp_path / "ref.jsonl", max_length=96, max_prompt_length=48, progress=False)
+    a = quick_run(live, tmp_path / "live")
+    b = quick_run(compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", "loss.reference=precomputed", *HH, LR,
+                              f"dataset.source.train={ref_file}", "dataset.source.limit=null"), tmp_path / "pre")
+    assert b["first_train_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert b["last_train_loss"] == pytest.approx(a["last_train_loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="prefkd.reference_logps"):
+        quick_run(compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", "loss.reference=precomputed", *HH, LR),
+                  tmp_path / "missing")

@@ -55,7 +55,15 @@ def build_datasets(cfg: DictConfig, splits, student, teacher, loss):
     parents with the teacher's tokenizer when the loss runs the teacher)."""
     from prefkd.data.dataset import DistillDataset
 
-    if cfg.dataset.get("kind", "instruct") == "preference":
+    preference = cfg.dataset.get("kind", "instruct") == "preference"
+    if preference != loss.needs.pairs:
+        raise ValueError(f"loss {cfg.loss._target_} trains on "
+                         f"{'preference pairs' if loss.needs.pairs else 'instruction records'} but dataset "
+                         f"{cfg.dataset.source._target_} holds {'pairs' if preference else 'instruction records'}: "
+                         + ("pick a preference dataset (dataset=hh, or any config with `kind: preference`)"
+                            if loss.needs.pairs else "pick an instruction dataset (dataset=hh_sft for the chosen "
+                                                     "responses of pairs)"))
+    if preference:
         from prefkd.data.preference import to_pairs
         from prefkd.data.preference_dataset import PreferenceDataset
 
@@ -68,9 +76,6 @@ def build_datasets(cfg: DictConfig, splits, student, teacher, loss):
         dev = (PreferenceDataset(to_pairs(splits.dev, f"{splits.source}:dev"), **common, source=f"{splits.source}:dev")
                if splits.dev else None)
         return train, dev
-    if loss.needs.normalize_by == "sequences" and loss.needs.reference is not None:
-        raise ValueError(f"loss {cfg.loss._target_} trains on preference pairs: pick a preference dataset "
-                         f"(dataset=hh, or any config with `kind: preference`)")
 
     common = dict(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer if teacher else None,
                   max_prompt_length=cfg.dataset.max_prompt_length, max_length=cfg.dataset.max_length,

@@ -46,7 +46,7 @@ def test_dpo_module_equals_the_formula(kw):
     tok = tiny_tokenizer("a")
     batch, s, r, _ = batch_and_logits(tok)
     loss = DPOLoss(**kw)
-    assert loss.needs == Needs(reference="initial", normalize_by="sequences")
+    assert loss.needs == Needs(reference="initial", normalize_by="sequences", pairs=True)
     x = leaf(s)
     out = loss(LossInputs(batch=batch, student=ModelOutputs(x), reference=ModelOutputs(r)))
     out.loss.backward()

@@ -7,7 +7,9 @@ Formats, per JSON record (a local JSONL file or rows of ``datasets.load_dataset`
   does not share that prefix (4 of the 2,312 HH harmless test pairs, whose responses hold further turns), the
   prompt is cut at the last ``"\\n\\nAssistant:"`` inside the common prefix.
 - UltraFeedback / TIS-DPO: ``prompt``, ``chosen``, ``rejected`` (strings), optional ``chosen_weight`` and
-  ``rejected_weight`` (lists of numbers: one per parent, or per token for same-tokenizer TIS-DPO).
+  ``rejected_weight`` (lists of numbers: one per parent, or per token for same-tokenizer TIS-DPO), optional
+  ``reference_chosen_logps`` and ``reference_rejected_logps`` (precomputed log π_ref, ``python -m
+  prefkd.reference_logps``).
 
 ``reverse=True`` swaps chosen and rejected, weights included (the data of the reverse-DPO teacher π⁻).
 A pair whose responses are empty or equal is an error that names the file and line.
@@ -36,11 +38,13 @@ class PreferencePair:
     rejected: str
     chosen_weight: tuple[float, ...] | None = None
     rejected_weight: tuple[float, ...] | None = None
+    reference_logps: tuple[float, float] | None = None  # (chosen, rejected) log π_ref, precomputed
 
     def reversed(self) -> "PreferencePair":
-        """The same pair with chosen and rejected (and their weights) swapped."""
+        """The same pair with chosen and rejected (and their weights and reference log-probs) swapped."""
+        ref = None if self.reference_logps is None else self.reference_logps[::-1]
         return replace(self, chosen=self.rejected, rejected=self.chosen, chosen_weight=self.rejected_weight,
-                       rejected_weight=self.chosen_weight)
+                       rejected_weight=self.chosen_weight, reference_logps=ref)
 
 
 def split_hh(chosen: str, rejected: str, where: str = "pair") -> PreferencePair:
@@ -69,6 +73,17 @@ def _weights(raw: dict, key: str, where: str) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value)
 
 
+def _reference(raw: dict, where: str) -> tuple[float, float] | None:
+    keys = ("reference_chosen_logps", "reference_rejected_logps")
+    values = [raw.get(k) for k in keys]
+    if all(v is None for v in values):
+        return None
+    if not all(isinstance(v, (int, float)) for v in values):
+        raise DataError(f"{where}: {keys[0]} and {keys[1]} must both be numbers (precomputed reference "
+                        f"log-probs, from `python -m prefkd.reference_logps`), got {values}.")
+    return float(values[0]), float(values[1])
+
+
 def to_pair(raw: dict, where: str, reverse: bool = False, check: bool = True) -> PreferencePair:
     """One record (HH or prompt/chosen/rejected format) → :class:`PreferencePair`; ``where`` names it in errors."""
     for key in ("chosen", "rejected"):
@@ -84,7 +99,7 @@ def to_pair(raw: dict, where: str, reverse: bool = False, check: bool = True) ->
     else:
         pair = split_hh(raw["chosen"], raw["rejected"], where)
     pair = replace(pair, chosen_weight=_weights(raw, "chosen_weight", where),
-                   rejected_weight=_weights(raw, "rejected_weight", where))
+                   rejected_weight=_weights(raw, "rejected_weight", where), reference_logps=_reference(raw, where))
     if check:
         if not pair.chosen.strip() or not pair.rejected.strip():
             side = "chosen" if not pair.chosen.strip() else "rejected"
@@ -141,7 +156,9 @@ def pairs_as_records(pairs: Sequence[PreferencePair]) -> list[dict]:
     """Plain dicts (for caching and for the trainer's datasets)."""
     return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
              **({"chosen_weight": list(p.chosen_weight)} if p.chosen_weight is not None else {}),
-             **({"rejected_weight": list(p.rejected_weight)} if p.rejected_weight is not None else {})}
+             **({"rejected_weight": list(p.rejected_weight)} if p.rejected_weight is not None else {}),
+             **({"reference_chosen_logps": p.reference_logps[0], "reference_rejected_logps": p.reference_logps[1]}
+                if p.reference_logps is not None else {})}
             for p in pairs]
 
 

@@ -15,7 +15,8 @@ Per pair and per response y ∈ {chosen, rejected}, for the student (and the tea
 
 :func:`collate_pairs` stacks a batch of B pairs into 2B rows, chosen first then rejected (one forward pass per
 model, as the DPO reference code's concatenated forward): ``input_ids``, ``attention_mask``, ``labels``,
-``parent_index``, ``parent_weight`` (2B×P, 0 on padding) and, with a teacher, the ``teacher_*`` versions.
+``parent_index``, ``parent_weight`` (2B×P, 0 on padding), ``reference_logps`` (2B, when every pair has them) and,
+with a teacher, the ``teacher_*`` versions.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             out[f"{side}_input_ids"], out[f"{side}_labels"] = _layout(s_prompt, s_resp)
             out[f"{side}_parent_index"] = index
             out[f"{side}_weight"] = _weights(given, n_par, f"{where} ({side})")
+        if pair.reference_logps is not None:
+            out["reference_logps"] = list(pair.reference_logps)
         return out
 
 
@@ -157,5 +160,8 @@ def collate_pairs(examples: Sequence[dict], student_pad_id: int, teacher_pad_id:
         out[f"{prefix}parent_index"] = _pad(index, -1)
     out["parent_weight"] = _pad([torch.tensor(ex[f"{s}_weight"], dtype=torch.float32) for s in SIDES
                                  for ex in examples], 0.0)
+    if all("reference_logps" in ex for ex in examples):  # precomputed log π_ref: 2B, chosen then rejected
+        out["reference_logps"] = torch.tensor([ex["reference_logps"][k] for k in (0, 1) for ex in examples],
+                                              dtype=torch.float64)
     out["num_sequences"] = len(examples)  # the pairs: the unit of Needs.normalize_by="sequences"
     return out

@@ -29,6 +29,7 @@ class Needs:
     hidden_states: bool = False  # last hidden states of the student (and of the teacher when it runs)
     reference: str | None = None  # "initial" (the starting policy) | "teacher": a reference forward on the student rows
     normalize_by: Literal["tokens", "sequences"] = "tokens"
+    pairs: bool = False  # trains on preference pairs (a dataset with `kind: preference`), 2B rows per batch
 
 
 @dataclass

@@ -8,8 +8,9 @@ Every loss returns the SUM over its B pairs and asks the trainer to divide by th
 batch (``Needs.normalize_by="sequences"``); metrics are pair sums too (SPEC §10's rewards/*, logps/*).
 
 Reference (``reference``, a loss argument): ``initial`` (the policy at the start of training: the base model with
-the LoRA adapter disabled, or a frozen copy for full fine-tuning) or ``teacher`` (the teacher model, which must
-share the student's tokenizer). The trainer runs it on the student's rows and hands its logits in
+the LoRA adapter disabled, or a frozen copy for full fine-tuning), ``teacher`` (the teacher model, which must
+share the student's tokenizer) or, for dpo/ipo, ``precomputed`` (the pairs' ``reference_*_logps`` fields, written by
+``python -m prefkd.reference_logps``: no reference model in memory). The trainer runs it on the student's rows and hands its logits in
 ``LossInputs.reference``. ``kd_tisdpo`` always uses the teacher (its own tokenizer, compared per parent).
 """
 
@@ -22,7 +23,7 @@ from prefkd.losses.preference import (dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_
                                       preference_metrics, sequence_logps, tisdpo_loss, token_logps,
                                       token_logps_and_kl, tokens_from_parents, weighted_sums)
 
-REFERENCES = ("initial", "teacher")
+REFERENCES = ("initial", "teacher", "precomputed")
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,14 +63,21 @@ class DPOLoss(DistillationLoss):
         if loss_type not in ("dpo", "ipo"):
             raise ValueError(f"loss_type={loss_type!r}: valid values are dpo, ipo")
         self.beta, self.label_smoothing, self.loss_type, self.chunk_size = beta, label_smoothing, loss_type, chunk_size
-        self.needs = Needs(reference=_check_reference(reference), normalize_by="sequences")
+        reference = _check_reference(reference)
+        self.needs = Needs(reference=None if reference == "precomputed" else reference, normalize_by="sequences", pairs=True)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         labels = inputs.batch["labels"]
-        ref = _reference(inputs, self.name)
         pi = sequence_logps(inputs.student.logits, labels, chunk_size=self.chunk_size)
-        with torch.no_grad():
-            ref_lp = sequence_logps(ref.logits.detach(), labels, chunk_size=self.chunk_size)
+        if self.needs.reference is None:  # reference=precomputed
+            if "reference_logps" not in inputs.batch:
+                raise ValueError(f"loss={self.name} reference=precomputed: the pairs carry no reference_chosen_logps/"
+                                 f"reference_rejected_logps; compute them with `python -m prefkd.reference_logps`")
+            ref_lp = inputs.batch["reference_logps"].to(pi.device, pi.dtype)
+        else:
+            with torch.no_grad():
+                ref_lp = sequence_logps(_reference(inputs, self.name).logits.detach(), labels,
+                                        chunk_size=self.chunk_size)
         (pi_w, pi_l), (ref_w, ref_l) = _halves(pi), _halves(ref_lp)
         h = dpo_margin(pi_w, pi_l, ref_w, ref_l)
         per_pair = dpo_loss(h, self.beta, self.label_smoothing) if self.loss_type == "dpo" else ipo_loss(h, self.beta)
@@ -87,7 +95,10 @@ class TISDPOLoss(DistillationLoss):
                  reference: str = "initial", chunk_size: int = 1024):
         super().__init__()
         self.beta, self.kl_alpha, self.token_kl, self.chunk_size = beta, kl_alpha, bool(token_kl), chunk_size
-        self.needs = Needs(reference=_check_reference(reference), normalize_by="sequences")
+        if _check_reference(reference) == "precomputed":
+            raise ValueError("loss=tisdpo weighs per-token log-ratios: it needs the reference model (reference="
+                             "initial or teacher), not precomputed sequence log-probs")
+        self.needs = Needs(reference=reference, normalize_by="sequences", pairs=True)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch = inputs.batch
@@ -116,7 +127,7 @@ class KDTISDPOLoss(DistillationLoss):
     L = −log σ(β(M_w − M_l)), M = Σ_p w_p (ℓ^S_p − ℓ^T_p) (SPEC §10)."""
 
     name = "kd_tisdpo"
-    needs = Needs(teacher=True, normalize_by="sequences")
+    needs = Needs(teacher=True, normalize_by="sequences", pairs=True)
 
     def __init__(self, beta: float = 0.5, chunk_size: int = 1024):
         super().__init__()
@@ -162,7 +173,7 @@ class TISDPOKDAlignLoss(KDTISDPOLoss):
     """
 
     name = "tisdpo_kdalign"
-    needs = Needs(teacher=True, hidden_states=True, normalize_by="sequences")
+    needs = Needs(teacher=True, hidden_states=True, normalize_by="sequences", pairs=True)
 
     def __init__(self, beta: float = 0.5, alpha: float = 0.5, kd_rate: float = 0.5, divergence: str = "forward_kl",
                  temperature: float = 1.0, chunk_size: int = 1024):
