@@ -59,3 +59,20 @@ def test_skip_invalid_drops_only_empty_or_equal_pairs(tmp_path):
     with pytest.raises(DataError, match="skip_invalid"):
         load_pairs(path)
     assert load_pairs(path, skip_invalid=True) == [PreferencePair("Q:", " a", " b")]
+
+
+def test_a_datasets_folder_loads_like_a_hub_id(tmp_path):
+    """load_hub_pairs goes through datasets.load_dataset (a hub id such as Anthropic/hh-rlhf, or a local folder)."""
+    from prefkd.data.preference import load_hub_pairs, preference_splits
+
+    folder = tmp_path / "hh"
+    folder.mkdir()
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes {i}", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+            for i in range(6)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_hub_pairs(str(folder), split="train", reverse=True, limit=4)
+    assert [p.chosen for p in pairs] == [" no"] * 4 and pairs[1].rejected == " yes 1"
+    splits = preference_splits(str(folder / "train.jsonl"), dev_size=2)
+    assert len(splits.train) == 4 and len(splits.dev) == 2 and splits.train[0]["prompt"].endswith("Assistant:")
+    with pytest.raises(DataError, match="could not load preference data"):
+        load_hub_pairs(str(tmp_path / "missing-dataset"), split="train")
