@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from tests.losses.test_dskd import quick_run
 from tests.test_trainer import compose_cfg

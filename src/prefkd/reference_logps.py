@@ -29,7 +29,7 @@ def compute_reference_logps(pairs, reference, out: Path, *, max_length: int = 51
     """Append one record per pair with its reference sequence log-probs to ``out`` (resuming after those there)."""
     from prefkd.data.preference import PreferencePair, pairs_as_records
     from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
-    from prefkd.losses.preference import sequence_logps
+    from prefkd.losses.logps import sequence_logps
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -342,7 +342,6 @@ def test_lexical_cost_is_the_normalised_levenshtein_of_the_predicted_tokens(pair
     checked = stripped = 0
     for e in range(lex.shape[0]):
         t_raw = t_tok.convert_ids_to_tokens(predicted_tokens(batch, e, "teacher", include_prompt))
-        s_raw = s_tok.convert_ids_to_tokens(predicted_tokens(batch, e, "student", include_prompt))
         t_str = [t_tok.decode([i]).strip() for i in predicted_tokens(batch, e, "teacher", include_prompt)]
         s_str = [s_tok.decode([i]).strip() for i in predicted_tokens(batch, e, "student", include_prompt)]
         stripped += sum(x != y for x, y in zip(t_str, t_raw))

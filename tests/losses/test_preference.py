@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from prefkd.align.parent_tokens import parent_index_map, response_parents
+from prefkd.losses.logps import (parent_mask, parent_sums, sequence_kl, sequence_logps, token_kl, token_logps,
+                                 token_logps_and_kl, tokens_from_parents, weighted_sums)
 from prefkd.losses.preference import (dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, kd_tisdpo_margin,
-                                      parent_mask, parent_sums, parent_weights, preference_metrics, sequence_kl,
-                                      sequence_logps, tisdpo_loss, tisdpo_margin, token_kl, token_logps,
-                                      token_logps_and_kl, tokens_from_parents, transform_weights, weighted_sums)
+                                      preference_metrics, tisdpo_loss, tisdpo_margin)
+from prefkd.weights.transforms import parent_weights, transform_weights
 from prefkd.models.tiny import build_tiny
 from tests.conftest import REAL_PAIRS
 from tests.losses.test_memory import LargeTensorTracker

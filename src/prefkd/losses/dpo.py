@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
-from prefkd.losses.preference import (dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, parent_mask, parent_sums,
-                                      preference_metrics, sequence_logps, tisdpo_loss, token_logps,
-                                      token_logps_and_kl, tokens_from_parents, weighted_sums)
+from prefkd.losses.logps import (parent_mask, parent_sums, sequence_logps, token_logps, token_logps_and_kl,
+                                 tokens_from_parents, weighted_sums)
+from prefkd.losses.preference import dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, preference_metrics, tisdpo_loss
 
 REFERENCES = ("initial", "teacher", "precomputed")
 

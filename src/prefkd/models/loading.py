@@ -100,8 +100,8 @@ def _not_found(path: str, what: str, err: Exception) -> ModelLoadError:
     local = Path(path).expanduser()
     hint = (f"{local} exists but has no loadable {what} (it needs config.json and weights, or a tokenizer)"
             if local.exists() else
-            f"it is neither a local directory nor a reachable hub id (offline? pass a local copy, e.g. "
-            f"`student.path=/models/tinyllama`, or set HUGGINGFACE_TOKEN for gated models)")
+            "it is neither a local directory nor a reachable hub id (offline? pass a local copy, e.g. "
+            "`student.path=/models/tinyllama`, or set HUGGINGFACE_TOKEN for gated models)")
     return ModelLoadError(f"cannot load the {what} from path={path!r}: {hint}. Cause: {type(err).__name__}: {err}")
 
 

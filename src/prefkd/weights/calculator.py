@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from prefkd.data.preference import PreferencePair, pairs_as_records
 from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
-from prefkd.losses.preference import parent_sums, parent_weights, token_logps, transform_weights
+from prefkd.losses.logps import parent_sums, token_logps
+from prefkd.weights.transforms import parent_weights, transform_weights
 
 log = logging.getLogger(__name__)
 
