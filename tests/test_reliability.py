@@ -367,3 +367,21 @@ def test_fp16_scaler_overflow_is_the_scalers_business_while_its_scale_is_above_o
     scaler.unscale_(inner)
     step()
     assert not torch.equal(before["weight"], model.weight.detach())
+
+
+def test_an_unset_model_path_names_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"leaves student.path unset .*student.path=<a checkpoint directory"):
+        run(compose_cfg("student=checkpoint"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"dataset.source.train=<a JSONL file>"):
+        run(compose_cfg("dataset=jsonl"), tmp_path / "run2")
+
+
+def test_a_teacher_without_a_tokenizer_says_how_to_give_one(tmp_path):
+    from prefkd.models.loading import ModelLoadError
+    from prefkd.models.tiny import build_tiny
+
+    bundle = build_tiny("a", "llama", 32, num_layers=1, seed=1)
+    bundle.model.save_pretrained(tmp_path / "teacher")  # weights only, no tokenizer files
+    with pytest.raises(ModelLoadError, match=r"(?s)no loadable tokenizer.*teacher.tokenizer_path=DIR"):
+        run(compose_cfg("model=tiny_same", "teacher=checkpoint", f"teacher.path={tmp_path / 'teacher'}"),
+            tmp_path / "run")

@@ -85,10 +85,32 @@ def build_datasets(cfg: DictConfig, splits, student, teacher, loss):
     return train, dev
 
 
+def check_required(cfg: DictConfig) -> None:
+    """Every ``???`` (mandatory) value that is still unset is an error naming the key and how to set it."""
+    missing = []
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            full = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                missing.append(full)
+            elif isinstance(node[key], DictConfig):
+                walk(node[key], f"{full}.")
+
+    walk(cfg, "")
+    if missing:
+        hints = {"path": "a checkpoint directory, hub id or .gguf file", "train": "a JSONL file"}
+        items = "; ".join(f"{k}=<{hints.get(k.rsplit('.', 1)[-1], 'a value')}>" for k in missing)
+        raise ValueError(f"the configuration leaves {', '.join(missing)} unset (??? in config/): pass {items} on "
+                         f"the command line")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Build everything from a composed config and train. Returns the train summary."""
     from prefkd.tracking import Tracker
     from prefkd.trainer import Trainer
+
+    check_required(cfg)
 
     tcfg = cfg.trainer
     if tcfg.num_threads:

@@ -98,7 +98,10 @@ def _hub_token() -> str | None:
 
 def _not_found(path: str, what: str, err: Exception) -> ModelLoadError:
     local = Path(path).expanduser()
-    hint = (f"{local} exists but has no loadable {what} (it needs config.json and weights, or a tokenizer)"
+    needs = ("tokenizer files (tokenizer.json or tokenizer_config.json + vocabulary): save the tokenizer there "
+             "(tokenizer.save_pretrained), or point to one with `teacher.tokenizer_path=DIR` / "
+             "`student.tokenizer_path=DIR`" if what == "tokenizer" else "config.json and weights")
+    hint = (f"{local} exists but has no loadable {what} (it needs {needs})"
             if local.exists() else
             "it is neither a local directory nor a reachable hub id (offline? pass a local copy, e.g. "
             "`student.path=/models/tinyllama`, or set HUGGINGFACE_TOKEN for gated models)")
