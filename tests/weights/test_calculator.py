@@ -3,6 +3,7 @@ that training reads back, resume after an interruption, and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def token_lps(model, tok, prompt, response):
 
 def test_same_tokenizer_weights_follow_the_formula(tmp_path):
     pos, neg = models()
-    out = compute_weights(PAIRS, pos, neg, pos.tokenizer, tmp_path / "w.jsonl", batch_size=3, progress=False)
+    out = compute_weights(PAIRS, pos, neg, pos.tokenizer, tmp_path / "w.jsonl", batch_size=3, per_token=True,
+                          progress=False)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 4
     for pair, rec in zip(PAIRS, recs):
@@ -49,9 +51,11 @@ def test_same_tokenizer_weights_follow_the_formula(tmp_path):
     assert any(w != 1.0 for rec in recs for w in rec["chosen_weight"])
 
 
-def test_cross_tokenizer_weights_have_one_entry_per_parent_and_train_back(tmp_path):
+@pytest.mark.parametrize("policy_tok", ["b", "a"])
+def test_parent_weights_have_one_entry_per_parent_and_train_back(tmp_path, policy_tok):
+    """Per parent, as kd_tisdpo's data builds them (a teacher tokenizer present), also when the tokenizers match."""
     pos, neg = models("a")
-    policy = build_tiny("b", "gpt2", 32, num_layers=1, seed=3)
+    policy = build_tiny(policy_tok, "gpt2", 32, num_layers=1, seed=3)
     out = compute_weights(PAIRS, pos, neg, policy.tokenizer, tmp_path / "w.jsonl", transform="rank_based",
                           transform_params={"s_min": 0.5, "s_max": 1.5}, progress=False)
     pairs = load_pairs(out)
@@ -59,6 +63,8 @@ def test_cross_tokenizer_weights_have_one_entry_per_parent_and_train_back(tmp_pa
     for pair, ex in zip(pairs, ds):
         assert len(pair.chosen_weight) == len(ex["chosen_weight"]) == int(ex["chosen_parent_index"].max()) + 1
         assert min(pair.chosen_weight) == 0.5 and max(pair.chosen_weight) == 1.5 or len(pair.chosen_weight) == 1
+    with pytest.raises(ValueError, match="per_token") if policy_tok == "b" else contextlib.nullcontext():
+        compute_weights(PAIRS, pos, neg, policy.tokenizer, tmp_path / "t.jsonl", per_token=True, progress=False)
 
 
 def test_an_interrupted_run_resumes_and_other_pairs_are_refused(tmp_path):

@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
                     max_prompt_length=cfg.dataset.max_prompt_length, eos_parent=cfg.dataset.eos_parent,
                     batch_size=cfg.batch_size, k=w.k, lower=w.lower, upper=w.upper, transform=w.transform,
                     transform_params=OmegaConf.to_container(w.params[w.transform]) if w.transform in w.params else {},
-                    seed=w.seed, progress=cfg.progress)
+                    seed=w.seed, per_token=w.per_token, progress=cfg.progress)
     print(f"weights: {out} ({len(pairs)} pairs)")
 
 

@@ -7,7 +7,8 @@ For each pair and each response, every parent p gets
 with ℓ^±_p the parent log-probability under π⁺ (DPO-trained) and π⁻ (trained on the reversed pairs), then one
 per-response transform (origin, binary, threshold, threshold_and_scale, random, rank_based). Parents are those of
 :class:`prefkd.data.preference_dataset.PreferenceDataset` between the POLICY's tokenizer (the student to train)
-and the contrastive models' tokenizer; with the same tokenizer, one parent per token (TIS-DPO's token weights).
+and the contrastive models' tokenizer, built exactly as training builds them; ``per_token=True`` gives one weight
+per token instead (TIS-DPO, the policy sharing the models' tokenizer).
 
 :func:`compute_weights` writes a JSONL of ``{prompt, chosen, rejected, chosen_weight, rejected_weight}`` records:
 a preference dataset that training reads directly (``dataset=hh dataset.source.train=FILE``). It appends one
@@ -69,13 +70,21 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
                     max_length: int = 512, max_prompt_length: int = 256, eos_parent: bool = True,
                     batch_size: int = 4, k: float = 1.0, lower: float = -0.5, upper: float = 1.5,
                     transform: str = "origin", transform_params: dict | None = None, seed: int = 0,
-                    progress: bool = True) -> Path:
+                    per_token: bool = False, progress: bool = True) -> Path:
     """Score every pair with π⁺ (``positive``) and π⁻ (``negative``), two ModelBundles sharing one tokenizer, and
-    append one weighted record per pair to ``out`` (resuming after the records already there)."""
+    append one weighted record per pair to ``out`` (resuming after the records already there).
+
+    ``per_token=False`` (PrefKD, ``loss=kd_tisdpo``): one weight per parent between the policy's and the models'
+    tokenizers, exactly as training builds them (the data then has a teacher tokenizer), even when the tokenizers
+    are the same. ``per_token=True`` (TIS-DPO, ``loss=tisdpo``, no teacher in the data): one weight per token; the
+    policy must share the models' tokenizer."""
     if positive.tokenizer.get_vocab() != negative.tokenizer.get_vocab():
         raise ValueError("the positive and negative models must share one tokenizer (both are fine-tuned from the "
                          "same teacher)")
-    same = policy_tokenizer.get_vocab() == positive.tokenizer.get_vocab()
+    if per_token and policy_tokenizer.get_vocab() != positive.tokenizer.get_vocab():
+        raise ValueError("per_token weights need the policy to share the models' tokenizer; use per_token=false "
+                         "(one weight per parent, for loss=kd_tisdpo)")
+    same = per_token
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = _done(out, pairs)
