@@ -107,3 +107,18 @@ def test_demo_pair_loads_from_the_gguf_file():
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = teacher.model.generate(**ids, max_new_tokens=10, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1]:])  # a real pretrained model
+
+
+def test_an_adapter_for_another_base_is_a_clear_error(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from prefkd.models.tiny import build_tiny
+
+    small, wide = build_tiny("a", "llama", 32, num_layers=1, seed=1), build_tiny("a", "llama", 64, num_layers=1, seed=1)
+    for name, bundle in (("small", small), ("wide", wide)):
+        bundle.model.save_pretrained(tmp_path / name)
+        bundle.tokenizer.save_pretrained(tmp_path / name)
+    peft_model = get_peft_model(small.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match=r"(?s)cannot apply adapter=.*adapter.*wide.*Is it an adapter for this base"):
+        load_pretrained(str(tmp_path / "wide"), adapter=str(tmp_path / "adapter"))
