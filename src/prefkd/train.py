@@ -124,8 +124,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     loss = instantiate(cfg.loss)
     student = instantiate(cfg.student)
-    teacher = None
-    if loss.needs.teacher or loss.needs.reference == "teacher":
+    teacher, cache = None, None
+    if tcfg.get("teacher_cache") and loss.needs.teacher:
+        from prefkd.models.bundle import ModelBundle
+        from prefkd.teacher_cache import TeacherCache
+
+        if loss.needs.hidden_states or loss.needs.pairs or loss.needs.reference == "teacher":
+            raise ValueError(f"trainer.teacher_cache serves the logit-based losses (kd, uld, minedit, multilevel_ot); "
+                             f"loss {cfg.loss._target_} needs the teacher model itself: drop trainer.teacher_cache")
+        cache = TeacherCache(tcfg.teacher_cache)
+        teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
+    elif loss.needs.teacher or loss.needs.reference == "teacher":
         if not has_target(cfg.get("teacher")):
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
@@ -134,13 +143,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     loss.build(student.model, teacher.model if teacher else None)
     splits = instantiate(cfg.dataset.source)
     train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
+    if cache is not None:
+        for split, ds in (("train", train_set), ("dev", dev_set)):
+            if ds is not None:
+                cache.check(split, ds)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(run_dir, dict(cfg.logger), config, name=f"{cfg.run_name}-seed{tcfg.seed}",
                       enabled=accelerator.is_main_process)
     try:
         trainer = Trainer(tcfg, accelerator=accelerator, student=student, teacher=teacher, loss=loss,
-                          train_set=train_set, dev_set=dev_set, run_dir=run_dir, tracker=tracker)
+                          train_set=train_set, dev_set=dev_set, run_dir=run_dir, tracker=tracker, teacher_cache=cache)
         summary = trainer.fit()
     finally:
         tracker.close()

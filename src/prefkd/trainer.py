@@ -79,7 +79,7 @@ def count_units(batch: dict, normalize_by: str) -> int:
 class Trainer:
     def __init__(self, cfg, *, accelerator, student: ModelBundle, teacher: ModelBundle | None,
                  loss: DistillationLoss, train_set: DistillDataset, dev_set: DistillDataset | None,
-                 run_dir: Path, tracker: Tracker):
+                 run_dir: Path, tracker: Tracker, teacher_cache=None):
         self.cfg, self.acc, self.loss, self.run_dir, self.tracker = cfg, accelerator, loss, Path(run_dir), tracker
         self.train_set, self.dev_set = train_set, dev_set
         self.tokenizer = student.tokenizer
@@ -104,7 +104,8 @@ class Trainer:
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
         self.student, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
-        self.teacher = teacher.model.to(accelerator.device) if teacher else None
+        self.teacher = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
+        self.teacher_cache = teacher_cache  # prefkd.teacher_cache.TeacherCache: teacher log-probs from disk
         self._build_reference(student, teacher)
         self.state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens_seen": 0, "train_seconds": 0.0,
                       "first_train_loss": None, "last_train_loss": None, "dev_history": [], "best": None,
@@ -118,7 +119,11 @@ class Trainer:
         student = ModelOutputs(out.logits, out.hidden_states[-1] if needs.hidden_states else None,
                                self.acc.unwrap_model(self.student))
         teacher = None
-        if needs.teacher:
+        if needs.teacher and self.teacher_cache is not None:
+            logits = self.teacher_cache.logits(batch["cache_split"], batch["example_index"].tolist(),
+                                               batch["teacher_input_ids"].shape[1], self.acc.device)
+            teacher = ModelOutputs(logits)
+        elif needs.teacher:
             with torch.no_grad():
                 t = self.teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                                  output_hidden_states=needs.hidden_states, use_cache=False)
@@ -169,6 +174,8 @@ class Trainer:
     def _batch(self, indices: list[int], dataset) -> dict:
         make = getattr(dataset, "collate", collate)  # a dataset may bring its own (preference pairs: 2B rows)
         batch = make([dataset[i] for i in indices], self.pad, self.teacher_pad)
+        batch["example_index"] = torch.tensor(indices)  # the examples' positions in their dataset (teacher cache)
+        batch["cache_split"] = "train" if dataset is self.train_set else "dev"
         return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _reduce(self, values: list[float]) -> list[float]:
