@@ -28,7 +28,7 @@ from tests.losses.test_dskd_cma import cross_inputs, reference_cma
 
 TIGHT = {"tol": 1e-10, "max_iter": 3000}  # fp32 never reaches 1e-10: the loss runs its 3000 iterations
 # SPEC §8 / config/loss/mcw_kd.yaml numbers, written out here (the reference does not read them from the loss)
-SPEC = dict(ce_weight=1.0, kd_rate=0.5, temperature=1.0, logits_weight=1.0, hidden_weight=1.0, top_k=400,
+SPEC = dict(ce_weight=1.0, kd_rate=0.5, temperature=1.0, lambda_logits=1.0, lambda_hidden=1.0, top_k=400,
             ot_temperature=2.0, window=4, include_prompt=False, logits_costs=("euclidean", "kl", "salience"),
             logits_alpha=(0.2, 0.5, 0.3), hidden_costs=("lexical", "context_euclidean", "context_cosine"),
             hidden_alpha=(0.3, 0.5, 0.2), alpha_mode="fixed", sigma=2.0, alpha_min=0.01, cost_scale="mean", eps=0.1)
@@ -124,7 +124,7 @@ def reference_ot(inputs: LossInputs, loss: MCWKDLoss, c: dict):
                     lambda j, i: 1 - (c_t[j] @ c_s[i]) / (c_t[j].norm() * c_s[i].norm()), m, n),
                 "euclidean": lambda: pairwise(lambda j, i: (x_t[j] - x_s[i]).pow(2).sum().sqrt(), m, n)}}
         for branch in BRANCHES:
-            weight = c[f"{branch}_weight"]
+            weight = c[f"lambda_{branch}"]
             if weight == 0:
                 continue
             raw = [formulas[branch][name]() for name in c[f"{branch}_costs"]]
@@ -192,7 +192,7 @@ def check(inputs: LossInputs, loss: MCWKDLoss, c: dict, rtol=1e-4, atol=1e-4, gr
     for key in ("ce", "kd"):
         torch.testing.assert_close(out.metrics[key].double(), want[key].double(), rtol=rtol, atol=atol, msg=named(key))
     for branch in BRANCHES:
-        if c[f"{branch}_weight"] == 0:
+        if c[f"lambda_{branch}"] == 0:
             assert f"ot_{branch}" not in out.metrics
             continue
         v = want[branch]
@@ -251,11 +251,11 @@ SETTINGS = [
     pytest.param({"logits_costs": ["kl", "euclidean"], "logits_alpha": [0.7, 0.3],
                   "hidden_costs": ["euclidean", "context_cosine", "lexical", "context_euclidean"],
                   "hidden_alpha": [0.4, 0.2, 0.3, 0.1], "top_k": 4, "ot_temperature": 1.0, "window": 1,
-                  "cost_scale": "max", "ce_weight": 2.0, "kd_rate": 0.3, "logits_weight": 0.5, "hidden_weight": 3.0,
+                  "cost_scale": "max", "ce_weight": 2.0, "kd_rate": 0.3, "lambda_logits": 0.5, "lambda_hidden": 3.0,
                   "temperature": 2.0}, id="other-costs-max-scale"),
     pytest.param({"alpha_mode": "learned", "include_prompt": True, "eps": 0.2, "window": 2, "hidden_alpha": None,
                   "logits_alpha": [0.5, 0.25, 0.25]}, id="learned-include-prompt"),
-    pytest.param({"hidden_weight": 0.0, "logits_costs": ["salience", "kl"], "logits_alpha": [0.5, 0.5],
+    pytest.param({"lambda_hidden": 0.0, "logits_costs": ["salience", "kl"], "logits_alpha": [0.5, 0.5],
                   "cost_scale": None, "eps": 0.5, "ce_weight": 0.0}, id="logits-only-raw-costs"),
 ]
 
@@ -268,7 +268,7 @@ def test_synthetic_equals_the_spec_reference(kw):
     out, _ = check(inputs, loss, c)
     tokens = int(inputs.batch["labels"].ne(-100).sum())
     for branch in BRANCHES:
-        if c[f"{branch}_weight"]:  # the trainer's division by the token count gives α and the mean marginal error
+        if c[f"lambda_{branch}"]:  # the trainer's division by the token count gives α and the mean marginal error
             alpha = loss.cost_weights[branch]().detach()
             for name, a in zip(c[f"{branch}_costs"], alpha):
                 assert float(out.metrics[f"alpha_{branch}_{name}"]) / tokens == pytest.approx(float(a), rel=1e-6)
@@ -479,7 +479,7 @@ def test_errors_name_the_field_and_the_fix():
     with pytest.raises(ValueError, match=r"lex_cost.*precompute=loss\.precompute.*loss\.setup"):
         loss(inputs)
     built(inputs, hidden_costs=["context_cosine", "euclidean"], hidden_alpha=None)(inputs)  # no lexical: no field
-    built(inputs, hidden_weight=0.0)(inputs)
+    built(inputs, lambda_hidden=0.0)(inputs)
     wrong = mcw_inputs(seed=1, include_prompt=False)  # cached for response points only
     with pytest.raises(ValueError, match="include_prompt"):
         built(wrong, include_prompt=True)(wrong)

@@ -51,7 +51,7 @@ def test_training_forward_fits_the_potential_and_eval_does_not():
 def test_ot_term_is_the_semidual_objective_at_the_current_potential():
     from prefkd.ot import pair_mask, scale_cost, semidual_objective
 
-    loss, inputs = dual(logits_weight=0.0, hidden_weight=1.0)
+    loss, inputs = dual(lambda_logits=0.0, lambda_hidden=1.0)
     loss.eval()
     captured = {}
     original = loss.transport

@@ -94,7 +94,7 @@ class MCWKDLoss(DSKDCMALoss):
 
     def __init__(self, ce_weight: float = 1.0, kd_rate: float = 0.5, divergence: str = "forward_kl",
                  temperature: float = 1.0, teacher_temperature: float = 1.0, skew_lambda: float = 0.1,
-                 adaptive_alpha: float = 0.5, logits_weight: float = 1.0, hidden_weight: float = 1.0,
+                 adaptive_alpha: float = 0.5, lambda_logits: float = 1.0, lambda_hidden: float = 1.0,
                  top_k: int = 400, ot_temperature: float = 2.0, window: int = 4, include_prompt: bool = False,
                  logits_costs=LOGITS_COSTS, logits_alpha=(0.2, 0.5, 0.3),
                  hidden_costs=("lexical", "context_euclidean", "context_cosine"), hidden_alpha=(0.3, 0.5, 0.2),
@@ -108,7 +108,7 @@ class MCWKDLoss(DSKDCMALoss):
                              f"{ot_temperature}, {window}, {eps}")
         if sinkhorn_grad not in ("envelope", "unrolled"):
             raise ValueError(f"sinkhorn_grad must be 'envelope' or 'unrolled', got {sinkhorn_grad!r}")
-        self.ce_weight, self.logits_weight, self.hidden_weight = ce_weight, logits_weight, hidden_weight
+        self.ce_weight, self.lambda_logits, self.lambda_hidden = ce_weight, lambda_logits, lambda_hidden
         self.top_k, self.ot_temperature, self.window = int(top_k), ot_temperature, int(window)
         self.include_prompt, self.cost_scale = bool(include_prompt), cost_scale
         self.eps, self.max_iter, self.tol, self.sinkhorn_grad = eps, int(max_iter), tol, sinkhorn_grad
@@ -127,7 +127,7 @@ class MCWKDLoss(DSKDCMALoss):
 
     # ------------------------------------------------------------------------------------------ life cycle
     def active(self, branch: str) -> bool:
-        return (self.logits_weight if branch == "logits" else self.hidden_weight) != 0
+        return (self.lambda_logits if branch == "logits" else self.lambda_hidden) != 0
 
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
         """Install the lexical-cost precompute hook when the hidden branch uses it."""
@@ -183,10 +183,10 @@ class MCWKDLoss(DSKDCMALoss):
             x_s = s_pts.pack(student.hidden).float()  # B×n×d_s
             branches = []
             if self.active("logits"):
-                branches.append(("logits", self.logits_weight, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
+                branches.append(("logits", self.lambda_logits, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
                                                                                   x_s, k)))
             if self.active("hidden"):
-                branches.append(("hidden", self.hidden_weight, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
+                branches.append(("hidden", self.lambda_hidden, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
             for branch, weight, points, costs in branches:
                 ot_b, diag = self.transport(branch, points, costs, t_pts.valid, s_pts.valid)
                 loss = loss + weight * (n_b * ot_b).sum()

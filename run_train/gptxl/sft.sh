@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# SFT of the student (no teacher), Qwen2.5-7B-Instruct -> GPT2-1.5B (LoRA): config/experiment/gptxl_sft.yaml (the published numbers, each with its source).
+#   [NUM_GPUS=N] [TEACHER_PATH=...] [STUDENT_PATH=...] [DOLLY_PATH=...] bash $0 [hydra overrides ...]
+set -euo pipefail
+NO_TEACHER=1 exec bash "$(dirname "${BASH_SOURCE[0]}")/../launch.sh" gptxl_sft "$@"
