@@ -27,7 +27,7 @@ TINY = ("logger=none", "run_name=test", "trainer.device=cpu", "dataset=embedded"
 def test_every_pair_has_every_method():
     names = {f"{p.parent.name}/{p.stem}" for p in SCRIPTS}
     for pair in ("gpt2", "gpt2_gpt2", "tinyllama", "gptxl"):
-        for method in ("multicost", "multilevel_ot", "dskd_cma", "minedit", "uld", "sft"):
+        for method in ("multicost", "multilevel_ot", "dskd_cma", "minedit", "uld", "sft", "teacher_sft"):
             assert f"{pair}/{method}" in names
             assert f"{pair}_{method}" in EXPERIMENTS
 
@@ -41,11 +41,14 @@ def test_every_script_resolves_its_configuration(script, tmp_path):
     cfg = yaml.safe_load(res.stdout)
     pair, method = script.parent.name, script.stem
     assert cfg["run_name"] == f"{pair}-{method}"
-    assert cfg["student"]["path"] == "/models/student"
-    if method != "sft":
+    if method == "teacher_sft":  # the teacher is the model trained: TEACHER_PATH becomes student.path
+        assert cfg["student"]["path"] == "/models/teacher" and not cfg["teacher"]
+    else:
+        assert cfg["student"]["path"] == "/models/student"
+    if method not in ("sft", "teacher_sft"):
         assert cfg["teacher"]["path"] == "/models/teacher"
     loss = {"multicost": "MCWKDLoss", "multilevel_ot": "MultiLevelOTLoss", "dskd_cma": "DSKDCMALoss",
-            "minedit": "MinEDLoss", "uld": "ULDLoss", "sft": "SFTLoss"}[method]
+            "minedit": "MinEDLoss", "uld": "ULDLoss", "sft": "SFTLoss", "teacher_sft": "SFTLoss"}[method]
     assert cfg["loss"]["_target_"].endswith(loss)
     lora = pair in ("tinyllama", "gptxl")
     assert cfg["trainer"]["max_epochs"] == (15 if lora else 20)  # SPEC §8
@@ -57,7 +60,17 @@ def test_every_script_resolves_its_configuration(script, tmp_path):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_a_step_on_the_tiny_pair(experiment, tmp_path):
     model = "tiny_same" if experiment.startswith("gpt2_gpt2") else "tiny"
+    tiny_student = []
+    if experiment.endswith("teacher_sft"):  # a saved tiny model in place of the teacher's base
+        from prefkd.models.tiny import build_tiny
+
+        bundle = build_tiny("a", "llama", 32, num_layers=1, seed=1)
+        bundle.model.save_pretrained(tmp_path / "base")
+        bundle.tokenizer.save_pretrained(tmp_path / "base")
+        tiny_student = [f"student.path={tmp_path / 'base'}", "student.lora=null", "student.dtype=float32",
+                        "student.gradient_checkpointing=false"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", f"model={model}", *TINY])
+        cfg = compose(config_name="train",
+                      overrides=[f"experiment={experiment}", f"model={model}", *tiny_student, *TINY])
     summary = quick_run(cfg, tmp_path / "run")
     assert summary["steps"] == 1 and summary["nonfinite_steps"] == 0
