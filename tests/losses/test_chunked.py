@@ -113,7 +113,7 @@ def test_holds_no_per_chunk_graph():
     gc.collect()
     assert len(seen) == 4 * -(-int(mask.sum()) // 2)  # one call per chunk
     assert all(r() is None for r in seen), "a per-chunk tensor survived the forward"
-    assert type(loss.grad_fn).__name__ == "_ChunkedTokenLossBackward"
+    assert type(loss.grad_fn).__name__ == "_ChunkedRowsBackward"
     saved = loss.grad_fn.saved_tensors
     assert len(saved) == 1 and saved[0].shape == x.shape and saved[0].dtype == x.dtype
     # the only edge of the graph leads to the student logits

@@ -1,13 +1,13 @@
-"""A memory-bounded token loss: Σ over masked tokens of w·f(student row, other rows), in chunks.
+"""Memory-bounded token losses: Σ over masked tokens of f(rows of the inputs, other rows), in chunks.
 
 A per-token loss over B×T×V logits materialises several fp32 B×T×V tensors (softmax, log-softmax,
 products) plus the autograd graph that keeps them for backward. For a 150k vocabulary that is many GB.
-:func:`chunked_token_loss` instead walks the masked tokens in chunks of at most ``chunk_size`` rows: per
-chunk it upcasts the rows to fp32, computes the values and, right away, their gradient w.r.t. the
-student rows (``torch.autograd.grad`` on a detached leaf), and writes that gradient into one
-preallocated buffer shaped like the student logits. The per-chunk graph dies with the chunk. Backward
+:func:`chunked_rows_loss` (and its one-input form :func:`chunked_token_loss`) instead walks the masked
+tokens in chunks of at most ``chunk_size`` rows: per chunk it upcasts the rows to fp32, computes the values and, right away, their gradient w.r.t. the
+input rows (``torch.autograd.grad`` on detached leaves), and writes that gradient into one
+preallocated buffer per input, shaped like it. The per-chunk graph dies with the chunk. Backward
 only scales the buffer by the incoming gradient. Alive at any time besides the logits: one chunk of
-fp32 work and the one gradient buffer (student dtype).
+fp32 work and one gradient buffer per input (the input's dtype).
 
 The other tensors (teacher logits, targets, ...) and the weights never receive gradients (SPEC: the
 teacher side is always stop-grad).
@@ -27,72 +27,6 @@ PerTokenFn = Callable[..., torch.Tensor]
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types, fp64 stays fp64."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def token_loss_into_buffer(
-    per_token_fn: PerTokenFn,
-    student_logits: torch.Tensor,
-    mask: torch.Tensor,
-    others: tuple[torch.Tensor, ...],
-    weights: torch.Tensor | None,
-    chunk_size: int,
-    grad_buffer: torch.Tensor | None,
-) -> torch.Tensor:
-    """Σ_masked w·f over chunks; fills ``grad_buffer`` (B×T×V, or None: no gradient work). Returns the sum."""
-    rows, cols = mask.nonzero(as_tuple=True)  # N masked positions, token order (b, t)
-    dtype = _compute_dtype(student_logits.dtype)
-    total = torch.zeros((), dtype=dtype, device=student_logits.device)
-    for start in range(0, rows.numel(), chunk_size):
-        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        s = student_logits[r, c].to(dtype)  # n×V, a fresh copy (advanced indexing)
-        other_chunks = [o[r, c] for o in others]
-        w = None if weights is None else weights[r, c].to(dtype)
-        if grad_buffer is None:
-            values = _values(per_token_fn, s, other_chunks, w)
-            total += values.sum()
-            continue
-        with torch.enable_grad():
-            leaf = s.detach().requires_grad_(True)
-            chunk_sum = _values(per_token_fn, leaf, other_chunks, w).sum()
-            if chunk_sum.requires_grad:
-                (grad,) = torch.autograd.grad(chunk_sum, leaf, allow_unused=True)
-                if grad is not None:
-                    grad_buffer[r, c] = grad.to(grad_buffer.dtype)
-        total += chunk_sum.detach()
-    return total
-
-
-def _values(per_token_fn: PerTokenFn, s: torch.Tensor, others: list[torch.Tensor], w: torch.Tensor | None):
-    values = per_token_fn(s, *others)
-    if values.shape != (s.shape[0],):
-        raise ValueError(f"per_token_fn must return one value per row ({s.shape[0]},), got {tuple(values.shape)}")
-    return values if w is None else values * w
-
-
-class _ChunkedTokenLoss(torch.autograd.Function):
-    """Forward: the chunked sum, gradient precomputed into one buffer. Backward: buffer·grad_output."""
-
-    @staticmethod
-    def forward(ctx, student_logits, per_token_fn, mask, weights, chunk_size, *others):
-        grad_buffer = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
-        total = token_loss_into_buffer(per_token_fn, student_logits, mask, others, weights, chunk_size, grad_buffer)
-        ctx.save_for_backward(grad_buffer)
-        ctx.n_others = len(others)
-        ctx.consumed = False
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.consumed:
-            raise RuntimeError(
-                "chunked_token_loss: backward can run only once per forward (its gradient buffer is scaled "
-                "in place); recompute the loss instead of retain_graph=True"
-            )
-        ctx.consumed = True
-        (grad_buffer,) = ctx.saved_tensors
-        grad_buffer.mul_(grad_output.to(grad_buffer.dtype))
-        return (grad_buffer, None, None, None, None) + (None,) * ctx.n_others
 
 
 def chunked_token_loss(
@@ -128,13 +62,14 @@ def chunked_token_loss(
     if weights is not None and weights.shape != bt:
         raise ValueError(f"weights must be B×T = {tuple(bt)}, got {tuple(weights.shape)}")
 
-    mask = mask.detach().bool()
-    others = tuple(o.detach() for o in others)
-    weights = None if weights is None else weights.detach()
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _ChunkedTokenLoss.apply(student_logits, per_token_fn, mask, weights, chunk_size, *others)
-    with torch.no_grad():
-        return token_loss_into_buffer(per_token_fn, student_logits.detach(), mask, others, weights, chunk_size, None)
+    if weights is None:
+        return chunked_rows_loss(per_token_fn, (student_logits,), mask, *others, chunk_size=chunk_size)
+
+    def weighted(s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:  # the weights ride along as an "other"
+        *rows, w = rest
+        return per_token_fn(s, *rows) * w.to(s.dtype)
+
+    return chunked_rows_loss(weighted, (student_logits,), mask, *others, weights, chunk_size=chunk_size)
 
 
 # ------------------------------------------------------------------------------------------ several inputs
