@@ -34,7 +34,7 @@ from torch import nn
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
 from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
-from prefkd.losses.projectors import (cross_model_attention, fp32_region, make_projectors, project,
+from prefkd.losses.projectors import (cross_model_attention, ensure_projectors, fp32_region, project,
                                       projector_shapes)
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
@@ -69,14 +69,8 @@ class _DualSpaceLoss(DistillationLoss):
         Must run before the optimizer is built and before a checkpoint's state_dict is loaded."""
         if teacher_model is None:
             raise ValueError(f"loss={self.name} needs a teacher model")
-        shapes = projector_shapes(student_model, teacher_model, self.use_query)
-        if len(self.projectors):
-            have = {k: (m.in_features, m.out_features) for k, m in self.projectors.items()}
-            if have != shapes:
-                raise ValueError(f"loss={self.name}: projectors were built for {have}, the models need {shapes}")
-            return
-        device = student_model.get_output_embeddings().weight.device
-        self.projectors.update(make_projectors(shapes, device=None if device.type == "meta" else device))
+        ensure_projectors(self.projectors, projector_shapes(student_model, teacher_model, self.use_query),
+                          student_model, f"loss={self.name}: projectors")
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

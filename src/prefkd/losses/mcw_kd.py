@@ -46,7 +46,7 @@ from torch import nn
 from prefkd.losses.base import LossInputs, LossOutput
 from prefkd.losses.chunked import RowFeatures
 from prefkd.losses.dskd import DSKDCMALoss
-from prefkd.losses.projectors import fp32_region, hidden_size
+from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
 from prefkd.ot import (AdaptiveCostWeights, context_cosine_cost, context_euclidean_cost, context_vectors,
                        euclidean_cost, kl_cost, pair_mask, salience_cost, scale_cost, sinkhorn)
 
@@ -142,16 +142,8 @@ class MCWKDLoss(DSKDCMALoss):
     def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
         super().build(student_model, teacher_model)
         d_s, d_t = hidden_size(student_model), hidden_size(teacher_model)
-        shapes = {"hidden": (d_t, d_s), "salience": (d_s, 1)}
-        if len(self.ot_projectors):
-            have = {k: (m.in_features, m.out_features) for k, m in self.ot_projectors.items()}
-            if have != shapes:
-                raise ValueError(f"loss={self.name}: OT projectors were built for {have}, the models need {shapes}")
-            return
-        device = student_model.get_output_embeddings().weight.device
-        device = None if device.type == "meta" else device
-        self.ot_projectors.update({k: nn.Linear(i, o, device=device, dtype=torch.float32)
-                                   for k, (i, o) in shapes.items()})
+        ensure_projectors(self.ot_projectors, {"hidden": (d_t, d_s), "salience": (d_s, 1)}, student_model,
+                          f"loss={self.name}: OT projectors")
 
     def on_optimizer_step(self, step: int) -> None:
         for weights in self.cost_weights.values():

@@ -50,6 +50,20 @@ def make_projectors(shapes: dict[str, tuple[int, int]], device: torch.device | s
                           for name, (i, o) in shapes.items()})
 
 
+def ensure_projectors(projectors: nn.ModuleDict, shapes: dict[str, tuple[int, int]], model: nn.Module,
+                      what: str) -> None:
+    """Fill an empty ``projectors`` with :func:`make_projectors` of ``shapes`` on ``model``'s device (not meta), or
+    check that the ones already there have exactly these shapes (a loss's ``build`` is idempotent). ``what`` names
+    them in the error, e.g. ``"loss=dskd_cma: projectors"``."""
+    if len(projectors):
+        have = {k: (m.in_features, m.out_features) for k, m in projectors.items()}
+        if have != shapes:
+            raise ValueError(f"{what} were built for {have}, the models need {shapes}")
+        return
+    device = model.get_output_embeddings().weight.device
+    projectors.update(make_projectors(shapes, device=None if device.type == "meta" else device))
+
+
 def fp32_region(device: torch.device):
     """A context with autocast off on ``device`` (projectors and attention stay fp32)."""
     try:
