@@ -56,13 +56,11 @@ def compute_reference_logps(pairs, reference, out: Path, *, max_length: int = 51
 
 @hydra.main(config_path=config_dir(), config_name="reference_logps", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from prefkd.data.preference import load_hub_pairs, load_pairs
+    from prefkd.data.preference import read_pairs
 
     load_env()
     src = cfg.dataset.source
-    path = Path(str(src.train)).expanduser()
-    pairs = (load_pairs(path, src.limit, skip_invalid=src.skip_invalid) if path.exists()
-             else load_hub_pairs(str(src.train), split=src.split, limit=src.limit, skip_invalid=src.skip_invalid))
+    pairs = read_pairs(str(src.train), src.limit, skip_invalid=src.skip_invalid, split=src.split)
     out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "reference_logps.jsonl")
     compute_reference_logps(pairs, instantiate(cfg.model), out, max_length=cfg.dataset.max_length,
                             max_prompt_length=cfg.dataset.max_prompt_length, eos_parent=cfg.dataset.eos_parent,

@@ -162,6 +162,16 @@ def pairs_as_records(pairs: Sequence[PreferencePair]) -> list[dict]:
             for p in pairs]
 
 
+def read_pairs(source: str, limit: int | None = None, reverse: bool = False, skip_invalid: bool = False,
+               split: str = "train") -> list[PreferencePair]:
+    """Pairs from ``source``: a local JSONL file when that path exists, else ``datasets.load_dataset(source,
+    split=split)`` (a hub id such as ``Anthropic/hh-rlhf``, or a datasets folder). The first ``limit`` pairs."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return load_pairs(path, limit, reverse, skip_invalid=skip_invalid)
+    return load_hub_pairs(source, split=split, reverse=reverse, limit=limit, skip_invalid=skip_invalid)
+
+
 def preference_splits(train: str, dev: str | None = None, test: str | None = None, dev_size: int = 0,
                       seed: int = 0, reverse: bool = False, limit: int | None = None, skip_invalid: bool = False,
                       split: str = "train", as_sft: bool = False):
@@ -175,10 +185,8 @@ def preference_splits(train: str, dev: str | None = None, test: str | None = Non
     from prefkd.data.sources import carve
     from prefkd.data.splits import DataSplits
 
-    def read(path: str, n: int | None = None) -> list[PreferencePair]:
-        if Path(path).expanduser().exists():
-            return load_pairs(Path(path).expanduser(), n, reverse, skip_invalid=skip_invalid)
-        return load_hub_pairs(path, split=split, reverse=reverse, limit=n, skip_invalid=skip_invalid)
+    def read(source: str, n: int | None = None) -> list[PreferencePair]:
+        return read_pairs(source, n, reverse, skip_invalid, split)
 
     def records(pairs: Sequence[PreferencePair]) -> list[dict]:
         if as_sft:

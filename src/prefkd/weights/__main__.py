@@ -23,7 +23,7 @@ log = logging.getLogger("prefkd.weights")
 
 @hydra.main(config_path=config_dir(), config_name="weights", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from prefkd.data.preference import load_hub_pairs, load_pairs
+    from prefkd.data.preference import read_pairs
     from prefkd.models.loading import load_tokenizer
     from prefkd.weights.calculator import compute_weights
 
@@ -31,9 +31,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     src = cfg.dataset.source
-    path = Path(str(src.train)).expanduser()
-    pairs = (load_pairs(path, src.limit, skip_invalid=src.skip_invalid) if path.exists()
-             else load_hub_pairs(str(src.train), split=src.split, limit=src.limit, skip_invalid=src.skip_invalid))
+    pairs = read_pairs(str(src.train), src.limit, skip_invalid=src.skip_invalid, split=src.split)
     positive, negative = instantiate(cfg.positive), instantiate(cfg.negative)
     policy_tokenizer = load_tokenizer(cfg.policy.tokenizer_path or cfg.policy.path) if (
         cfg.policy.tokenizer_path or cfg.policy.path) else positive.tokenizer
