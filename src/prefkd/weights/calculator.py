@@ -84,7 +84,6 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
     if per_token and policy_tokenizer.get_vocab() != positive.tokenizer.get_vocab():
         raise ValueError("per_token weights need the policy to share the models' tokenizer; use per_token=false "
                          "(one weight per parent, for loss=kd_tisdpo)")
-    same = per_token
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = _done(out, pairs)
@@ -92,16 +91,16 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
         log.info("resuming: %d of %d pairs already in %s", start, len(pairs), out)
     generator = torch.Generator().manual_seed(seed)
     params = dict(transform_params or {})
-    prefix = "" if same else "teacher_"
+    prefix = "" if per_token else "teacher_"
     bar = tqdm(total=len(pairs), initial=start, desc="weights", unit="pair", disable=not progress)
     with out.open("a") as f:
         for lo in range(start, len(pairs), batch_size):
             chunk = [PreferencePair(p.prompt, p.chosen, p.rejected) for p in pairs[lo:lo + batch_size]]
-            ds = PreferenceDataset(chunk, policy_tokenizer, None if same else positive.tokenizer,
+            ds = PreferenceDataset(chunk, policy_tokenizer, None if per_token else positive.tokenizer,
                                    max_length=max_length, max_prompt_length=max_prompt_length,
                                    eos_parent=eos_parent, source=f"pairs {lo + 1}..")
             batch = collate_pairs(list(ds), policy_tokenizer.pad_token_id,
-                                  None if same else positive.tokenizer.pad_token_id)
+                                  None if per_token else positive.tokenizer.pad_token_id)
             n_par = batch["parent_weight"].shape[1]
             pos, neg = parent_logps(positive.model, batch, prefix, n_par), parent_logps(negative.model, batch,
                                                                                          prefix, n_par)
