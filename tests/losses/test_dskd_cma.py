@@ -102,12 +102,15 @@ def built(inputs, **kw) -> DSKDCMALoss:
     return loss
 
 
-def model_inputs(student, teacher, records, max_prompt_length=24, max_length=48) -> LossInputs:
-    """Both models' real forward passes on a collated batch; logits and hidden states become fresh leaves."""
+def model_inputs(student, teacher, records, max_prompt_length=24, max_length=48, precompute=None,
+                 precompute_version="1") -> LossInputs:
+    """Both models' real forward passes on a collated batch (built with a loss's ``precompute`` hook, if given);
+    the student's logits and hidden states become fresh leaves."""
     from prefkd.data.dataset import DistillDataset, collate
 
     ds = DistillDataset(records, student.tokenizer, teacher.tokenizer, max_prompt_length=max_prompt_length,
-                        max_length=max_length, use_cache=False)
+                        max_length=max_length, precompute=precompute, precompute_version=precompute_version,
+                        use_cache=False)
     batch = collate([ds[i] for i in range(len(ds))], student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id)
     with torch.no_grad():
         so = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

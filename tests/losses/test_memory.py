@@ -16,10 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from prefkd.data.dataset import DistillDataset, collate
 from prefkd.data.embedded import generate_records
-from prefkd.losses.base import LossInputs, ModelOutputs
 from prefkd.models.tiny import build_tiny
+from tests.losses.test_dskd import leaf
+from tests.losses.test_dskd_cma import model_inputs
 
 
 class LargeTensorTracker(TorchDispatchMode):
@@ -43,10 +43,6 @@ class LargeTensorTracker(TorchDispatchMode):
         return out
 
 
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().clone().requires_grad_(True)
-
-
 def prepared(loss, same_tokenizer: bool, n_records=8):
     """The loss set up and built on the embedded tiny pair (cross tokenizers "a" → "b", or "b" → "b"); LossInputs
     from real forward passes (student logits and hidden states as leaves). Returns (loss, inputs)."""
@@ -54,17 +50,8 @@ def prepared(loss, same_tokenizer: bool, n_records=8):
     student = build_tiny("b", "gpt2", 32, num_layers=1, seed=2)
     loss.setup(student.tokenizer, teacher.tokenizer)
     loss.build(student.model, teacher.model)
-    ds = DistillDataset(generate_records(n_records, seed=3), student.tokenizer, teacher.tokenizer,
-                        max_prompt_length=64, max_length=128, precompute=loss.precompute,
-                        precompute_version=loss.precompute_version, use_cache=False)
-    batch = collate([ds[i] for i in range(len(ds))], student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id)
-    with torch.no_grad():
-        so = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True)
-        to = teacher.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                           output_hidden_states=True)
-    inputs = LossInputs(batch=batch, student=ModelOutputs(leaf(so.logits), leaf(so.hidden_states[-1]), student.model),
-                        teacher=ModelOutputs(to.logits, to.hidden_states[-1], teacher.model))
+    inputs = model_inputs(student, teacher, generate_records(n_records, seed=3), 64, 128, loss.precompute,
+                          loss.precompute_version)
     return loss, inputs
 
 
