@@ -10,16 +10,9 @@ import torch
 
 from prefkd.ot import euclidean_cost, sinkhorn
 from prefkd.ot.semidual import PotentialNetwork, SemiDualOT, c_transform, semidual_objective
+from tests.ot.conftest import gloo_group, spawn_ranks
 
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed):
@@ -313,28 +306,19 @@ def test_potential_network_is_bounded():
 
 
 def _distributed_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         x, costs, alpha, mx, my = fit_problem(seed=rank)  # different data on each rank
         torch.manual_seed(100 + rank)  # and different initial φ: the first fit broadcasts rank 0's
         ot = SemiDualOT(point_dim=3, inner_steps=3)
         for _ in range(2):
             ot.fit(x, costs, alpha, mx, my)
         torch.save({k: v.clone() for k, v in ot.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns two processes (~5 s)
 def test_distributed_ranks_share_one_potential(tmp_path):
     """Two gloo ranks = one process fitting on both batches (same mean gradient), φ identical across ranks."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    states = spawn_ranks(_distributed_worker, tmp_path)
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     problems = [fit_problem(seed=r) for r in range(2)]

@@ -15,15 +15,6 @@ ot = pytest.importorskip("ot")
 EPS = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one intra-op thread (on a shared, busy CPU, OpenMP barriers cost ms per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pot_plan(cost: torch.Tensor, eps: float, a=None, b=None) -> np.ndarray:
     """POT's log-domain Sinkhorn (fp64) on one m×n problem, converged far below our tolerances."""
     c = cost.double().numpy()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefkd.ot import AdaptiveCostWeights, adaptive_alpha, combine_costs, project_to_capped_simplex
+from tests.ot.conftest import gloo_group, spawn_ranks
 
 
 def test_combine_costs():
@@ -156,32 +157,19 @@ def test_learned_mode_is_softmax_of_a_trainable_beta():
 
 
 def _adaptive_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    from prefkd.ot import AdaptiveCostWeights
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         w = AdaptiveCostWeights(3, mode="adaptive", sigma=0.5, alpha_min=0.01, update_interval=2)
         observations = [torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.1, 0.7, 0.3])][rank::world]
         for c in observations * 2:  # this rank's observations, twice
             w.observe(c)
         w.on_optimizer_step(2)
         torch.save(w.state_dict(), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # spawns two processes (~4 s)
 def test_adaptive_alpha_is_the_same_on_every_process(tmp_path):
     """Two processes with different observations update α from the mean over BOTH (= one process seeing all)."""
-    import torch.multiprocessing as mp
-
-    from prefkd.ot import AdaptiveCostWeights, adaptive_alpha
-
-    mp.spawn(_adaptive_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    states = spawn_ranks(_adaptive_worker, tmp_path)
     single = AdaptiveCostWeights(3, mode="adaptive", sigma=0.5, alpha_min=0.01, update_interval=2)
     for c in [torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.1, 0.7, 0.3])] * 2:
         single.observe(c)
