@@ -54,13 +54,14 @@ def test_ot_term_is_the_semidual_objective_at_the_current_potential():
     loss, inputs = dual(lambda_logits=0.0, lambda_hidden=1.0)
     loss.eval()
     captured = {}
-    original = loss.transport
+    original = loss.hidden_costs
 
-    def spy(branch, points, costs, valid_t, valid_s):
-        captured.update(points=points, costs=costs, valid_t=valid_t, valid_s=valid_s)
-        return original(branch, points, costs, valid_t, valid_s)
+    def spy(batch, t_pts, s_pts, x_t, x_s):  # the raw hidden-branch costs and clouds the loss transports
+        points, costs = original(batch, t_pts, s_pts, x_t, x_s)
+        captured.update(points=points, costs=costs, valid_t=t_pts.valid, valid_s=s_pts.valid)
+        return points, costs
 
-    loss.transport = spy
+    loss.hidden_costs = spy
     with torch.no_grad():
         out = loss(inputs)
     pot = loss.potentials["hidden"]

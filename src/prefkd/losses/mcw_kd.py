@@ -179,12 +179,13 @@ class MCWKDLoss(DSKDCMALoss):
                                                                                   x_s, k)))
             if self.active("hidden"):
                 branches.append(("hidden", self.lambda_hidden, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
+            pairs = pair_mask(t_pts.valid, s_pts.valid)  # B×m×n valid (j, i), the same for both branches
+            count = pairs.sum((1, 2)).clamp_min(1)
             for branch, weight, points, costs in branches:
-                ot_b, diag = self.transport(branch, points, costs, t_pts.valid, s_pts.valid)
+                scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
+                ot_b, diag = self.transport(branch, points, scaled, t_pts.valid, s_pts.valid, pairs)
                 loss = loss + weight * (n_b * ot_b).sum()
                 metrics[f"ot_{branch}"] = (n_b * ot_b).sum().detach()
-                pairs = pair_mask(t_pts.valid, s_pts.valid)
-                count = pairs.sum((1, 2)).clamp_min(1)
                 alpha = self.cost_weights[branch]().detach()
                 for name, cost, a in zip(self.costs[branch], costs, alpha):
                     mean_b = torch.where(pairs, cost.detach(), 0).sum((1, 2)) / count
@@ -245,20 +246,19 @@ class MCWKDLoss(DSKDCMALoss):
                              "include_prompt?")
         return lex.to(t_pts.valid.device, torch.float32)
 
-    def transport(self, branch: str, points: torch.Tensor, costs: list[torch.Tensor], valid_t: torch.Tensor,
-                  valid_s: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(OT_b = ⟨P*, Σ α_k Ĉ_k⟩ per example (B), diagnostics). ``points``: the teacher cloud (unused here)."""
-        pairs = pair_mask(valid_t, valid_s)
-        scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
+    def transport(self, branch: str, points: torch.Tensor, scaled: list[torch.Tensor], valid_t: torch.Tensor,
+                  valid_s: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(OT_b = ⟨P*, Σ α_k Ĉ_k⟩ per example (B), diagnostics) for the scaled costs Ĉ_k (B×m×n each); ``pairs``:
+        their valid entries (B×m×n). ``points``: the teacher cloud (unused here, used by the semi-dual)."""
         weights = self.cost_weights[branch]
         res = sinkhorn(weights.combine(scaled), self.eps, mask_x=valid_t, mask_y=valid_s, max_iter=self.max_iter,
                        tol=self.tol, grad=self.sinkhorn_grad)
+        active = valid_t.any(1) & valid_s.any(1)  # problems with points on both sides
         if weights.mode == "adaptive" and torch.is_grad_enabled():  # training only: dev batches do not move α
             plan = res.plan.detach()
             per_cost = torch.stack([(plan * torch.where(pairs, c.detach(), 0)).sum((1, 2)) for c in scaled], -1)
-            active = (valid_t.any(1) & valid_s.any(1)).to(per_cost.dtype)
-            weights.observe((per_cost * active[:, None]).sum(0) / active.sum().clamp_min(1))
-        active = (valid_t.any(1) & valid_s.any(1))
+            on = active.to(per_cost.dtype)
+            weights.observe((per_cost * on[:, None]).sum(0) / on.sum().clamp_min(1))
         error = res.marginal_error[active].mean() if active.any() else res.marginal_error.new_zeros(())
         return res.cost, {"iters": torch.as_tensor(float(res.iterations)), "marginal_err": error.detach()}
 
@@ -308,11 +308,9 @@ class MCWKDDualLoss(MCWKDLoss):
         return [m for name, m in self.named_children()
                 if name != "potentials" and any(p.requires_grad for p in m.parameters())]
 
-    def transport(self, branch, points, costs, valid_t, valid_s):
+    def transport(self, branch, points, scaled, valid_t, valid_s, pairs):
         if branch not in self.potentials:
             raise RuntimeError(f"loss={self.name}: call loss.build(student_model, teacher_model) first")
-        pairs = pair_mask(valid_t, valid_s)
-        scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
         alpha = self.cost_weights[branch]()
         potential = self.potentials[branch]
         if torch.is_grad_enabled() and self.training:
