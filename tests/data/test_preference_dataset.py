@@ -68,3 +68,24 @@ def test_weights_must_match_the_parents(real_tokenizer):
     bad = PreferencePair(pair.prompt, pair.chosen, pair.rejected, (1.0,) * (n + 1), None)
     with pytest.raises(DataError, match=rf"pair 1 \(chosen\): {n + 1} weights for {n} parents.*prefkd.weights"):
         PreferenceDataset([bad], s_tok, t_tok)
+
+
+@pytest.mark.parametrize("max_length", [512, 80])
+def test_without_an_eos_parent_eos_is_appended_but_owned_by_no_parent(shared, real_tokenizer, max_length):
+    s_tok, t_tok = real_tokenizer("gpt2"), real_tokenizer("qwen1.5")
+    pairs = hh(shared, 4)
+    with_eos = PreferenceDataset(pairs, s_tok, t_tok, max_length=max_length, max_prompt_length=48)
+    ds = PreferenceDataset(pairs, s_tok, t_tok, max_length=max_length, max_prompt_length=48, eos_parent=False)
+    for ex, ref in zip(ds, with_eos):
+        for side in ("chosen", "rejected"):
+            for prefix, tok in (("", s_tok), ("teacher_", t_tok)):
+                labels = torch.tensor(ex[f"{prefix}{side}_labels"])
+                index = ex[f"{prefix}{side}_parent_index"]
+                assert len(ex[f"{prefix}{side}_input_ids"]) + 1 <= max_length  # full sequence within budget
+                assert labels[-1] == tok.eos_token_id and index[-1] == -1  # EOS kept, in no parent
+                assert index[labels.ne(-100)][:-1].ge(0).all()  # every other response target has a parent
+            n = len(ex[f"{side}_weight"])
+            assert int(ex[f"{side}_parent_index"].max()) == int(ex[f"teacher_{side}_parent_index"].max()) == n - 1
+            # the same parents as with an EOS parent, minus that parent, when nothing had to be cut
+            if max_length == 512:
+                assert n == len(ref[f"{side}_weight"]) - 1

@@ -101,14 +101,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
                                      + ([len(keep)] if self.eos_parent else [-1]))
             else:
                 t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+                reserve = 0 if self.eos_parent else 1  # an EOS outside the parents still takes a position
                 parents = build_parents(token_offsets(text, s_tok), token_offsets(text, t_tok), len(text),
-                                        max_student=budget_s, max_teacher=self.max_length - len(t_prompt),
-                                        eos=self.eos_parent)
-                n_s = sum(len(p.student) for p in parents) - (1 if self.eos_parent else 0)
-                n_t = sum(len(p.teacher) for p in parents) - (1 if self.eos_parent else 0)
-                if not self.eos_parent:  # EOS appended outside the parents: make room for it
-                    parents = _fit_eos(parents, budget_s, self.max_length - len(t_prompt))
-                    n_s, n_t = sum(len(p.student) for p in parents), sum(len(p.teacher) for p in parents)
+                                        max_student=budget_s - reserve,
+                                        max_teacher=self.max_length - len(t_prompt) - reserve, eos=self.eos_parent)
+                n_s = sum(len(p.student) for p in parents) - (1 - reserve)  # response tokens before EOS
+                n_t = sum(len(p.teacher) for p in parents) - (1 - reserve)
                 s_resp = s_ids[:n_s] + [s_tok.eos_token_id]
                 t_resp = t_ids[:n_t] + [t_tok.eos_token_id]
                 n_par = len(parents)
@@ -125,15 +123,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if pair.reference_logps is not None:
             out["reference_logps"] = list(pair.reference_logps)
         return out
-
-
-def _fit_eos(parents, budget_s: int, budget_t: int):
-    """Drop trailing parents until both sides leave room for the EOS appended after them."""
-    parents = list(parents)
-    while parents and (sum(len(p.student) for p in parents) > budget_s - 1
-                       or sum(len(p.teacher) for p in parents) > budget_t - 1):
-        parents.pop()
-    return parents
 
 
 def _pad(rows: Sequence, value) -> torch.Tensor:
