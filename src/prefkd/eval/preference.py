@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from prefkd.data.preference import HH_SEP, PreferencePair, split_hh  # noqa: F401 (re-exported)
 from prefkd.data.preference import load_pairs as _load_pairs
 from prefkd.data.records import DataError
+from prefkd.losses.preference import preference_metrics as pair_sums
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.sets import resolve_data_path
 
@@ -85,13 +86,13 @@ def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_s
 def preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                        ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
                        beta: float) -> dict[str, float]:
-    """The SPEC §10 metrics from (N,) sequence log-probs: rewards/*, logps/*."""
-    r_w = beta * (policy_chosen - (ref_chosen if ref_chosen is not None else 0))
-    r_l = beta * (policy_rejected - (ref_rejected if ref_rejected is not None else 0))
-    return {"rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
-            "rewards/accuracies": (r_w > r_l).double().mean().item(), "rewards/margins": (r_w - r_l).mean().item(),
-            "logps/chosen": policy_chosen.mean().item(), "logps/rejected": policy_rejected.mean().item(),
-            "n": len(r_w), "beta": beta}
+    """The SPEC §10 metrics from (N,) sequence log-probs, as means over the N pairs (the training losses' pair sums
+    of :func:`prefkd.losses.preference.preference_metrics` divided by N): rewards/*, logps/*."""
+    zero = torch.zeros_like(policy_chosen)
+    sums = pair_sums(policy_chosen, policy_rejected, zero if ref_chosen is None else ref_chosen,
+                     zero if ref_rejected is None else ref_rejected, beta)
+    n = len(policy_chosen)
+    return {**{k: v.item() / n for k, v in sums.items()}, "n": n, "beta": beta}
 
 
 def evaluate_preference(policy, policy_tokenizer, pairs: Sequence[PreferencePair], *, reference=None,
