@@ -21,7 +21,6 @@ model itself (dskd, dskd_cma, mcw_kd, tisdpo_kdalign) are refused.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch

@@ -284,7 +284,7 @@ def test_parent_logprobs_on_a_tiny_model(tok):
     model = LlamaForCausalLM(config).eval()
     prompt = "Question: is it true?\nAnswer:"
     responses = [" It is unbelievably true 😀 — 12345 times.", " No.\n\n\tReally  naïve"]
-    rows, maps, all_parents = [], [], []
+    rows, all_parents = [], []
     for text in responses:
         p_ids = student(prompt)["input_ids"]  # with BOS
         r_ids = student(text, add_special_tokens=False)["input_ids"]
