@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,eval,gguf,align
+EXTRAS ?= dev,eval,gguf,align,sweep
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 

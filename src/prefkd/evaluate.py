@@ -133,6 +133,39 @@ def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> di
     return results
 
 
+def training_run_of(*paths: str | None) -> Path | None:
+    """The training run directory holding a checkpoint (the nearest parent with ``wandb_run.json``), if any."""
+    for path in paths:
+        if path:
+            for parent in Path(path).expanduser().resolve().parents:
+                if (parent / "wandb_run.json").is_file():
+                    return parent
+    return None
+
+
+def log_results(cfg: DictConfig, results: dict, output_dir: Path) -> None:
+    """``logger=wandb``: the results as a wandb Table ``eval/results`` plus ``eval/<set>/<metric>`` summary values,
+    in the training run's wandb run when the model is one of its checkpoints (resumed by id), else in a new
+    ``eval`` run."""
+    from prefkd.tracking import Tracker, eval_table
+
+    logger = dict(cfg.get("logger") or {})
+    if logger.get("backend") != "wandb":
+        return
+    run_dir = training_run_of(cfg.model.path, cfg.model.adapter)
+    resume = json.loads((run_dir / "wandb_run.json").read_text()) if run_dir else None
+    name = resume["name"] if resume else f"eval-{Path(str(cfg.model.path or cfg.model.adapter)).name}"
+    config = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("eval", "model", "reference", "reward_model")}
+    tracker = Tracker(run_dir or output_dir, logger, {"evaluation": config}, name=name,
+                      resume=resume, job_type="eval", metrics_file=False)
+    try:
+        columns, rows, values = eval_table(results)
+        tracker.table("eval/results", columns, rows)
+        tracker.summary(values)
+    finally:
+        tracker.close()
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     """Load the model(s) named by a composed config and run its protocol; returns the results dict."""
     if cfg.num_threads:
@@ -143,7 +176,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     if cfg.eval.protocol not in runners:
         raise ValueError(f"eval.protocol={cfg.eval.protocol!r} is not one of {sorted(runners)}.")
     policy = instantiate(cfg.model)
-    return runners[cfg.eval.protocol](cfg, policy, output_dir)
+    results = runners[cfg.eval.protocol](cfg, policy, output_dir)
+    log_results(cfg, results, output_dir)
+    return results
 
 
 def _dataset_shorthand(argv: list[str]) -> list[str]:

@@ -6,8 +6,10 @@ With no overrides it runs the embedded demo. Config groups live in the repositor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+import prefkd.run_info  # noqa: F401  (registers ${prefkd_job_subdir:...}, used by hydra.sweep.subdir)
 
 log = logging.getLogger("prefkd.train")
 
@@ -105,9 +109,34 @@ def check_required(cfg: DictConfig) -> None:
                          f"the command line")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Build everything from a composed config and train. Returns the train summary."""
-    from prefkd.tracking import Tracker
+def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, device: str) -> dict:
+    """``final_eval.enabled``: the run's best checkpoint (else its last) through ``prefkd.evaluate``'s protocol
+    ``final_eval`` (config/eval/*.yaml keys), results in ``<run_dir>/eval/``. A LoRA checkpoint is evaluated as an
+    adapter on its base (SPEC §9). Rerunning resumes the evaluation like ``prefkd.evaluate`` does."""
+    from prefkd import evaluate
+
+    path = summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+    if path is None:
+        raise FileNotFoundError(f"final_eval: {run_dir}/checkpoints holds no best or last checkpoint to evaluate")
+    lora = (Path(path) / "adapter_config.json").is_file()
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.trainer.precision), "float32")
+    model = {"_target_": "prefkd.evaluate.load_model", "path": None if lora else path, "adapter": path if lora else None,
+             "tokenizer_path": path, "dtype": dtype, "device": device}
+    none = {"_target_": "prefkd.evaluate.load_model", "path": None, "adapter": None}
+    ecfg = OmegaConf.create({"eval": OmegaConf.to_container(cfg.final_eval, resolve=True), "model": model,
+                             "reference": none, "reward_model": {"path": None}, "device": device,
+                             "num_threads": cfg.trainer.num_threads, "progress": True})
+    print(f"\nfinal_eval: {cfg.final_eval.protocol} evaluation of {path} into {run_dir / 'eval'}")
+    return evaluate.run(ecfg, run_dir / "eval")
+
+
+def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict:
+    """Build everything from a composed config and train (then evaluate with ``final_eval.enabled``).
+
+    ``hydra_cfg`` (Hydra's runtime config under ``@hydra.main``) names the run in run_info.json and wandb.
+    Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
+    from prefkd.run_info import describe_run, tokenizer_relation, wandb_metadata
+    from prefkd.tracking import Tracker, eval_table
     from prefkd.trainer import Trainer
 
     check_required(cfg)
@@ -149,12 +178,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 cache.check(split, ds)
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(run_dir, dict(cfg.logger), config, name=f"{cfg.run_name}-seed{tcfg.seed}",
-                      enabled=accelerator.is_main_process)
+    info = describe_run(cfg, hydra_cfg, tokenizers=tokenizer_relation(
+        student.tokenizer, teacher.tokenizer if teacher is not None else None))
+    if accelerator.is_main_process:
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    tracker = Tracker(run_dir, dict(cfg.logger), config, enabled=accelerator.is_main_process,
+                      **wandb_metadata(info, dict(cfg.logger)))
     try:
         trainer = Trainer(tcfg, accelerator=accelerator, student=student, teacher=teacher, loss=loss,
                           train_set=train_set, dev_set=dev_set, run_dir=run_dir, tracker=tracker, teacher_cache=cache)
         summary = trainer.fit()
+        final_eval = cfg.get("final_eval")
+        if final_eval is not None and final_eval.get("enabled") and accelerator.is_main_process:
+            del trainer, teacher, student, loss  # the evaluation loads the best checkpoint afresh
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            summary["eval"] = evaluate_after_training(cfg, summary, run_dir, str(accelerator.device))
+            columns, rows, values = eval_table(summary["eval"])
+            tracker.table("eval/results", columns, rows)
+            tracker.summary(values)
     finally:
         tracker.close()
     if accelerator.is_main_process:
@@ -169,14 +211,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return summary
 
 
+def objective(summary: dict) -> float | None:
+    """The number a sweeper optimises: the best ``trainer.select_metric`` value (dev/rougeL, or dev/loss), else
+    the final dev loss, else the last training loss. The Optuna example (config/hydra/sweeper/) names the direction."""
+    for value in ((summary.get("best") or {}).get("value"), summary.get("dev_loss_final"),
+                  summary.get("last_train_loss")):
+        if value is not None:
+            return float(value)
+    return None
+
+
+def pass_signal_on(stop) -> None:
+    """After a pre-emption checkpoint, call the handler that was installed for the signal before prefkd's own,
+    if any: a cluster launcher's (submitit requeues the job, which then resumes from that checkpoint)."""
+    handler = signal.getsignal(stop.signum)
+    if callable(handler):
+        print(f"{stop}: passing signal {stop.signum} on to {getattr(handler, '__qualname__', handler)}",
+              file=sys.stderr)
+        handler(stop.signum, None)
+
+
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from prefkd.trainer import PREEMPT_EXIT_CODE, NonFiniteLossError, Preempted
 
     load_env()
+    hydra_cfg = HydraConfig.get()
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        return objective(run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg))
     except Preempted as stop:
+        pass_signal_on(stop)
         print(f"{stop}: exiting with code {PREEMPT_EXIT_CODE}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPT_EXIT_CODE)
     except NonFiniteLossError as stop:

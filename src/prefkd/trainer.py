@@ -526,8 +526,11 @@ class Trainer:
         summary = self._summary(interrupted)
         if self.acc.is_main_process:
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-            self.tracker.summary({"best_dev": (st["best"] or {}).get("value"), "final_loss": st["last_train_loss"],
-                                  "tokens_per_s": summary["tokens_per_s"]})
+            best = st["best"] or {}
+            self.tracker.summary({f"best/{best.get('metric', 'dev').replace('/', '_')}": best.get("value"),
+                                  "best/step": best.get("step"), "final/train_loss": st["last_train_loss"],
+                                  "final/dev_loss": summary["dev_loss_final"], "perf/tokens_per_s": summary["tokens_per_s"],
+                                  "perf/peak_mem_mb": summary["peak_mem_mb"], "steps": st["global_step"]})
         return summary
 
     def _summary(self, interrupted: bool = False) -> dict:

@@ -100,7 +100,7 @@ def test_preference_command_in_process(tiny_dir, tiny_tokenizer, tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("evaluate", overrides=["eval=preference", f"model.path={tiny_dir}", f"reference.path={tiny_dir}",
                                              f"reward_model.path={rm_dir}", "eval.win_rate.max_new_tokens=3",
-                                             "device=cpu", "progress=false", *argv])
+                                             "device=cpu", "progress=false", "logger=none", *argv])
     results = run(cfg, tmp_path / "out")
     assert results["n"] == 3 and results["rewards/accuracies"] == 0.0 and results["rewards/margins"] == 0.0
     assert 0.0 <= results["win_rate"] <= 1.0
