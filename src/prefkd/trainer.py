@@ -130,7 +130,7 @@ class Trainer:
             teacher = ModelOutputs(t.logits, t.hidden_states[-1] if needs.hidden_states else None, self.teacher)
         reference = self._reference_forward(batch) if needs.reference else None
         return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference,
-                                    step=self.state["global_step"]))
+                                    step=self.state["global_step"], total_steps=self.total_steps))
 
     # ---------------------------------------------------------------- reference model (preference losses)
     def _build_reference(self, student, teacher: ModelBundle | None) -> None:

@@ -31,7 +31,8 @@ TIGHT = {"tol": 1e-10, "max_iter": 3000}  # fp32 never reaches 1e-10: the loss r
 SPEC = dict(ce_weight=1.0, kd_rate=0.5, temperature=1.0, lambda_logits=1.0, lambda_hidden=1.0, top_k=400,
             ot_temperature=2.0, window=4, include_prompt=False, logits_costs=("euclidean", "kl", "salience"),
             logits_alpha=(0.2, 0.5, 0.3), hidden_costs=("lexical", "context_euclidean", "context_cosine"),
-            hidden_alpha=(0.3, 0.5, 0.2), alpha_mode="fixed", sigma=2.0, alpha_min=0.01, cost_scale="mean", eps=0.1)
+            hidden_alpha=(0.3, 0.5, 0.2), alpha_mode="fixed", sigma=2.0, alpha_min=0.01, cost_scale="mean", eps=0.1,
+            interpolate=False, interpolate_start=0.1, interpolate_steps=None)
 BRANCHES = ("logits", "hidden")
 
 
@@ -103,7 +104,13 @@ def reference_ot(inputs: LossInputs, loss: MCWKDLoss, c: dict):
         x_s = [hs[e, i] for i in sp]
         q = [torch.softmax(torch.sort(t.logits[e, j].double(), descending=True).values[:k] / c["ot_temperature"], 0)
              for j in tp]
-        p = [torch.softmax(torch.sort(zs[e, i], descending=True).values[:k] / c["ot_temperature"], 0) for i in sp]
+        top_s = [torch.sort(zs[e, i], descending=True).values[:k] for i in sp]
+        span = c["interpolate_steps"] or inputs.total_steps  # no schedule outside training: t = 1
+        if c["interpolate"] and span:  # the i-th student point mixed with the i-th teacher point, t from the schedule
+            t_mix = c["interpolate_start"] + (1 - c["interpolate_start"]) * min(1.0, inputs.step / span)
+            top_t = [torch.sort(t.logits[e, j].double(), descending=True).values[:k] for j in tp]
+            top_s = [t_mix * z + (1 - t_mix) * top_t[idx] if idx < m else z for idx, z in enumerate(top_s)]
+        p = [torch.softmax(z / c["ot_temperature"], 0) for z in top_s]
         sal_t = [torch.sigmoid(x @ w_sal + b_sal) for x in x_t]
         sal_s = [torch.sigmoid(x @ w_sal + b_sal) for x in x_s]
         c_t, c_s = window_means(x_t, c["window"]), window_means(x_s, c["window"])
@@ -258,6 +265,26 @@ SETTINGS = [
     pytest.param({"lambda_hidden": 0.0, "logits_costs": ["salience", "kl"], "logits_alpha": [0.5, 0.5],
                   "cost_scale": None, "eps": 0.5, "ce_weight": 0.0}, id="logits-only-raw-costs"),
 ]
+
+
+@pytest.mark.parametrize("steps", [(3, 10, None), (4, None, 8), (20, 10, None)], ids=["t=0.37", "t=0.55", "t=1"])
+def test_interpolation_schedule_equals_the_reference(steps):
+    """The released code's index-wise teacher→student interpolation of the sorted logits (SPEC §8), t = 0.1 → 1:
+    at step 3 of T = 10, at step 4 of a run of 8 steps (interpolate_steps null), and past the end (t = 1)."""
+    step, span, total = steps
+    kw = {"interpolate": True, "interpolate_steps": span, "lambda_hidden": 0.0}
+    c = settings(kw)
+    inputs = mcw_inputs(seed=2)
+    inputs.step, inputs.total_steps = step, total
+    loss = built(inputs, chunk_size=4, **TIGHT, **kw)
+    out, _ = check(inputs, loss, c)
+    want_t = 0.1 + 0.9 * min(1.0, step / (span or total))
+    tokens = int(inputs.batch["labels"].ne(-100).sum())
+    assert float(out.metrics["interpolation_t"]) / tokens == pytest.approx(want_t)
+    if want_t < 1:  # the mix changes the loss (else the test above proves nothing)
+        plain = built(inputs, chunk_size=4, **TIGHT, lambda_hidden=0.0)
+        assert abs(float(plain(inputs).loss.detach()) - float(out.loss.detach())) > 1e-4
+    assert loss.interpolation_weight(5, None) == (1.0 if span is None else pytest.approx(0.1 + 0.9 * min(1, 5 / span)))
 
 
 @pytest.mark.parametrize("kw", SETTINGS)

@@ -60,6 +60,7 @@ class LossInputs:
     teacher: ModelOutputs | None = None
     reference: ModelOutputs | None = None
     step: int = 0  # optimizer step, for schedules inside a loss
+    total_steps: int | None = None  # optimizer steps of the whole run (None outside training)
 
 
 @dataclass

@@ -15,6 +15,10 @@ over the valid points. Clouds are packed B×P (P = most points in the batch) wit
 
 Logits branch (one plan over the costs of ``logits_costs``, weights α_l):
     p_i = softmax(topk(z^s_i, k)/τ_ot), q_j = softmax(topk(z^t_j, k)/τ_ot) (sorted top-k logits, k = ``top_k``)
+    optional interpolation (``interpolate``, the released code's schedule): p_i = softmax((t·topk(z^s_i) +
+    (1 − t)·topk(z^t_i))/τ_ot) INDEX-WISE — the i-th student point is mixed with the i-th teacher point of the same
+    example (i < min(n_b, m_b); no alignment), t = t_0 + (1 − t_0)·min(1, step/T) rising from ``interpolate_start``
+    t_0 to 1 over T = ``interpolate_steps`` optimizer steps (null: the whole run), the teacher part detached
     euclidean C[j,i] = ‖q_j − p_i‖₂;  kl C[j,i] = Σ_k q_j,k log(q_j,k/p_i,k);
     salience  C[j,i] = |σ(wᵀP_ot h^t_j + b) − σ(wᵀh^s_i + b)|  (w, b: the trainable ``salience`` layer)
 Hidden branch (weights α_h), clouds {P_ot h^t_j} and {h^s_i} in R^{d_s} (P_ot: trainable Linear d_t → d_s):
@@ -100,18 +104,24 @@ class MCWKDLoss(DSKDCMALoss):
                  hidden_costs=("lexical", "context_euclidean", "context_cosine"), hidden_alpha=(0.3, 0.5, 0.2),
                  alpha_mode: str = "fixed", sigma: float = 2.0, alpha_min: float = 0.01, update_interval: int = 100,
                  cost_scale: str | None = "mean", eps: float = 0.1, max_iter: int = 1000, tol: float = 1e-6,
-                 sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024):
+                 sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024,
+                 interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None):
         super().__init__(divergence, kd_rate, temperature, teacher_temperature, skew_lambda, adaptive_alpha,
                          pretrain_projectors, chunk_size)
         if top_k < 1 or ot_temperature <= 0 or window < 0 or eps <= 0:
             raise ValueError(f"need top_k >= 1, ot_temperature > 0, window >= 0, eps > 0; got {top_k}, "
                              f"{ot_temperature}, {window}, {eps}")
+        if not 0 <= interpolate_start <= 1 or (interpolate_steps is not None and interpolate_steps < 1):
+            raise ValueError(f"need 0 <= interpolate_start <= 1 and interpolate_steps >= 1 (or null); got "
+                             f"{interpolate_start}, {interpolate_steps}")
         if sinkhorn_grad not in ("envelope", "unrolled"):
             raise ValueError(f"sinkhorn_grad must be 'envelope' or 'unrolled', got {sinkhorn_grad!r}")
         self.ce_weight, self.lambda_logits, self.lambda_hidden = ce_weight, lambda_logits, lambda_hidden
         self.top_k, self.ot_temperature, self.window = int(top_k), ot_temperature, int(window)
         self.include_prompt, self.cost_scale = bool(include_prompt), cost_scale
         self.eps, self.max_iter, self.tol, self.sinkhorn_grad = eps, int(max_iter), tol, sinkhorn_grad
+        self.interpolate, self.interpolate_start, self.interpolate_steps = bool(interpolate), interpolate_start, \
+            interpolate_steps
         self.costs = {"logits": _check_costs(logits_costs, LOGITS_COSTS, "logits"),
                       "hidden": _check_costs(hidden_costs, HIDDEN_COSTS, "hidden")}
         alphas = {"logits": logits_alpha, "hidden": hidden_alpha}
@@ -149,6 +159,15 @@ class MCWKDLoss(DSKDCMALoss):
         for weights in self.cost_weights.values():
             weights.on_optimizer_step(step)
 
+    def interpolation_weight(self, step: int, total_steps: int | None) -> float:
+        """t of the index-wise interpolation at ``step`` (1.0 = the student's own points, also when it is off)."""
+        if not self.interpolate:
+            return 1.0
+        span = self.interpolate_steps or total_steps
+        if not span:
+            return 1.0  # outside training (no schedule): the student's own distributions
+        return self.interpolate_start + (1 - self.interpolate_start) * min(1.0, step / span)
+
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, inputs: LossInputs) -> LossOutput:
         self._check(inputs)
@@ -175,8 +194,11 @@ class MCWKDLoss(DSKDCMALoss):
             x_s = s_pts.pack(student.hidden).float()  # B×n×d_s
             branches = []
             if self.active("logits"):
+                mix = self.interpolation_weight(inputs.step, inputs.total_steps)
                 branches.append(("logits", self.lambda_logits, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
-                                                                                  x_s, k)))
+                                                                                  x_s, k, mix)))
+                if self.interpolate:
+                    metrics["interpolation_t"] = mix * tokens
             if self.active("hidden"):
                 branches.append(("hidden", self.lambda_hidden, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
             pairs = pair_mask(t_pts.valid, s_pts.valid)  # B×m×n valid (j, i), the same for both branches
@@ -196,15 +218,22 @@ class MCWKDLoss(DSKDCMALoss):
         metrics = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in metrics.items()}
         return LossOutput(loss=loss, metrics=metrics)
 
-    def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k):
-        """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch."""
+    def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k, mix: float = 1.0):
+        """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch; ``mix`` < 1 interpolates the
+        student's sorted logits index-wise towards the teacher's (module docstring)."""
         flat_t = teacher.logits.detach().reshape(-1, teacher.logits.shape[-1])
         index = t_pts.rows * teacher.logits.shape[1] + t_pts.cols
         with torch.no_grad():  # the teacher's sorted top-k logits, per chunk
             top_t = torch.cat([flat_t[index[i:i + self.chunk_size]].float().topk(k, dim=-1).values
                                for i in range(0, index.numel(), self.chunk_size)] or [flat_t.new_zeros(0, k).float()])
-        log_q = torch.log_softmax(t_pts.pack_rows(top_t) / self.ot_temperature, -1)
-        log_p = torch.log_softmax(s_pts.pack_rows(top_s.float()) / self.ot_temperature, -1)
+        sorted_t, sorted_s = t_pts.pack_rows(top_t), s_pts.pack_rows(top_s.float())
+        if mix < 1.0:
+            width = min(sorted_t.shape[1], sorted_s.shape[1])
+            both = (s_pts.valid[:, :width] & t_pts.valid[:, :width])[..., None]
+            mixed = mix * sorted_s[:, :width] + (1 - mix) * sorted_t[:, :width]
+            sorted_s = torch.cat([torch.where(both, mixed, sorted_s[:, :width]), sorted_s[:, width:]], 1)
+        log_q = torch.log_softmax(sorted_t / self.ot_temperature, -1)
+        log_p = torch.log_softmax(sorted_s / self.ot_temperature, -1)
         costs = []
         for name in self.costs["logits"]:
             if name == "euclidean":
