@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -31,13 +32,22 @@ def test_tiny_run_from_any_directory(tmp_path):
 
 
 def test_multirun_sweep_with_the_basic_launcher(tmp_path):
-    res = train("--multirun", "loss=sft,kd", "model=tiny", "trainer.max_steps=5", "logger=none",
+    """The README's sweep over a published recipe (issue 7), with the tiny pair in place of its models."""
+    res = train("--multirun", "experiment=gpt2_multicost", "loss.lambda_logits=1,10", "model=tiny", "dataset=embedded",
+                "dataset.source.n_train=16", "dataset.source.n_dev=4", "trainer.max_steps=1", "trainer.batch_size=4",
+                "trainer.eval.rouge=false", "trainer.eval_at_start=false", "logger=none",
                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    summaries = sorted((tmp_path / "sweep").glob("*/train_summary.json"))
-    assert len(summaries) == 2
-    # <run_name>/<swept values>: the loss is in the run name already, so nothing else names these jobs
-    assert [p.parent.name for p in summaries] == ["tiny-kd", "tiny-sft"]
+    jobs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/*/train_summary.json"))
+    # <run_name>/<swept values>: the experiment's run name, then only the swept key
+    assert [p.relative_to(tmp_path / "sweep").as_posix() for p in jobs] == [
+        "gpt2-multicost/loss.lambda_logits=1", "gpt2-multicost/loss.lambda_logits=10"]
+    for job, value in zip(jobs, (1.0, 10.0)):
+        info = json.loads((job / "run_info.json").read_text())
+        assert info["experiment"] == "gpt2_multicost" and info["method"] == "multicost" and info["loss"] == "mcw_kd"
+        assert info["swept"] == {"loss.lambda_logits": str(int(value))}
+        assert json.loads((job / "train_summary.json").read_text())["steps"] == 1
+        assert yaml.safe_load((job / "config.yaml").read_text())["loss"]["lambda_logits"] == value
 
 
 def test_a_users_own_config_dir_adds_groups(tmp_path):
