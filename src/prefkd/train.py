@@ -109,6 +109,24 @@ def check_required(cfg: DictConfig) -> None:
                          f"the command line")
 
 
+def check_final_eval(cfg: DictConfig) -> None:
+    """``final_eval.enabled``: a wrong protocol or a missing set file is an error before training, not after it."""
+    final = cfg.get("final_eval")
+    if final is None or not final.get("enabled"):
+        return
+    protocol = final.get("protocol")
+    if protocol == "instruct":
+        from prefkd.eval.sets import resolve_data_path, select_sets
+
+        sets = select_sets(list(final.datasets), OmegaConf.to_container(final.sets, resolve=True))
+        missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
+        if missing:
+            raise FileNotFoundError(f"final_eval: no file for set(s) {missing}: place them or set "
+                                    f"final_eval.sets.<name>=PATH (or drop them from final_eval.datasets)")
+    elif protocol != "preference":
+        raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct or eval@final_eval=preference")
+
+
 def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, device: str) -> dict:
     """``final_eval.enabled``: the run's best checkpoint (else its last) through ``prefkd.evaluate``'s protocol
     ``final_eval`` (config/eval/*.yaml keys), results in ``<run_dir>/eval/``. A LoRA checkpoint is evaluated as an
@@ -140,6 +158,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     from prefkd.trainer import Trainer
 
     check_required(cfg)
+    check_final_eval(cfg)
 
     tcfg = cfg.trainer
     if tcfg.num_threads:
