@@ -27,9 +27,8 @@ def test_swept_keys_differ_within_a_sweep_not_across_sweeps():
             run("/b/0", {"loss": "kd", "trainer.seed": "1", "trainer.max_steps": "8"}, "/b"),
             run("/b/1", {"loss": "kd", "trainer.seed": "2", "trainer.max_steps": "8"}, "/b")]
     assert swept_keys(runs) == ["trainer.lr", "trainer.seed"]  # max_steps differs only across sweeps
-    # without sweep information all runs are compared with each other
-    assert swept_keys([run(r.path, r.overrides) for r in runs]) == ["trainer.lr", "trainer.max_steps",
-                                                                     "trainer.seed"]
+    # runs outside any sweep (separate commands) are compared with nothing: nobody swept their differences
+    assert swept_keys([run(r.path, r.overrides) for r in runs]) == []
     assert swept_keys(runs[:1]) == []
     declared = run("/c/0", {"loss.kd_rate": "0.5", "trainer.lr": "1"}, "/c")
     declared.declared = {"loss.kd_rate"}  # run_info.json's "swept": one job of a sweep is enough

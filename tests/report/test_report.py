@@ -121,19 +121,21 @@ def test_training_table_and_swept_keys(report):
     training = md.split("## Training")[1]
     assert training.count("\n| ") == 1 + 6
     row = md_row(training, "multirun/2026-11-23_18-00-00/3_loss.lambda_logits=10,trainer.seed=2")
-    assert row[:4] == ["tiny", "mcw_kd", "model=tiny, loss=mcw_kd, loss.lambda_logits=10, trainer.seed=2", "4"]
+    assert row[:4] == ["tiny", "mcw_kd", "loss.lambda_logits=10, trainer.seed=2", "4"]
     assert row[4:] == ["yes", "3.2000", "dev/rougeL 12.0000 (step 4)", "4.5000", "165.2", "812"]
     assert md_row(training, "outputs/tiny-sft/old")[:3] == ["tiny", "sft", "–"]  # no run_info.json
     swept = training.split("Swept keys")[1].splitlines()[0]
-    for key in ("loss.lambda_logits", "trainer.seed", "model", "loss"):
+    for key in ("loss.lambda_logits", "trainer.seed"):
         assert f"`{key}`" in swept
-    assert "trainer.max_steps" not in swept
+    for key in ("trainer.max_steps", "loss", "model"):  # the same in the sweep; the other runs are not a sweep
+        assert f"`{key}`" not in swept
 
 
 def test_preference_results_get_their_own_table(report):
     md = (report[0] / "report.md").read_text()
     pref = md.split("## Preference evaluation")[1].split("## ")[0]
-    assert md_row(pref, "outputs/tiny-kd/2026-11-23_17-00-00") == ["hh", "8", "0.6250", "0.2000", "–"]
+    assert md_row(pref, "evals/pref") == ["outputs/tiny-kd/2026-11-23_17-00-00", "–", "hh", "8", "0.6250", "0.2000",
+                                          "–"]
 
 
 def test_corrupt_metrics_line_is_skipped_with_a_warning(report):
@@ -147,13 +149,12 @@ def test_corrupt_metrics_line_is_skipped_with_a_warning(report):
 
 def test_plots_are_pngs_and_sweeps_only_for_keys_with_several_values(report):
     out, written, _, _ = report
-    names = {"rougeL_by_set.png", "train_loss.png", "dev_metrics.png", "sweep_loss.lambda_logits.png",
-             "sweep_loss.png"}
+    names = {"rougeL_by_set.png", "train_loss.png", "dev_metrics.png", "sweep_loss.lambda_logits.png"}
     for name in names:
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data.startswith(b"\x89PNG")
         assert f"]({name})" in (out / "report.md").read_text()
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == names  # no plot for model (one value), trainer.seed (pooled) or trainer.max_steps (not swept)
+    assert pngs == names  # none for trainer.seed (pooled), trainer.max_steps or loss (not swept within a sweep)
     assert {p.name for p in written} == names | {"report.md", "report.csv", "training.csv"}
     assert not list(out.glob(".*"))  # no temporary files left behind

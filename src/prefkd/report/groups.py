@@ -1,7 +1,7 @@
 """Swept keys, row labels, pooling of replicate runs, and the per-run figure the sweep plots show.
 
 Swept keys: a Hydra override key is *swept* when its value differs among the runs of one sweep (same
-``sweep_dir``; runs without sweep information form one group), the union over sweeps, plus the keys a run's
+``sweep_dir``; runs outside any sweep are compared with nothing), the union over sweeps, plus the keys a run's
 run_info.json declares swept (its multirun's sweep overrides). ``hydra.*``, ``trainer.resume`` and
 ``run_name`` never count.
 
@@ -58,10 +58,12 @@ def natural(value: str) -> tuple:
 
 def swept_keys(runs: list[Run]) -> list[str]:
     """Keys whose override value differs among the runs of a sweep (the union over sweeps) or that a run declares
-    swept, in the order the runs' overrides first name them."""
-    groups: dict[str | None, list[Run]] = {}
+    swept, in the order the runs' overrides first name them. Runs outside any sweep are compared with nothing:
+    separate commands (a pipeline's stages, say) differ in many keys that nobody swept."""
+    groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.sweep_dir, []).append(run)
+        if run.sweep_dir is not None:
+            groups.setdefault(run.sweep_dir, []).append(run)
     swept = {key for group in groups.values() for key in {k for r in group for k in r.overrides}
              if not ignored(key) and len({r.overrides.get(key) for r in group}) > 1}
     swept |= {k for r in runs for k in r.declared if k in r.overrides and not ignored(k)}

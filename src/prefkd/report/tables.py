@@ -128,10 +128,12 @@ def preference_markdown(collection: Collection) -> str:
     evs = [e for e in collection.evaluations if e.kind == "preference"]
     if not evs:
         return ""
-    body = [[collection.rel(e.run.path) if e.run else e.target, str(e.data.get("data", DASH)),
-             num(e.data.get("n"), "d"), num(e.data.get("rewards/accuracies")), num(e.data.get("rewards/margins")),
-             num(e.data.get("win_rate"))] for e in evs]
-    return "\n".join(_md_table(["run / model", "data", "pairs", "accuracy", "margin", "win rate"], body)) + "\n"
+    body = [[collection.rel(e.path.parent), collection.rel(e.run.path) if e.run else e.target,
+             str(e.data.get("reference") or DASH), str(e.data.get("data", DASH)), num(e.data.get("n"), "d"),
+             num(e.data.get("rewards/accuracies")), num(e.data.get("rewards/margins")), num(e.data.get("win_rate"))]
+            for e in evs]
+    return "\n".join(_md_table(["results", "run / model", "reference", "data", "pairs", "accuracy", "margin",
+                                 "win rate"], body)) + "\n"
 
 
 def report_markdown(collection: Collection, swept: list[str], rows: list[ResultRow], records: list[dict],
