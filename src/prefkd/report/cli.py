@@ -18,7 +18,6 @@ from prefkd.report.groups import METRICS, auto_metric, result_rows, swept_keys
 from prefkd.report.tables import (report_markdown, results_csv, results_markdown, training_csv, training_markdown,
                                   training_records)
 
-log = logging.getLogger("prefkd.report")
 
 EPILOG = """\
 outputs (in OUT):
@@ -62,15 +61,9 @@ def write_report(dirs: list[str | Path], out: str | Path, *, metric: str = "auto
     rows = result_rows(collection, swept)
     records = training_records(collection, swept)
     metric = auto_metric(collection.runs) if metric == "auto" else metric
-    try:
-        from prefkd.report.plots import make_plots
-    except ImportError as err:
-        message = f"no plots: matplotlib is not installed ({err}); `pip install matplotlib`"
-        log.warning(message)
-        collection.warnings.append(message)
-        plots = []
-    else:
-        plots = make_plots(collection, swept, rows, metric, out)
+    from prefkd.report.plots import make_plots  # matplotlib: imported only when a report is written
+
+    plots = make_plots(collection, swept, rows, metric, out)
     atomic_write(out / "report.md", report_markdown(collection, swept, rows, records, plots, title))
     atomic_write(out / "training.csv", training_csv(records))
     atomic_write(out / "report.csv", results_csv(rows) if rows else training_csv(records))
