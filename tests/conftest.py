@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,3 +53,10 @@ def real_tokenizer():
 
 # The two real cross-tokenizer pairs of the papers: (teacher, student).
 REAL_PAIRS = [("qwen1.5", "gpt2"), ("mistral", "tinyllama")]
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (torchrun's --master_port), so parallel test workers never collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

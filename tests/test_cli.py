@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -86,7 +88,7 @@ def test_two_processes_equal_one_process(tmp_path):
     common = ("model=tiny_same", "loss=kd", "trainer.max_steps=3", "logger=none", "trainer.device=cpu",
               "trainer.eval_every=1000", "trainer.eval_at_start=false")
     two = train(*common, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path,
-                launcher=[str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29517"])
+                launcher=[str(TORCHRUN), "--nproc_per_node", "2", "--master_port", free_port()])
     assert two.returncode == 0, two.stderr[-3000:]
     one = train(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]

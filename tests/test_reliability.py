@@ -27,6 +27,7 @@ from prefkd import checkpoint as ckpt
 from prefkd.losses.kd import KDLoss
 from prefkd.train import run
 from prefkd.trainer import NonFiniteLossError
+from tests.conftest import free_port
 from tests.test_trainer import assert_same_weights, compose_cfg, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_two_processes_stop_together_when_one_sees_non_finite_gradients(tmp_path
     """torchrun with 2 processes (gloo): rank 1's gradients are NaN on steps 2 and 3 (rank 0's are fine). Both
     processes skip those steps and stop at step 3 with the error (no process left waiting in a collective)."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = ["--nproc_per_node", "2", "--master_port", "29531", "-m", "prefkd.train", "model=tiny_same", "loss=kd",
+    args = ["--nproc_per_node", "2", "--master_port", free_port(), "-m", "prefkd.train", "model=tiny_same", "loss=kd",
             FAULTY, "+loss.nan_grad_steps=[1,2]", "+loss.only_rank=1", "logger=none", "trainer.device=cpu",
             "trainer.eval_at_start=false", "trainer.max_steps=8", "trainer.batch_size=4",
             "trainer.max_nonfinite_in_a_row=2", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"]
