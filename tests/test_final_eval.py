@@ -14,8 +14,9 @@ EVAL = ("final_eval.enabled=true", "final_eval.datasets=[vicuna,dolly]", "final_
         "final_eval.seeds=[10,20]", "final_eval.max_new_tokens=4", "final_eval.batch_size=2")
 
 
-def test_the_best_checkpoint_is_evaluated_after_training(tmp_path):
+def test_the_best_checkpoint_is_evaluated_after_training(tmp_path, capsys):
     summary = run(compose_cfg("loss=sft", "trainer.max_steps=2", *EVAL), tmp_path / "run")
+    assert f"evaluation: {tmp_path / 'run/eval/results.md'}" in capsys.readouterr().out
     results = json.loads((tmp_path / "run/eval/results.json").read_text())
     assert results == summary["eval"]
     assert results["model"] == summary["checkpoints"]["best"] and results["adapter"] is None
@@ -48,3 +49,10 @@ def test_a_wrong_protocol_or_a_missing_set_is_an_error_before_training(tmp_path)
     with pytest.raises(FileNotFoundError, match="unni"):  # UnNI is not shipped
         run(compose_cfg("loss=sft", "final_eval.enabled=true", "final_eval.datasets=[dolly,unni]"), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing trained, nothing written
+
+
+def test_without_final_eval_the_run_prints_the_commands_that_come_next(tmp_path, capsys):
+    summary = run(compose_cfg("loss=sft", "trainer.max_steps=1"), tmp_path / "run")
+    out = capsys.readouterr().out
+    assert f"python -m prefkd.evaluate model.path={summary['checkpoints']['best']} output_dir={tmp_path / 'run/eval'}" in out
+    assert f"python -m prefkd.report {tmp_path / 'run'} --out {tmp_path / 'run/report'}" in out

@@ -227,7 +227,20 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
         if before is not None and after is not None:
             print(f"dev loss: {before:.4f} before training -> {after:.4f} after {summary['steps']} steps")
         print(f"{summary['tokens']:.0f} tokens in {summary['wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)")
+        print_next_steps(summary, run_dir)
     return summary
+
+
+def print_next_steps(summary: dict, run_dir: Path) -> None:
+    """The commands that usually come next: evaluate the best checkpoint (unless final_eval did), then report."""
+    best = summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+    if "eval" in summary:
+        results = run_dir / "eval" / "results.md"
+        print(f"evaluation: {results if results.is_file() else results.with_suffix('.json')}")
+    elif best:
+        key = "model.adapter" if (Path(best) / "adapter_config.json").is_file() else "model.path"
+        print(f"evaluate:   python -m prefkd.evaluate {key}={best} output_dir={run_dir / 'eval'}")
+    print(f"report:     python -m prefkd.report {run_dir} --out {run_dir / 'report'}")
 
 
 def objective(summary: dict) -> float | None:
