@@ -7,6 +7,8 @@
 
 A LoRA adapter is applied to its base with peft, not merged; ``model.path`` may be left out, the base is
 then read from the adapter's ``adapter_config.json``. ``dataset=NAME`` is shorthand for ``eval.dataset=NAME``.
+With ``logger=wandb`` the results go to wandb as a Table (``log_results``). ``check_final_eval`` and
+``evaluate_after_training`` serve ``prefkd.train``'s ``final_eval`` (the same protocols, right after training).
 """
 
 from __future__ import annotations
@@ -179,6 +181,44 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     results = runners[cfg.eval.protocol](cfg, policy, output_dir)
     log_results(cfg, results, output_dir)
     return results
+
+
+# ---------------------------------------------------------------- evaluation after training (final_eval)
+def check_final_eval(cfg: DictConfig) -> None:
+    """``final_eval.enabled``: a wrong protocol or a missing set file is an error before training, not after it."""
+    final = cfg.get("final_eval")
+    if final is None or not final.get("enabled"):
+        return
+    protocol = final.get("protocol")
+    if protocol == "instruct":
+        from prefkd.eval.sets import resolve_data_path, select_sets
+
+        sets = select_sets(list(final.datasets), OmegaConf.to_container(final.sets, resolve=True))
+        missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
+        if missing:
+            raise FileNotFoundError(f"final_eval: no file for set(s) {missing}: place them or set "
+                                    f"final_eval.sets.<name>=PATH (or drop them from final_eval.datasets)")
+    elif protocol != "preference":
+        raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct or eval@final_eval=preference")
+
+
+def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, device: str) -> dict:
+    """``final_eval.enabled``: the run's best checkpoint (else its last) through ``prefkd.evaluate``'s protocol
+    ``final_eval`` (config/eval/*.yaml keys), results in ``<run_dir>/eval/``. A LoRA checkpoint is evaluated as an
+    adapter on its base (SPEC §9). Rerunning resumes the evaluation like ``prefkd.evaluate`` does."""
+    path = summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+    if path is None:
+        raise FileNotFoundError(f"final_eval: {run_dir}/checkpoints holds no best or last checkpoint to evaluate")
+    lora = (Path(path) / "adapter_config.json").is_file()
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.trainer.precision), "float32")
+    model = {"_target_": "prefkd.evaluate.load_model", "path": None if lora else path, "adapter": path if lora else None,
+             "tokenizer_path": path, "dtype": dtype, "device": device}
+    none = {"_target_": "prefkd.evaluate.load_model", "path": None, "adapter": None}
+    ecfg = OmegaConf.create({"eval": OmegaConf.to_container(cfg.final_eval, resolve=True), "model": model,
+                             "reference": none, "reward_model": {"path": None}, "device": device,
+                             "num_threads": cfg.trainer.num_threads, "progress": True})
+    print(f"\nfinal_eval: {cfg.final_eval.protocol} evaluation of {path} into {run_dir / 'eval'}")
+    return run(ecfg, run_dir / "eval")
 
 
 def _dataset_shorthand(argv: list[str]) -> list[str]:
