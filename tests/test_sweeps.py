@@ -47,3 +47,16 @@ def test_an_optuna_study_over_mcw_kd_weights(tmp_path):
         assert summary["finished"] and summary["best"]["metric"] == "dev/loss"
         values.append(summary["best"]["value"])
     assert best["best_value"] == pytest.approx(min(values))
+
+
+def test_an_optuna_direction_against_the_metric_stops_before_training(tmp_path):
+    """The example maximises (dev ROUGE-L); with trainer.eval.rouge=false each trial would return its dev loss, and
+    maximising that searches for the worst settings: an error naming the fix, and no trial trains."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    res = train("--multirun", "hydra/sweeper=mcw_kd_optuna", "hydra.sweeper.n_trials=2", "loss=mcw_kd", *TINY,
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "hydra.sweeper.direction=maximize but each trial returns its best dev/loss" in res.stderr + res.stdout
+    assert "set hydra.sweeper.direction=minimize" in res.stderr + res.stdout
+    assert not list(sweep.rglob("train_summary.json"))

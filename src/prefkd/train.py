@@ -205,6 +205,22 @@ def print_next_steps(summary: dict, run_dir: Path) -> None:
     print(f"report:     python -m prefkd.report {run_dir} --out {run_dir / 'report'}")
 
 
+def check_sweep_direction(cfg: DictConfig, hydra_cfg) -> None:
+    """An Optuna sweep must optimise the objective the right way: maximise dev ROUGE-L or accuracies, minimise
+    losses. A mismatch would silently search for the worst settings, so it is an error before any training."""
+    direction = (hydra_cfg.sweeper.get("direction") if hydra_cfg is not None else None)
+    if not isinstance(direction, str):  # not Optuna (or a multi-objective list, which prefkd does not return)
+        return
+    from prefkd.trainer import higher_is_better, select_metric
+
+    metric = select_metric(cfg.trainer)
+    wanted = "maximize" if higher_is_better(metric) else "minimize"
+    if direction != wanted:
+        raise ValueError(f"hydra.sweeper.direction={direction} but each trial returns its best {metric}, which "
+                         f"should be {wanted}d: set hydra.sweeper.direction={wanted}, or change trainer.select_metric "
+                         f"(trainer.eval.rouge=true makes it dev/rougeL)")
+
+
 def objective(summary: dict) -> float | None:
     """The number a sweeper optimises: the best ``trainer.select_metric`` value (dev/rougeL, or dev/loss), else
     the final dev loss, else the last training loss. The Optuna example (config/hydra/sweeper/) names the direction."""
@@ -231,6 +247,7 @@ def main(cfg: DictConfig) -> float | None:
 
     load_env()
     hydra_cfg = HydraConfig.get()
+    check_sweep_direction(cfg, hydra_cfg)
     try:
         return objective(run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg))
     except Preempted as stop:

@@ -69,6 +69,19 @@ def preemption_signals():
             signal.signal(s, handler)
 
 
+def select_metric(trainer_cfg) -> str:
+    """``trainer.select_metric``; ``auto``: dev ROUGE-L when it is computed (SPEC §2), else the dev loss."""
+    metric = trainer_cfg.select_metric
+    if metric == "auto":
+        return "dev/rougeL" if trainer_cfg.eval.rouge else "dev/loss"
+    return metric
+
+
+def higher_is_better(metric: str) -> bool:
+    """ROUGE, accuracies and exact match grow with quality; losses (everything else) shrink."""
+    return any(k in metric for k in ("rouge", "acc", "match"))
+
+
 def count_units(batch: dict, normalize_by: str) -> int:
     """Response tokens (labels != -100) or sequences of a micro-batch: the loss's normaliser."""
     if normalize_by == "sequences":
@@ -306,18 +319,13 @@ class Trainer:
 
     @property
     def select_metric(self) -> str:
-        """`auto`: dev ROUGE-L when it is computed (SPEC §2), else the dev loss."""
-        metric = self.cfg.select_metric
-        if metric == "auto":
-            return "dev/rougeL" if self.cfg.eval.rouge else "dev/loss"
-        return metric
+        return select_metric(self.cfg)
 
     def _score(self, value: float | None) -> float:
         """Lower is better: losses as they are, accuracies and ROUGE negated."""
         if value is None:
             return math.inf
-        higher_is_better = any(k in self.select_metric for k in ("rouge", "acc", "match"))
-        return -value if higher_is_better else value
+        return -value if higher_is_better(self.select_metric) else value
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> Path:
