@@ -16,10 +16,7 @@ if [ $# -lt 1 ]; then
 fi
 MODEL=$1
 shift
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../run_train/_python.sh"
 if ! "$PYTHON" -c 'import lm_eval' 2>/dev/null; then
   echo "$0: lm-eval is not installed: pip install -e '.[eval]'" >&2
   exit 2

@@ -15,10 +15,7 @@ fi
 CKPT=$1
 BATCH=$2
 shift 2
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../run_train/_python.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/eval/$(printf '%s' "${CKPT#/}" | tr '/:' '__')}
 exec "$PYTHON" -m prefkd.evaluate eval=instruct "model.path='$CKPT'" "eval.batch_size=$BATCH" \
   "output_dir='$OUTPUT_DIR'" "$@"

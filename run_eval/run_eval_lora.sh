@@ -13,10 +13,7 @@ fi
 ADAPTER=$1
 BATCH=$2
 shift 2
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../run_train/_python.sh"
 if [ ! -f "$ADAPTER/adapter_config.json" ]; then
   echo "$0: $ADAPTER/adapter_config.json not found: LORA_ADAPTER_PATH must be a peft adapter directory" >&2
   exit 2

@@ -16,10 +16,7 @@ if [ $# -lt 1 ]; then
 fi
 EXP=$1
 shift
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 ARGS=("experiment=$EXP")
 if [ -n "${TEACHER_PATH:-}" ] && [ "${NO_TEACHER:-0}" != 1 ]; then ARGS+=("teacher.path=$TEACHER_PATH"); fi
 if [ -n "${STUDENT_PATH:-}" ]; then ARGS+=("student.path=$STUDENT_PATH"); fi

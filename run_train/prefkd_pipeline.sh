@@ -31,10 +31,7 @@ if [ $# -lt 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 MODEL=${MODEL:-tiny}
 DATA=${DATA:-$ROOT/../shared/data/preference/hh_harmless_test.jsonl}
 N_TRAIN=${N_TRAIN:-256}

@@ -7,10 +7,7 @@
 # the parents. The output (default outputs/prefkd-weights/weights.jsonl) is WEIGHTS of stage 6; rerunning resumes.
 set -euo pipefail
 HERE=$(dirname "${BASH_SOURCE[0]}")
-ROOT=$(cd "$HERE/../.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
+source "$HERE/../_python.sh"
 : "${POSITIVE:?set POSITIVE to the positive teacher (run_train/prefkd/teacher_dpo.sh's checkpoints/best)}"
 : "${NEGATIVE:?set NEGATIVE to the negative teacher (run_train/prefkd/teacher_rdpo.sh's checkpoints/best)}"
 BASE=${TEACHER_PATH:-mistralai/Mistral-7B-v0.3}

@@ -1,0 +1,6 @@
+# Sourced by the run_train/ and run_eval/ scripts: ROOT is the repository, PYTHON the interpreter (the repository's
+# .venv/bin/python when it exists and PYTHON is not set, else `python`).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
+fi
