@@ -27,7 +27,8 @@ def hydra_node(tmp_path, task, sweep_args=None, params=None):
 
 
 def test_overrides_and_safe_names():
-    assert parse_overrides(["+a.b=1", "loss=kd", "~c", "x=y=z"]) == {"a.b": "1", "loss": "kd", "x": "y=z"}
+    assert parse_overrides(["+a.b=1", "loss=kd", "~c", "~d=2", "++e=3", "x=y=z"]) == {
+        "a.b": "1", "loss": "kd", "e": "3", "x": "y=z"}
     assert safe_name("student.path=/models/a b") == "student.path=_models_a_b"
     long = safe_name("k=" + "v" * 400)
     assert len(long) == 200 and long != safe_name("k=" + "v" * 399 + "w")  # a hash keeps cut names apart

@@ -4,6 +4,12 @@
 #   student=VAR / teacher=VAR   a previous stage's checkpoint: NODE.adapter=DIR for a LoRA adapter
 #                               (adapter_config.json; merged into NODE.path, the base), else NODE.path=DIR
 #   data=VAR                    dataset.source.train=FILE (the weights of stage 5)
+
+# checkpoint_override NODE DIR: NODE.adapter=DIR for a LoRA checkpoint (adapter_config.json), else NODE.path=DIR.
+checkpoint_override() {
+  if [ -f "$2/adapter_config.json" ]; then echo "$1.adapter=$2"; else echo "$1.path=$2"; fi
+}
+
 launch_stage() {
   local experiment=$1 node var value
   shift
@@ -14,8 +20,7 @@ launch_stage() {
     value=${!var:-}
     if [ -z "$value" ]; then continue
     elif [ "$node" = data ]; then args+=("dataset.source.train=$value")
-    elif [ -f "$value/adapter_config.json" ]; then args+=("$node.adapter=$value")
-    else args+=("$node.path=$value"); fi
+    else args+=("$(checkpoint_override "$node" "$value")"); fi
   done
   [ $# -gt 0 ] && shift
   exec bash "$(dirname "${BASH_SOURCE[0]}")/../launch.sh" "$experiment" "${args[@]}" "$@"

@@ -8,13 +8,12 @@
 set -euo pipefail
 HERE=$(dirname "${BASH_SOURCE[0]}")
 source "$HERE/../_python.sh"
+source "$HERE/_stage.sh"
 : "${POSITIVE:?set POSITIVE to the positive teacher (run_train/prefkd/teacher_dpo.sh's checkpoints/best)}"
 : "${NEGATIVE:?set NEGATIVE to the negative teacher (run_train/prefkd/teacher_rdpo.sh's checkpoints/best)}"
 BASE=${TEACHER_PATH:-mistralai/Mistral-7B-v0.3}
+# a LoRA adapter is applied to the base (not merged); a full checkpoint replaces it
 ARGS=("positive.path=$BASE" "negative.path=$BASE" "policy.path=${POLICY:-Qwen/Qwen2.5-1.5B}"
-      "output=${OUTPUT:-outputs/prefkd-weights/weights.jsonl}")
-for model in "positive=$POSITIVE" "negative=$NEGATIVE"; do  # a LoRA adapter is applied to the base, not merged
-  node=${model%%=*} dir=${model#*=}
-  if [ -f "$dir/adapter_config.json" ]; then ARGS+=("$node.adapter=$dir"); else ARGS+=("$node.path=$dir"); fi
-done
+      "output=${OUTPUT:-outputs/prefkd-weights/weights.jsonl}"
+      "$(checkpoint_override positive "$POSITIVE")" "$(checkpoint_override negative "$NEGATIVE")")
 exec "$PYTHON" -m prefkd.weights "${ARGS[@]}" "$@"

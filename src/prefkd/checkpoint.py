@@ -104,6 +104,11 @@ def link_checkpoint(src: Path, dest: Path) -> None:
     _atomic_replace_dir(tmp, dest)
 
 
+def is_adapter(path: str | Path) -> bool:
+    """A LoRA checkpoint (peft adapter: adapter_config.json), as opposed to a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / STATE_DIR / "state.json").is_file()
 

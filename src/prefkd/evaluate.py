@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prefkd.checkpoint import is_adapter
 from prefkd.models.bundle import ModelBundle
 from prefkd.train import config_dir, load_env
 
@@ -149,7 +150,7 @@ def log_results(cfg: DictConfig, results: dict, output_dir: Path) -> None:
     """``logger=wandb``: the results as a wandb Table ``eval/results`` plus ``eval/<set>/<metric>`` summary values,
     in the training run's wandb run when the model is one of its checkpoints (resumed by id), else in a new
     ``eval`` run."""
-    from prefkd.tracking import Tracker, eval_table
+    from prefkd.tracking import Tracker
 
     logger = dict(cfg.get("logger") or {})
     if logger.get("backend") != "wandb":
@@ -161,9 +162,7 @@ def log_results(cfg: DictConfig, results: dict, output_dir: Path) -> None:
     tracker = Tracker(run_dir or output_dir, logger, {"evaluation": config}, name=name,
                       resume=resume, job_type="eval", metrics_file=False)
     try:
-        columns, rows, values = eval_table(results)
-        tracker.table("eval/results", columns, rows)
-        tracker.summary(values)
+        tracker.log_eval(results)
     finally:
         tracker.close()
 
@@ -202,14 +201,19 @@ def check_final_eval(cfg: DictConfig) -> None:
         raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct or eval@final_eval=preference")
 
 
+def checkpoint_to_evaluate(summary: dict) -> str | None:
+    """The checkpoint a finished run is evaluated at: its best, else its last (a train summary's ``checkpoints``)."""
+    return summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+
+
 def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, device: str) -> dict:
     """``final_eval.enabled``: the run's best checkpoint (else its last) through ``prefkd.evaluate``'s protocol
     ``final_eval`` (config/eval/*.yaml keys), results in ``<run_dir>/eval/``. A LoRA checkpoint is evaluated as an
     adapter on its base (SPEC §9). Rerunning resumes the evaluation like ``prefkd.evaluate`` does."""
-    path = summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+    path = checkpoint_to_evaluate(summary)
     if path is None:
         raise FileNotFoundError(f"final_eval: {run_dir}/checkpoints holds no best or last checkpoint to evaluate")
-    lora = (Path(path) / "adapter_config.json").is_file()
+    lora = is_adapter(path)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.trainer.precision), "float32")
     model = {"_target_": "prefkd.evaluate.load_model", "path": None if lora else path, "adapter": path if lora else None,
              "tokenizer_path": path, "dtype": dtype, "device": device}

@@ -29,12 +29,13 @@ def safe_name(text: str, limit: int = 200) -> str:
 
 
 def parse_overrides(task: list[str]) -> dict[str, str]:
-    """Hydra's ``overrides.task`` (``["+a.b=1", "loss=kd"]``) → ``{"a.b": "1", "loss": "kd"}`` (``~key`` deletes)."""
+    """Hydra's ``overrides.task`` (``["+a.b=1", "loss=kd"]``) → ``{"a.b": "1", "loss": "kd"}``; deletions
+    (``~key``, ``~key=value``) set no value and are left out."""
     out = {}
-    for item in task:
+    for item in map(str, task):
         key, sep, value = item.partition("=")
-        if sep:
-            out[key.lstrip("+~")] = value
+        if sep and not key.startswith("~"):
+            out[key.lstrip("+")] = value
     return out
 
 

@@ -97,6 +97,12 @@ class Tracker:
 
             self.wandb.log({key: wandb.Table(columns=columns, data=rows)})
 
+    def log_eval(self, results: dict) -> None:
+        """Evaluation results (``prefkd.evaluate``'s dict) as the Table ``eval/results`` plus summary values."""
+        columns, rows, values = eval_table(results)
+        self.table("eval/results", columns, rows)
+        self.summary(values)
+
     def close(self) -> None:
         if self.file:
             self.file.close()

@@ -116,7 +116,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
     from prefkd.evaluate import check_final_eval, evaluate_after_training
     from prefkd.run_info import describe_run, tokenizer_relation, wandb_metadata
-    from prefkd.tracking import Tracker, eval_table
+    from prefkd.tracking import Tracker
     from prefkd.trainer import Trainer
 
     check_required(cfg)
@@ -175,9 +175,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             summary["eval"] = evaluate_after_training(cfg, summary, run_dir, str(accelerator.device))
-            columns, rows, values = eval_table(summary["eval"])
-            tracker.table("eval/results", columns, rows)
-            tracker.summary(values)
+            tracker.log_eval(summary["eval"])
     finally:
         tracker.close()
     if accelerator.is_main_process:
@@ -195,12 +193,15 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
 
 def print_next_steps(summary: dict, run_dir: Path) -> None:
     """The commands that usually come next: evaluate the best checkpoint (unless final_eval did), then report."""
-    best = summary["checkpoints"].get("best") or summary["checkpoints"].get("last")
+    from prefkd.checkpoint import is_adapter
+    from prefkd.evaluate import checkpoint_to_evaluate
+
+    best = checkpoint_to_evaluate(summary)
     if "eval" in summary:
         results = run_dir / "eval" / "results.md"
         print(f"evaluation: {results if results.is_file() else results.with_suffix('.json')}")
     elif best:
-        key = "model.adapter" if (Path(best) / "adapter_config.json").is_file() else "model.path"
+        key = "model.adapter" if is_adapter(best) else "model.path"
         print(f"evaluate:   python -m prefkd.evaluate {key}={best} output_dir={run_dir / 'eval'}")
     print(f"report:     python -m prefkd.report {run_dir} --out {run_dir / 'report'}")
 

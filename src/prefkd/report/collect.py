@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefkd.report.readers import read_json, read_metrics, read_yaml, warn
+from prefkd.run_info import parse_overrides
 
 SUMMARY, RESULTS, RUN_INFO, METRICS = "train_summary.json", "results.json", "run_info.json", "metrics.jsonl"
 SKIP_DIRS = {".git", ".hydra", "wandb", "__pycache__", ".cache"}
@@ -113,12 +114,7 @@ def _hydra_runtime(run_dir: Path, warnings: list[str]) -> tuple[dict, str | None
 
 def _hydra_overrides(run_dir: Path, warnings: list[str]) -> dict[str, str]:
     items = read_yaml(run_dir / ".hydra" / "overrides.yaml", warnings)
-    out: dict[str, str] = {}
-    for item in items if isinstance(items, list) else []:
-        key, sep, value = str(item).partition("=")
-        if sep and not key.startswith("~"):
-            out[key.lstrip("+")] = value
-    return out
+    return parse_overrides(items if isinstance(items, list) else [])
 
 
 def _method_from_target(config: dict) -> str:
