@@ -30,7 +30,8 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std over seeds (0 for a single value)."""
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
@@ -41,7 +42,7 @@ def summarize(per_seed: Mapping[str, Mapping[int, dict]]) -> dict:
     for name, by_seed in per_seed.items():
         block: dict = {"n": next(iter(by_seed.values()))["n"], "seeds": {str(s): dict(v) for s, v in by_seed.items()}}
         for metric in (*METRICS, "gen_len_mean"):
-            mean, std = _mean_std([v[metric] for v in by_seed.values()])
+            mean, std = mean_std([v[metric] for v in by_seed.values()])
             key = "gen_len" if metric == "gen_len_mean" else metric
             block[f"{key}_mean"], block[f"{key}_std"] = mean, std
         sets[name] = block
@@ -52,7 +53,7 @@ def summarize(per_seed: Mapping[str, Mapping[int, dict]]) -> dict:
         average["seeds"][str(seed)] = {m: statistics.fmean(v[m] for v in present) for m in METRICS}
     for metric in METRICS:
         values = [v[metric] for v in average["seeds"].values()]
-        average[f"{metric}_mean"], average[f"{metric}_std"] = _mean_std(values) if values else (0.0, 0.0)
+        average[f"{metric}_mean"], average[f"{metric}_std"] = mean_std(values) if values else (0.0, 0.0)
     return {"sets": sets, "average": average}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from prefkd.eval.report import mean_std  # mean and population std: the convention of the evaluation's own tables
 from prefkd.report.collect import Collection, Evaluation, Run
 from prefkd.report.readers import finite
 
@@ -41,11 +42,6 @@ def neutral(key: str) -> bool:
 def ignored(key: str) -> bool:
     """Override keys that never count as swept (output locations, resume, names)."""
     return key.startswith("hydra.") or key in ("trainer.resume", "run_name")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and population std (0 for one value), the convention of prefkd.eval.report."""
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
 def natural(value: str) -> tuple:
