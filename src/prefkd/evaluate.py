@@ -1,7 +1,10 @@
-"""`python -m prefkd.evaluate model.path=P [model.adapter=A] [eval=instruct|preference] [key=value ...]`.
+"""`python -m prefkd.evaluate model.path=P [model.adapter=A] [eval=instruct|nll|preference] [key=value ...]`.
 
 - ``eval=instruct`` (default): SPEC §9 on the instruction sets; writes ``output_dir/results.{json,md,csv}``
   and ``output_dir/<set>/seed<S>.jsonl``; rerun with the same ``output_dir`` to resume.
+- ``eval=nll``: held-out NLL of the reference answers on the same sets (teacher forcing; nats per token and bits
+  per byte, :mod:`prefkd.eval.nll`); writes ``output_dir/results.{json,md,csv}`` and
+  ``output_dir/<set>/examples.jsonl``.
 - ``eval=preference``: SPEC §10 preference accuracy and reward margins against ``reference.path``, and
   with ``reward_model.path`` the win rate; writes ``output_dir/results.json`` (and ``generations.jsonl``).
 
@@ -101,6 +104,19 @@ def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict
     return results
 
 
+def run_nll(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
+    from prefkd.eval.nll import evaluate_nll, to_markdown
+    from prefkd.eval.sets import select_sets
+
+    e = cfg.eval
+    sets = select_sets(list(e.datasets), OmegaConf.to_container(e.sets, resolve=True))
+    results = evaluate_nll(policy.model, policy.tokenizer, sets, output_dir, batch_size=e.batch_size, limit=e.limit,
+                           max_prompt_length=e.max_prompt_length, max_length=e.max_length, progress=cfg.progress,
+                           model_name=cfg.model.path or adapter_base(cfg.model.adapter), adapter=cfg.model.adapter)
+    print("\n" + to_markdown(results))
+    return results
+
+
 def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
     from prefkd.eval.generation import Sampling
     from prefkd.eval.preference import evaluate_preference, load_pairs, reward_win_rate
@@ -173,7 +189,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.num_threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    runners = {"instruct": run_instruct, "preference": run_preference}
+    runners = {"instruct": run_instruct, "nll": run_nll, "preference": run_preference}
     if cfg.eval.protocol not in runners:
         raise ValueError(f"eval.protocol={cfg.eval.protocol!r} is not one of {sorted(runners)}.")
     policy = instantiate(cfg.model)
@@ -189,7 +205,7 @@ def check_final_eval(cfg: DictConfig) -> None:
     if final is None or not final.get("enabled"):
         return
     protocol = final.get("protocol")
-    if protocol == "instruct":
+    if protocol in ("instruct", "nll"):
         from prefkd.eval.sets import resolve_data_path, select_sets
 
         sets = select_sets(list(final.datasets), OmegaConf.to_container(final.sets, resolve=True))
@@ -198,7 +214,8 @@ def check_final_eval(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"final_eval: no file for set(s) {missing}: place them or set "
                                     f"final_eval.sets.<name>=PATH (or drop them from final_eval.datasets)")
     elif protocol != "preference":
-        raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct or eval@final_eval=preference")
+        raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct, eval@final_eval=nll "
+                         f"or eval@final_eval=preference")
 
 
 def checkpoint_to_evaluate(summary: dict) -> str | None:
@@ -209,7 +226,8 @@ def checkpoint_to_evaluate(summary: dict) -> str | None:
 def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, device: str) -> dict:
     """``final_eval.enabled``: the run's best checkpoint (else its last) through ``prefkd.evaluate``'s protocol
     ``final_eval`` (config/eval/*.yaml keys), results in ``<run_dir>/eval/``. A LoRA checkpoint is evaluated as an
-    adapter on its base (SPEC §9). Rerunning resumes the evaluation like ``prefkd.evaluate`` does."""
+    adapter on its base (SPEC §9). Rerunning resumes an instruct evaluation like ``prefkd.evaluate`` does (nll
+    recomputes)."""
     path = checkpoint_to_evaluate(summary)
     if path is None:
         raise FileNotFoundError(f"final_eval: {run_dir}/checkpoints holds no best or last checkpoint to evaluate")

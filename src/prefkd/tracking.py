@@ -114,7 +114,15 @@ def eval_table(results: dict) -> tuple[list[str], list[list], dict]:
     """Evaluation results → (columns, rows, summary values) for ``Tracker.table`` / ``Tracker.summary``.
 
     Instruction results (``sets``/``average``): one row per set and one for the average, ROUGE-L and exact match
-    mean ± std over seeds. Preference results: one row of their scalar metrics."""
+    mean ± std over seeds. NLL results (``protocol: nll``): one row per set and the average, nll and bpb.
+    Preference results: one row of their scalar metrics."""
+    if results.get("protocol") == "nll":
+        columns = ["set", "n", "nll", "bpb"]
+        rows = [[name, s["n"], s["nll"], s["bpb"]] for name, s in results["sets"].items()]
+        avg = results["average"]
+        rows.append(["average", sum(s["n"] for s in results["sets"].values()), avg["nll"], avg["bpb"]])
+        summary = {f"eval/{r[0]}/nll": r[2] for r in rows} | {f"eval/{r[0]}/bpb": r[3] for r in rows}
+        return columns, rows, summary
     if "sets" in results:
         columns = ["set", "n", "rougeL_mean", "rougeL_std", "exact_match_mean", "exact_match_std"]
         rows = [[name, s["n"], s["rougeL_mean"], s["rougeL_std"], s["exact_match_mean"], s["exact_match_std"]]

@@ -5,6 +5,7 @@ selection, preference accuracy and reward margins, and the Open LLM Leaderboard 
 - :mod:`prefkd.eval.generation`: ``Sampling`` (SPEC §9 defaults) and batched left-padded ``generate``.
 - :mod:`prefkd.eval.sets`: reading evaluation sets (``load_eval_set``, ``EvalSetError``).
 - :mod:`prefkd.eval.instruct`: the instruction-set protocol with resumable generation files.
+- :mod:`prefkd.eval.nll`: held-out NLL of the reference answers (nats per token, bits per byte).
 - :mod:`prefkd.eval.dev_rouge`: ``dev_rouge`` for the trainer (3 samples, no_repeat_ngram_size 0).
 - :mod:`prefkd.eval.preference`: DPO implicit-reward accuracy and margins, reward-model win rate.
 
