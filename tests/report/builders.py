@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,22 @@ def results(model: str, scores: dict[str, dict[int, float]], adapter: str | None
     return {"model": model, "adapter": adapter, "seeds": seeds, "limit": 5, "batch_size": 4, **summarize(per_seed)}
 
 
+def nll_results(model: str, values: dict[str, tuple[float, float]], label: str | None = None) -> dict:
+    """results.json content of the NLL protocol (prefkd.eval.nll): ``values[set]`` = (nats/token, bits/byte)."""
+    sets = {name: {"nll": nll, "bpb": bpb, "tokens": 400, "bytes": 1500, "n": 5, "truncated": 0}
+            for name, (nll, bpb) in values.items()}
+    average = {"sets": list(sets), **{m: statistics.fmean(s[m] for s in sets.values()) for m in ("nll", "bpb")}}
+    return {"protocol": "nll", "model": model, "adapter": None, "limit": 5, "batch_size": 4, "max_prompt_length": 256,
+            "max_length": 1024, "sets": sets, "average": average, "wall_time_s": 1.5,
+            **({"label": label} if label is not None else {})}
+
+
+def md_row(text: str, label: str) -> list[str]:
+    """The cells after the label of the markdown table row labelled ``label`` in ``text``."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
 def write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -31,10 +48,12 @@ def make_run(run_dir: Path, *, pair: str = "tiny", method: str = "kd", seed: int
              overrides: dict[str, str] | None = None, sweep_dir: Path | None = None, run_info: bool = True,
              scores: dict[str, dict[int, float]] | None = None, losses=(5.0, 4.6, 4.3, 4.1),
              dev=((0, 5.2, None), (2, 4.8, 10.0), (4, 4.5, 12.0)), best_metric: str = "dev/loss",
-             corrupt_tail: bool = False, job_num: int = 0, declared: tuple[str, ...] = ()) -> Path:
+             corrupt_tail: bool = False, job_num: int = 0, declared: tuple[str, ...] = (), eval_dir: str = "eval",
+             nll: dict[str, tuple[float, float]] | None = None) -> Path:
     """A finished run: config.yaml, run_info.json (optional), train_summary.json, metrics.jsonl with train lines
     (``losses`` at steps 1..N) interleaved with dev lines (step, dev/loss, dev/rougeL) and, given ``scores``,
-    eval/results.json evaluating ``checkpoints/best``. ``declared``: the keys run_info.json's "swept" names."""
+    ``<eval_dir>/results.json`` evaluating ``checkpoints/best`` (given ``nll``, also ``eval_nll/results.json``).
+    ``declared``: the keys run_info.json's "swept" names."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     config = {"run_name": f"{pair}-{method}", "loss": {"_target_": "prefkd.losses.kd.KDLoss", "kd_rate": 0.5},
@@ -71,5 +90,7 @@ def make_run(run_dir: Path, *, pair: str = "tiny", method: str = "kd", seed: int
         "best": {"metric": best_metric, "value": best_value, "step": best_step}, "nonfinite_steps": 0,
         "peak_mem_mb": 812.0, "checkpoints": {"best": str(ckpt / "best"), "last": str(ckpt / "last")}})
     if scores is not None:
-        write_json(run_dir / "eval" / "results.json", results(str(ckpt / "best"), scores))
+        write_json(run_dir / eval_dir / "results.json", results(str(ckpt / "best"), scores))
+    if nll is not None:
+        write_json(run_dir / "eval_nll" / "results.json", nll_results(str(ckpt / "best"), nll))
     return run_dir

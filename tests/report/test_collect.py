@@ -92,9 +92,10 @@ def test_results_attach_via_model_or_adapter_and_checkpoints_get_their_own_rows(
     assert sorted(e.tag for e in runs["a"].evaluations) == ["best", "last"]
     assert [e.tag for e in runs["b"].evaluations] == ["best"]
     rows = {r.label: r for r in result_rows(c, swept_keys(c.runs))}
-    assert sorted(rows) == ["/somewhere/else", "kd [best]", "kd [last]", "sft [best]"]
+    assert sorted(rows) == ["evals/elsewhere", "kd [best]", "kd [last]", "sft [best]"]  # a reference: its folder
     assert rows["kd [last]"].cells["dolly"] == (21.0, 1.0, 2)
-    assert rows["/somewhere/else"].runs == [] and rows["/somewhere/else"].pair == ""
+    assert rows["evals/elsewhere"].runs == [] and rows["evals/elsewhere"].pair == ""
+    assert rows["evals/elsewhere"].models == ["/somewhere/else"]
 
 
 def test_rows_differing_outside_the_swept_keys_are_not_pooled(tmp_path):

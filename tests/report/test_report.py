@@ -12,7 +12,7 @@ import math
 import pytest
 
 from prefkd.report.cli import write_report
-from tests.report.builders import EVAL_SEEDS, SETS, make_run, results, write_json
+from tests.report.builders import EVAL_SEEDS, SETS, make_run, md_row, results, write_json
 
 SWEEP = [(1, 1), (1, 2), (10, 1), (10, 2)]  # (loss.lambda_logits, trainer.seed)
 
@@ -70,11 +70,6 @@ def report(tree, tmp_path_factory):
     return out, written, table, records
 
 
-def md_row(text: str, label: str) -> list[str]:
-    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-    return [c.strip() for c in line.strip("|").split("|")][1:]
-
-
 def test_results_table_pools_training_seeds_and_averages(report):
     out, _, table, _ = report
     md = (out / "report.md").read_text()
@@ -89,7 +84,8 @@ def test_results_table_pools_training_seeds_and_averages(report):
         assert (f"- mcw_kd (loss.lambda_logits={lam}): 2 runs (training seeds 1, 2) × evaluation seeds 10, 20"
                 in md)
     assert md_row(md, "kd") == [fmt([15.0, 17.5]), "–", fmt([15.0, 17.5])]  # attached from outside its run dir
-    assert md_row(md, "gpt2-xl-teacher") == [fmt([30.0, 31.0]), fmt([25.0, 27.0]), fmt([27.5, 29.0])]
+    assert md_row(md, "evals/teacher") == [fmt([30.0, 31.0]), fmt([25.0, 27.0]), fmt([27.5, 29.0])]
+    assert "- evals/teacher: 1 results.json (model gpt2-xl-teacher) × evaluation seeds 10, 20" in md
     results_section = md.split("## ROUGE-L")[1].split("## ")[0]
     assert "sft" not in results_section  # not evaluated: no row
     assert results_section.count("\n| ") == 1 + 4  # header and 4 rows
@@ -109,7 +105,7 @@ def test_csv_parses_with_expected_header_and_numbers(report):
     assert float(row["self_inst_std"]) == pytest.approx(std, abs=1e-4)
     kd = by_label[("kd", "")]
     assert kd["n_runs"] == "1" and kd["self_inst_mean"] == "" and float(kd["avg_mean"]) == pytest.approx(16.25)
-    assert by_label[("gpt2-xl-teacher", "")]["n_runs"] == "0"
+    assert by_label[("evals/teacher", "")]["n_runs"] == "0"
     training = list(csv.DictReader(io.StringIO((out / "training.csv").read_text())))
     assert len(training) == 6
     sft = next(r for r in training if r["method"] == "sft")

@@ -1,4 +1,5 @@
-"""`python -m prefkd.report DIR... [--out OUT] [--metric M] [--title T]` (see :mod:`prefkd.report.cli`)."""
+"""`python -m prefkd.report DIR... [--out OUT] [--metric M] [--title T] [--note TEXT]...` (see
+:mod:`prefkd.report.cli`)."""
 
 import sys
 

@@ -4,10 +4,12 @@ A *run directory* is any directory holding ``train_summary.json``; beside it the
 (written by train.py), else ``.hydra/overrides.yaml`` and ``.hydra/hydra.yaml``, else ``config.yaml`` and the
 directory name. ``metrics.jsonl`` gives the curves (the last value wins when a resumed run logged a step twice).
 
-An *evaluation* is any ``results.json``. One inside a run directory belongs to that run (the deepest one); one
-outside belongs to the run whose directory contains its ``"model"`` (or ``"adapter"``) path; otherwise it
-stands alone. Instruction results (a ``"sets"`` block) feed the ROUGE-L table; preference results
-(``rewards/accuracies``) their own table; anything else is skipped with a warning.
+An *evaluation* is any ``results.json``. One inside a run directory belongs to that run (the deepest run
+directory holding it; a run keeps every evaluation inside it, of any kind: ``eval_nll/`` and ``eval_rouge/`` side
+by side both attach); one outside belongs to the run whose directory contains its ``"model"`` (or ``"adapter"``)
+path; otherwise it stands alone (a reference such as the teacher). Held-out NLL results (``"protocol": "nll"``,
+:mod:`prefkd.eval.nll`) feed the NLL tables; instruction results (a ``"sets"`` block) the ROUGE-L table;
+preference results (``rewards/accuracies``) their own table; anything else is skipped with a warning.
 
 Unreadable files and corrupt JSON lines are skipped with a warning naming the file (and line): a crashed
 run can leave half a line behind, and one bad file never stops the report.
@@ -28,7 +30,7 @@ SKIP_DIRS = {".git", ".hydra", "wandb", "__pycache__", ".cache"}
 
 @dataclass
 class Evaluation:
-    """One results.json: ``kind`` is "instruct" or "preference"; ``target`` the evaluated model (+ adapter)."""
+    """One results.json: ``kind`` is "instruct", "nll" or "preference"; ``target`` the evaluated model (+ adapter)."""
 
     path: Path
     data: dict
@@ -164,13 +166,15 @@ def load_run(run_dir: Path, warnings: list[str]) -> Run:
 
 
 def load_evaluation(path: Path, warnings: list[str]) -> Evaluation | None:
-    """One results.json as an Evaluation, or None (with a warning) when it is neither protocol's shape."""
+    """One results.json as an Evaluation, or None (with a warning) when it has none of the protocols' shapes."""
     data = read_json(path, warnings)
     if data is None:
         return None
     target = str(data.get("model") or data.get("adapter") or path.parent)
     if data.get("adapter") and data.get("model"):
         target = f"{data['model']} + {data['adapter']}"
+    if isinstance(data.get("sets"), dict) and data.get("protocol") == "nll":
+        return Evaluation(path, data, "nll", target)
     if isinstance(data.get("sets"), dict) and data.get("protocol", "instruct") != "preference":
         return Evaluation(path, data, "instruct", target)
     if data.get("protocol") == "preference" or "rewards/accuracies" in data:

@@ -10,16 +10,24 @@ such as ``logger`` or ``trainer.num_threads`` that are not swept, see NEUTRAL) a
 pooled). The label is the method plus the row's swept values, leaving out ``trainer.seed`` and the
 keys the method or pair already show (``loss``, ``model``, ``experiment``); rows that would still share a
 label also show the keys they differ in. When one run was evaluated at several checkpoints, each checkpoint
-is its own row (``[best]``, ``[last]``).
+is its own row (``[best]``, ``[last]``). The ROUGE-L table groups the runs' instruction evaluations, the NLL
+tables their NLL evaluations, the same way.
 
-Pooled cells follow :mod:`prefkd.eval.report`: mean and population std (ddof=0) over every per-seed score of
-every pooled (run, eval seed); the Avg. column pools the per-seed averages over sets.
+Reference rows: evaluations outside any run (the teacher, the untrained student) follow the runs' rows, one row
+per label: results.json's ``"label"`` when it has one, else its folder relative to the common root without a
+last part named ``eval``, ``eval_*`` or ``eval-*`` (``reference/teacher/eval_nll/results.json`` ->
+``reference/teacher``, so one model's NLL and ROUGE-L rows share a label), else the evaluated model.
+
+Pooled cells follow :mod:`prefkd.eval.report`: mean and population std (ddof=0). ROUGE-L pools every per-seed
+score of every pooled (run, eval seed), and its Avg. column the per-seed averages over sets; NLL pools one value
+per evaluation (per run: replicate training seeds), and its Avg. column the evaluations' own averages over sets.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prefkd.eval.report import mean_std  # mean and population std: the convention of the evaluation's own tables
 from prefkd.report.collect import Collection, Evaluation, Run
@@ -27,7 +35,10 @@ from prefkd.report.readers import finite
 
 SEED_KEY = "trainer.seed"
 IDENTITY_KEYS = ("loss", "model", "experiment")  # shown by the method/pair columns
-METRICS = ("auto", "avg_rougeL", "best", "dev_loss_final", "final_train_loss")
+METRICS = ("auto", "avg_rougeL", "avg_bpb", "best", "dev_loss_final", "final_train_loss")
+AVERAGES = {"avg_rougeL": ("instruct", "rougeL_mean"), "avg_bpb": ("nll", "bpb")}  # metric -> (kind, average key)
+NLL_METRICS = {"bpb": "bits per byte", "nll": "nats per token"}  # the NLL tables, headline first
+EVAL_FOLDER = re.compile(r"eval([_-].*)?")  # an evaluation's own output folder: eval/, eval_nll/, eval-rouge/
 
 
 NEUTRAL = ("logger", "trainer.num_threads", "trainer.log_every", "trainer.save_every", "trainer.keep_best",
@@ -94,9 +105,20 @@ def run_labels(collection: Collection, swept: list[str]) -> dict:
     return labels
 
 
+def reference_label(ev: Evaluation, collection: Collection) -> str:
+    """The row label of an evaluation outside any run: its ``"label"``, else its folder (see module docstring)."""
+    label = ev.data.get("label")
+    if isinstance(label, str) and label.strip():
+        return label.strip()
+    folder = ev.path.parent.parent if EVAL_FOLDER.fullmatch(ev.path.parent.name) else ev.path.parent
+    rel = collection.rel(folder)
+    return ev.target if rel.split("/")[0] in (".", "..") else rel
+
+
 @dataclass
 class ResultRow:
-    """One row of the ROUGE-L table: pooled evaluations of replicate runs (or one stand-alone results.json)."""
+    """One row of a results table: pooled evaluations of replicate runs (or the stand-alone results.json files
+    of one reference label). ``cells`` and ``avg`` hold one metric: ROUGE-L, or bpb or nll for the NLL tables."""
 
     pair: str
     method: str
@@ -117,9 +139,15 @@ class ResultRow:
     def train_seeds(self) -> list[int]:
         return sorted({r.seed for r in self.runs if r.seed is not None})
 
+    @property
+    def models(self) -> list[str]:
+        """The evaluated models (+ adapters), each once."""
+        return list(dict.fromkeys(e.target for e in self.evaluations))
 
-def pool(row: ResultRow) -> None:
-    """Fill ``row.cells``, ``row.avg`` and ``row.eval_seeds`` from ``row.evaluations`` (see module docstring)."""
+
+def pool(row: ResultRow) -> ResultRow:
+    """Fill ``row.cells``, ``row.avg`` and ``row.eval_seeds`` with ROUGE-L from ``row.evaluations`` (see module
+    docstring); returns ``row``."""
     scores: dict[str, list[float]] = {}
     averages: list[float] = []
     seeds: set[str] = set()
@@ -138,19 +166,49 @@ def pool(row: ResultRow) -> None:
         averages += [float(v["rougeL"]) for v in per_seed.values() if isinstance(v, dict) and finite(v.get("rougeL"))]
         if not per_seed and finite(average.get("rougeL_mean")):
             averages.append(float(average["rougeL_mean"]))
-    row.cells = {name: (*mean_std(v), len(v)) for name, v in scores.items()}
-    row.avg = (*mean_std(averages), len(averages)) if averages else None
+    row.cells, row.avg = {name: stat(v) for name, v in scores.items()}, stat(averages)
     row.eval_seeds = sorted(seeds, key=natural)
+    return row
+
+
+def pool_nll(row: ResultRow, metric: str) -> ResultRow:
+    """A copy of ``row`` whose cells and Avg. pool ``metric`` ("bpb" or "nll") over its NLL evaluations."""
+    values: dict[str, list[float]] = {}
+    averages: list[float] = []
+    for ev in row.evaluations:
+        for name, block in ev.data["sets"].items():
+            if isinstance(block, dict) and finite(block.get(metric)):
+                values.setdefault(name, []).append(float(block[metric]))
+        average = ev.data.get("average") if isinstance(ev.data.get("average"), dict) else {}
+        if finite(average.get(metric)):
+            averages.append(float(average[metric]))
+    return replace(row, cells={name: stat(v) for name, v in values.items()}, avg=stat(averages))
+
+
+def stat(values: list[float]) -> tuple[float, float, int] | None:
+    """(mean, population std, count) of ``values``; None when there are none."""
+    return (*mean_std(values), len(values)) if values else None
 
 
 def result_rows(collection: Collection, swept: list[str]) -> list[ResultRow]:
-    """The pooled rows of the ROUGE-L table: runs' evaluations first (by pair, method, swept values), then
-    stand-alone results.json files (labelled by their model path)."""
+    """The pooled rows of the ROUGE-L table (see :func:`group_rows`)."""
+    return [pool(row) for row in group_rows(collection, swept, "instruct")]
+
+
+def nll_rows(collection: Collection, swept: list[str]) -> dict[str, list[ResultRow]]:
+    """The rows of each NLL table (NLL_METRICS: "bpb", "nll"), the same rows in the same order."""
+    rows = group_rows(collection, swept, "nll")
+    return {metric: [pool_nll(row, metric) for row in rows] for metric in NLL_METRICS}
+
+
+def group_rows(collection: Collection, swept: list[str], kind: str) -> list[ResultRow]:
+    """The rows of the evaluations of ``kind``, not yet pooled: runs' evaluations first (by pair, method, swept
+    values), then reference rows (evaluations outside any run, by label: see the module docstring)."""
     shown = label_keys(swept)
-    tagged = any(len({e.tag for e in r.evaluations if e.kind == "instruct"}) > 1 for r in collection.runs)
+    tagged = any(len({e.tag for e in r.evaluations if e.kind == kind}) > 1 for r in collection.runs)
     rows: dict[tuple, ResultRow] = {}
     for run in collection.runs:
-        for ev in (e for e in run.evaluations if e.kind == "instruct"):
+        for ev in (e for e in run.evaluations if e.kind == kind):
             tag = ev.tag if tagged else ""
             rest = tuple(sorted((k, v) for k, v in run.overrides.items() if k != SEED_KEY and k not in IDENTITY_KEYS
                                 and not ignored(k) and (k in shown or not neutral(k))))
@@ -162,14 +220,12 @@ def result_rows(collection: Collection, swept: list[str]) -> list[ResultRow]:
     _disambiguate(rows)
     ordered = sorted(rows.values(), key=lambda r: (r.pair, r.method, [natural(v) for v in r.items.values()],
                                                    list(r.items), r.tag))
-    loose: dict[str, ResultRow] = {}
+    references: dict[str, ResultRow] = {}
     for ev in collection.evaluations:
-        if ev.run is None and ev.kind == "instruct":
-            loose.setdefault(ev.target, ResultRow("", ev.target, {})).evaluations.append(ev)
-    ordered += loose.values()
-    for row in ordered:
-        pool(row)
-    return ordered
+        if ev.run is None and ev.kind == kind:
+            label = reference_label(ev, collection)
+            references.setdefault(label, ResultRow("", label, {})).evaluations.append(ev)
+    return ordered + list(references.values())
 
 
 def _disambiguate(rows: dict[tuple, ResultRow]) -> None:
@@ -188,23 +244,27 @@ def _disambiguate(rows: dict[tuple, ResultRow]) -> None:
 
 
 def auto_metric(runs: list[Run]) -> str:
-    """The sweep-plot figure when none is asked for: average ROUGE-L when some run was evaluated, else the
-    best (selection) dev metric, else the final dev loss."""
-    if any(e.kind == "instruct" for r in runs for e in r.evaluations):
-        return "avg_rougeL"
+    """The sweep-plot figure when none is asked for: average ROUGE-L when some run has instruction results, else
+    average bits per byte when some run has NLL results, else the best (selection) dev metric, else the final
+    dev loss."""
+    for metric, (kind, _) in AVERAGES.items():
+        if any(e.kind == kind for r in runs for e in r.evaluations):
+            return metric
     if any(isinstance(r.summary.get("best"), dict) and finite(r.summary["best"].get("value")) for r in runs):
         return "best"
     return "dev_loss_final"
 
 
 def run_metric(run: Run, metric: str) -> float | None:
-    """The figure ``metric`` of one run (None when it has none): ``avg_rougeL`` (mean of its evaluations'
-    average ROUGE-L), ``best`` (the selection metric's best value), ``dev_loss_final``, ``final_train_loss``,
-    or a metrics.jsonl key: its best value when it is the selection metric, else its last logged value."""
+    """The figure ``metric`` of one run (None when it has none): ``avg_rougeL`` / ``avg_bpb`` (mean of its
+    instruction / NLL evaluations' average over sets), ``best`` (the selection metric's best value),
+    ``dev_loss_final``, ``final_train_loss``, or a metrics.jsonl key: its best value when it is the selection
+    metric, else its last logged value."""
     best = run.summary.get("best") if isinstance(run.summary.get("best"), dict) else {}
-    if metric == "avg_rougeL":
-        values = [e.data["average"]["rougeL_mean"] for e in run.evaluations if e.kind == "instruct"
-                  and isinstance(e.data.get("average"), dict) and finite(e.data["average"].get("rougeL_mean"))]
+    if metric in AVERAGES:
+        kind, key = AVERAGES[metric]
+        values = [e.data["average"][key] for e in run.evaluations if e.kind == kind
+                  and isinstance(e.data.get("average"), dict) and finite(e.data["average"].get(key))]
         value = statistics.fmean(values) if values else None
     elif metric == "best":
         value = best.get("value")
@@ -225,7 +285,8 @@ def metric_label(metric: str, runs: list[Run]) -> str:
     if metric == "best":
         names = {r.summary["best"].get("metric") for r in runs if isinstance(r.summary.get("best"), dict)}
         return f"best {'/'.join(sorted(str(n) for n in names)) or 'dev metric'}"
-    return {"avg_rougeL": "average ROUGE-L (×100)", "dev_loss_final": "final dev loss",
+    return {"avg_rougeL": "average ROUGE-L (×100)", "avg_bpb": "average bits per byte (lower is better)",
+            "dev_loss_final": "final dev loss",
             "final_train_loss": "final train loss"}.get(metric, metric)
 
 
@@ -261,7 +322,7 @@ def sweep_lines(runs: list[Run], key: str, swept: list[str], metric: str) -> lis
         label = ", ".join(combo.get(k, "–") if k in ("pair", "method") else f"{k}={combo.get(k, '–')}"
                           for k in varying)
         xs = sorted(by_x, key=natural)
-        lines.append(SweepLine(label, [(x, *mean_std(by_x[x]), len(by_x[x])) for x in xs]))
+        lines.append(SweepLine(label, [(x, *stat(by_x[x])) for x in xs]))
     return sorted(lines, key=lambda line: line.label)
 
 

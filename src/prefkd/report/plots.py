@@ -2,6 +2,7 @@
 
 - ``rougeL_by_set.png`` (``rougeL_by_set_<pair>.png`` with several pairs): ROUGE-L per set and Avg. (groups)
   and row (bars), std as error bars; only with instruction results.
+- ``bpb_by_set.png`` (``bpb_by_set_<pair>.png``): the same for held-out bits per byte; only with NLL results.
 - ``train_loss.png``: train/loss against step, one line per run.
 - ``dev_metrics.png``: one panel per dev/* metric, one line per run.
 - ``sweep_<key>.png``: for each swept key with at least two values, the sweep metric against the value;
@@ -30,6 +31,8 @@ from prefkd.report.groups import (SEED_KEY, ResultRow, SweepLine, by_pair, metri
                                   run_labels, set_names, sweep_lines)
 
 DPI = 100
+BY_SET = {"rougeL": ("ROUGE-L (×100)", "ROUGE-L"),  # figure -> (y axis, title and caption)
+          "bpb": ("bits per byte (lower is better)", "Held-out bits per byte")}
 
 
 def safe_name(text: str) -> str:
@@ -55,8 +58,9 @@ def _legend(ax, n: int) -> None:
                   bbox_to_anchor=None if n <= 6 else (1.02, 1.0))
 
 
-def plot_rouge_by_set(rows: list[ResultRow], path: Path, title: str = "") -> None:
-    """Grouped bars: one group per set (then Avg.), one bar per row, population std as error bars."""
+def plot_by_set(rows: list[ResultRow], path: Path, ylabel: str, title: str) -> None:
+    """Grouped bars: one group per set (then Avg.), one bar per row, population std as error bars (none on a
+    bar of a single value)."""
     names = set_names(rows)
     groups = names + ["Avg."]
     width = 0.8 / max(len(rows), 1)
@@ -65,10 +69,10 @@ def plot_rouge_by_set(rows: list[ResultRow], path: Path, title: str = "") -> Non
         stats = [row.cells.get(n) for n in names] + [row.avg]
         xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [s[0] if s else float("nan") for s in stats], width, label=row.label,
-               yerr=[s[1] if s else 0.0 for s in stats], capsize=3)
+               yerr=[s[1] if s and s[2] > 1 else float("nan") for s in stats], capsize=3)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("ROUGE-L (×100)")
-    ax.set_title(title or "ROUGE-L by evaluation set")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     _legend(ax, len(rows))
     save(fig, path)
 
@@ -133,15 +137,25 @@ def plot_sweep(lines: list[SweepLine], key: str, ylabel: str, path: Path) -> Non
     save(fig, path)
 
 
-def make_plots(collection: Collection, swept: list[str], rows: list[ResultRow], metric: str,
-               out: Path) -> list[tuple[str, str]]:
-    """Draw every plot that has data into ``out``; returns (caption, file name) pairs in drawing order."""
-    made: list[tuple[str, str]] = []
+def plots_by_set(figure: str, rows: list[ResultRow], out: Path) -> list[tuple[str, str]]:
+    """``<figure>_by_set[_<pair>].png`` (``figure``: a key of BY_SET) for each table of ``rows``; returns the
+    (caption, file name) pairs."""
+    ylabel, what = BY_SET[figure]
     tables = by_pair(rows)
+    made = []
     for pair, group in tables.items():
-        name = "rougeL_by_set.png" if len(tables) == 1 else f"rougeL_by_set_{safe_name(pair or 'other')}.png"
-        plot_rouge_by_set(group, out / name, f"ROUGE-L by evaluation set{' — ' + pair if len(tables) > 1 else ''}")
-        made.append((f"ROUGE-L by set{' (' + (pair or 'other') + ')' if len(tables) > 1 else ''}", name))
+        several = len(tables) > 1
+        name = f"{figure}_by_set{'_' + safe_name(pair or 'other') if several else ''}.png"
+        plot_by_set(group, out / name, ylabel, f"{what} by evaluation set{' — ' + pair if several else ''}")
+        made.append((f"{what} by set{' (' + (pair or 'other') + ')' if several else ''}", name))
+    return made
+
+
+def make_plots(collection: Collection, swept: list[str], by_set: dict[str, list[ResultRow]], metric: str,
+               out: Path) -> list[tuple[str, str]]:
+    """Draw every plot that has data into ``out``; ``by_set``: the rows of each bar chart (a key of BY_SET ->
+    table rows). Returns (caption, file name) pairs in drawing order."""
+    made = [plot for figure, rows in by_set.items() for plot in plots_by_set(figure, rows, out)]
     labels = run_labels(collection, swept)
     if any(r.series.get("train/loss") for r in collection.runs):
         plot_curves(collection, labels, ["train/loss"], out / "train_loss.png", "training loss")
