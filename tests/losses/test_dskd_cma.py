@@ -20,9 +20,11 @@ from tests.losses.test_dskd import (QUICK_RUN, FakeLM, assert_grads_close, ce_ro
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: float, tau_t: float,
-                  kd_rate: float, pretrain: bool = False):
+                  kd_rate: float, pretrain: bool = False, warm: bool = False):
     """SPEC §4 DSKD-CMA, one sequence at a time on its unpadded length, float64, with the masked entries of A
-    dropped (not filled). std = torch's whole-tensor std of the sequence's tensor. Returns (values, grads)."""
+    dropped (not filled). std = torch's whole-tensor std of the sequence's tensor. Returns (values, grads).
+    ``warm``: the projector warm-up's loss, (1 − kd_rate)·CE + kd_rate·(L_ce^{t→s} + L_kd^{tea}) with h^s detached
+    in L_kd^{tea} (the student learns from CE alone)."""
     b, s, t = inputs.batch, inputs.student, inputs.teacher
     P = f64_params(loss)
     zs_all, hs_all = leaf(s.logits.double()), leaf(s.hidden.double())
@@ -42,7 +44,7 @@ def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: f
         K = K / K.std()
         h_t = t.hidden[i, :m].double()
         V_t = (h_t / h_t.std() + E_t[yt] / E_t[yt].std()) @ P["t2s.weight"].T + P["t2s.bias"]
-        V_s = hs_all[i, :n] @ P["s2t.weight"].T + P["s2t.bias"]
+        V_s = (hs_all[i, :n].detach() if warm else hs_all[i, :n]) @ P["s2t.weight"].T + P["s2t.bias"]
         A = (Q @ K.T / math.sqrt(2 * d_t))[ms][:, mt]  # only the valid block
         z_t2s = (torch.softmax(A, -1) @ V_t[mt]) @ W_s.T
         target = y[ms]
@@ -57,6 +59,8 @@ def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: f
         terms["kd_tea"] = terms["kd_tea"] + ref_divergence("forward_kl", z_s2t, z_t, tau).sum()
     kd = terms["ce_t2s"] + terms["kd_stu"] + terms["kd_tea"]
     total = terms["ce_t2s"] if pretrain else (1 - kd_rate) * terms["ce"] + kd_rate * kd
+    if warm:
+        total = (1 - kd_rate) * terms["ce"] + kd_rate * (terms["ce_t2s"] + terms["kd_tea"])
     wrt = {"student_logits": zs_all, "student_hidden": hs_all, **P}
     grads = dict(zip(wrt, torch.autograd.grad(total, list(wrt.values()), allow_unused=True)))
     values = {k: torch.as_tensor(v).detach() for k, v in terms.items()} | {"kd": kd.detach(), "loss": total.detach()}
@@ -223,6 +227,23 @@ def test_pretrain_mode_gives_only_projector_gradients():
     for name in ("t2s.weight", "query.weight", "t2s.bias"):
         torch.testing.assert_close(dict(loss.projectors.named_parameters())[name].grad.double(), want_grads[name],
                                    rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("step,training,warm", [(0, True, True), (2, True, True), (3, True, False), (0, False, False)])
+def test_projector_warmup_trains_the_projectors_while_the_student_learns_from_ce(step, training, warm):
+    """While training within projector_warmup_steps the student's gradient is (1 − kd_rate)·∇CE alone and the
+    projectors learn L_ce^{t→s} + L_kd^{tea}; after it, and in eval mode (dev losses), the full loss."""
+    inputs = cross_inputs(seed=5)
+    inputs.step = step
+    loss = built(inputs, projector_warmup_steps=3).train(training)
+    want, want_grads = reference_cma(inputs, loss, "forward_kl", 1.0, 1.0, 0.5, warm=warm)
+    out = loss(inputs)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-5, atol=1e-4)
+    got = module_grads(inputs, loss)
+    if warm:
+        assert got.pop("student_hidden") is None and want_grads.pop("student_hidden") is None
+    assert_grads_close(got, want_grads)
 
 
 def test_needs_build_and_state_dict_round_trip():

@@ -539,6 +539,30 @@ def test_needs_and_pretrain_mode():
     assert float(loss.projectors["t2s"].weight.grad.abs().max()) > 0
 
 
+def test_projector_warmup_is_the_dual_space_warmup_without_ot_then_the_full_loss():
+    """Within projector_warmup_steps (training): DSKD-CMA's warm-up loss with ce_weight on CE and no OT term, so
+    the student's hidden states get no gradient and P_ot nothing; after it, or in eval mode, exactly the full loss."""
+    from prefkd.losses.dskd import DSKDCMALoss
+
+    inputs = mcw_inputs(seed=4)
+    loss = built(inputs, projector_warmup_steps=2, ce_weight=2.0)
+    dual = DSKDCMALoss(projector_warmup_steps=2)
+    dual.build(inputs.student.model, inputs.teacher.model)
+    dual.projectors.load_state_dict(loss.projectors.state_dict())
+    inputs.step = 1
+    out = loss(inputs)
+    out.loss.backward()
+    assert not any(k.startswith(("ot_", "alpha_")) for k in out.metrics)
+    assert inputs.student.hidden.grad is None and all(p.grad is None for p in loss.ot_projectors.parameters())
+    # ce_weight 2 instead of DSKD-CMA's 1 − kd_rate = 0.5: the same terms otherwise
+    want = dual(inputs).loss + (2.0 - 0.5) * out.metrics["ce"]
+    torch.testing.assert_close(out.loss, want)
+    full = built(inputs, ce_weight=2.0)(inputs).loss  # no warm-up at all
+    for step, training in ((2, True), (0, False)):
+        inputs.step = step
+        torch.testing.assert_close(loss.train(training)(inputs).loss, full)
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("mode", ["adaptive", "learned"])
 def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_path):

@@ -56,10 +56,13 @@ class _DualSpaceLoss(DistillationLoss):
 
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  teacher_temperature: float = 1.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5,
-                 pretrain_projectors: bool = False, chunk_size: int = 1024):
+                 pretrain_projectors: bool = False, chunk_size: int = 1024, projector_warmup_steps: int = 0):
         super().__init__()
+        if projector_warmup_steps < 0:
+            raise ValueError(f"projector_warmup_steps={projector_warmup_steps} must be >= 0 (0 = no warm-up)")
         self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
         self.pretrain_projectors, self.chunk_size = bool(pretrain_projectors), chunk_size
+        self.projector_warmup_steps = int(projector_warmup_steps)
         # raises ValueError listing the valid names for an unknown divergence
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
         self.projectors = nn.ModuleDict()  # t2s, s2t (, query): created by build()
@@ -74,6 +77,12 @@ class _DualSpaceLoss(DistillationLoss):
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def warming_up(self, inputs: LossInputs) -> bool:
+        """True while training within the first ``projector_warmup_steps`` optimizer steps: the projectors learn
+        (L_ce^{t→s} and L_kd^{tea} on the detached student) and the student learns from its CE alone. Dev
+        evaluation (the loss in eval mode) always computes the full loss, so dev losses stay comparable."""
+        return self.training and inputs.step < self.projector_warmup_steps
 
     def _check(self, inputs: LossInputs) -> None:
         require_teacher(inputs, self.name)
@@ -100,6 +109,7 @@ class _DualSpaceLoss(DistillationLoss):
         head_s = student.model.get_output_embeddings().weight.detach()
         head_t = teacher.model.get_output_embeddings().weight.detach()
         rate, pretrain, weighted = self.kd_rate, self.pretrain_projectors, self.accuracy_weighted
+        warm = not pretrain and self.warming_up(inputs)
         w_ce = 1 - rate if ce_weight is None else ce_weight
         sums = dict.fromkeys(METRICS, 0.0)
 
@@ -118,7 +128,9 @@ class _DualSpaceLoss(DistillationLoss):
             ce = cross_entropy(s, y)
             for name, v in (("ce", ce), ("ce_t2s", ce_t2s), ("kd_stu", kd_stu), ("t2s_acc", hit)):
                 add(name, v)
-            return ce_t2s if pretrain else w_ce * ce + rate * (ce_t2s + kd_stu)
+            if pretrain:
+                return ce_t2s
+            return w_ce * ce + rate * (ce_t2s if warm else ce_t2s + kd_stu)
 
         def teacher_side(h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
             kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
@@ -129,7 +141,7 @@ class _DualSpaceLoss(DistillationLoss):
         out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
                                 chunk_size=self.chunk_size, features=features)
         loss, values = out if features is not None else (out, None)
-        tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)
+        tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
         loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100), teacher.logits,
                                         chunk_size=self.chunk_size)
         sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
@@ -148,15 +160,16 @@ class DSKDLoss(_DualSpaceLoss):
 
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  skew_lambda: float = 0.1, adaptive_alpha: float = 0.5, pretrain_projectors: bool = False,
-                 chunk_size: int = 1024):
+                 chunk_size: int = 1024, projector_warmup_steps: int = 0):
         super().__init__(divergence, kd_rate, temperature, 1.0, skew_lambda, adaptive_alpha, pretrain_projectors,
-                         chunk_size)
+                         chunk_size, projector_warmup_steps)
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_same_tokens(inputs.batch, inputs.student.hidden, inputs.teacher.hidden)
         with fp32_region(inputs.student.hidden.device):
             t2s = project(self.projectors["t2s"], inputs.teacher.hidden.detach())
-            s2t = project(self.projectors["s2t"], inputs.student.hidden)
+            student_hidden = inputs.student.hidden.detach() if self.warming_up(inputs) else inputs.student.hidden
+            s2t = project(self.projectors["s2t"], student_hidden)
         return t2s, s2t
 
 
@@ -178,7 +191,8 @@ class DSKDCMALoss(_DualSpaceLoss):
     accuracy_weighted = True
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        student_hidden = inputs.student.hidden.detach() if self.pretrain_projectors else inputs.student.hidden
+        detach = self.pretrain_projectors or self.warming_up(inputs)
+        student_hidden = inputs.student.hidden.detach() if detach else inputs.student.hidden
         return cross_model_attention(self.projectors, student_model=inputs.student.model,
                                      teacher_model=inputs.teacher.model, batch=inputs.batch,
                                      student_hidden=student_hidden, teacher_hidden=inputs.teacher.hidden)

@@ -105,9 +105,10 @@ class MCWKDLoss(DSKDCMALoss):
                  alpha_mode: str = "fixed", sigma: float = 2.0, alpha_min: float = 0.01, update_interval: int = 100,
                  cost_scale: str | None = "mean", eps: float = 0.1, max_iter: int = 1000, tol: float = 1e-6,
                  sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024,
-                 interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None):
+                 interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None,
+                 projector_warmup_steps: int = 0):
         super().__init__(divergence, kd_rate, temperature, teacher_temperature, skew_lambda, adaptive_alpha,
-                         pretrain_projectors, chunk_size)
+                         pretrain_projectors, chunk_size, projector_warmup_steps)
         if top_k < 1 or ot_temperature <= 0 or window < 0 or eps <= 0:
             raise ValueError(f"need top_k >= 1, ot_temperature > 0, window >= 0, eps > 0; got {top_k}, "
                              f"{ot_temperature}, {window}, {eps}")
@@ -180,11 +181,12 @@ class MCWKDLoss(DSKDCMALoss):
             s_pts, t_pts = Clouds(labels.ne(-100)), Clouds(t_labels.ne(-100))
         k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
         features = None
-        if self.active("logits") and not self.pretrain_projectors:
+        dual_only = self.pretrain_projectors or self.warming_up(inputs)  # no OT terms (module docstring)
+        if self.active("logits") and not dual_only:
             features = RowFeatures(s_pts.rows * labels.shape[1] + s_pts.cols,
                                    select=lambda r: r.topk(k, dim=-1).indices, value=lambda r, idx: r.gather(1, idx))
         loss, metrics, top_s = self.dual_space_terms(inputs, features, ce_weight=self.ce_weight)
-        if self.pretrain_projectors:
+        if dual_only:
             return LossOutput(loss=loss, metrics=metrics)
 
         n_b = labels.ne(-100).sum(1).to(loss.dtype)  # student response tokens per example
