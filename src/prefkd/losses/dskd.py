@@ -14,6 +14,14 @@ Then, as sums over tokens:
 D is a divergence of :mod:`prefkd.losses.divergences` with z^{t→s} in the teacher role (both sides / τ, the
 teacher side also / τ_t). Teacher-side sums are plain sums too: the trainer divides everything by the student
 response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (SPEC §4's projector pre-training).
+
+Two switches that are not in SPEC §4 (both off by default, so the loss is SPEC's):
+
+- ``teacher_space=False``: KD = L_ce^{t→s} + L_kd^{stu}, without L_kd^{tea} (the DSKD authors' ``only_stu_kd``).
+- ``projector_warmup_steps=N``: for the first N optimizer steps of training the loss is
+  w_ce·CE + kd_rate·(L_ce^{t→s} + L_kd^{tea}) with h^s detached in L_kd^{tea}: the projectors learn, the student
+  learns from its CE alone. Dev losses (eval mode) are always the full loss. docs/results.md measures why: with
+  untrained projectors the KD terms' gradients on the student are as large as CE's and orthogonal to it.
 Metrics, sums like the loss: ce, kd, ce_t2s, kd_stu, kd_tea, t2s_acc (Σ [argmax z^{t→s}_i = y_i]).
 
 Projectors are created by ``build(student_model, teacher_model)`` from the models' sizes; the trainer calls it
@@ -56,13 +64,15 @@ class _DualSpaceLoss(DistillationLoss):
 
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  teacher_temperature: float = 1.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5,
-                 pretrain_projectors: bool = False, chunk_size: int = 1024, projector_warmup_steps: int = 0):
+                 pretrain_projectors: bool = False, chunk_size: int = 1024, projector_warmup_steps: int = 0,
+                 teacher_space: bool = True):
         super().__init__()
         if projector_warmup_steps < 0:
             raise ValueError(f"projector_warmup_steps={projector_warmup_steps} must be >= 0 (0 = no warm-up)")
         self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
         self.pretrain_projectors, self.chunk_size = bool(pretrain_projectors), chunk_size
         self.projector_warmup_steps = int(projector_warmup_steps)
+        self.teacher_space = bool(teacher_space)  # false: KD = L_ce^{t→s} + L_kd^{stu} (the authors' only_stu_kd)
         # raises ValueError listing the valid names for an unknown divergence
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
         self.projectors = nn.ModuleDict()  # t2s, s2t (, query): created by build()
@@ -141,9 +151,10 @@ class _DualSpaceLoss(DistillationLoss):
         out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
                                 chunk_size=self.chunk_size, features=features)
         loss, values = out if features is not None else (out, None)
-        tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
-        loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100), teacher.logits,
-                                        chunk_size=self.chunk_size)
+        if self.teacher_space:
+            tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
+            loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100),
+                                            teacher.logits, chunk_size=self.chunk_size)
         sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
         metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
         return loss, metrics, values
@@ -160,9 +171,9 @@ class DSKDLoss(_DualSpaceLoss):
 
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  skew_lambda: float = 0.1, adaptive_alpha: float = 0.5, pretrain_projectors: bool = False,
-                 chunk_size: int = 1024, projector_warmup_steps: int = 0):
+                 chunk_size: int = 1024, projector_warmup_steps: int = 0, teacher_space: bool = True):
         super().__init__(divergence, kd_rate, temperature, 1.0, skew_lambda, adaptive_alpha, pretrain_projectors,
-                         chunk_size, projector_warmup_steps)
+                         chunk_size, projector_warmup_steps, teacher_space)
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_same_tokens(inputs.batch, inputs.student.hidden, inputs.teacher.hidden)

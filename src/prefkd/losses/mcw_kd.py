@@ -36,6 +36,10 @@ Memory. The student's top-k logits come out of DSKD-CMA's chunked pass (:class:`
 so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad.
 The OT work is B×P×P (plus B×P×k and B×P×d clouds).
 
+``projector_warmup_steps`` and ``teacher_space`` are DSKD-CMA's (see :mod:`prefkd.losses.dskd`); during the warm-up
+the OT terms are off too (the loss is DSKD-CMA's warm-up loss with ``ce_weight``), so P_ot and the salience layer
+start learning when it ends.
+
 Metrics (sums, normalised per token by the trainer like the loss): DSKD-CMA's, ``ot_logits``, ``ot_hidden``
 (Σ_b n_b·OT_b), ``<branch>_<cost>`` (Σ_b n_b·mean raw cost over valid pairs), ``alpha_<branch>_<cost>``,
 ``iters_<branch>`` and ``marginal_err_<branch>`` (scaled by the micro-batch's token count so that the trainer's
@@ -106,9 +110,9 @@ class MCWKDLoss(DSKDCMALoss):
                  cost_scale: str | None = "mean", eps: float = 0.1, max_iter: int = 1000, tol: float = 1e-6,
                  sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024,
                  interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None,
-                 projector_warmup_steps: int = 0):
+                 projector_warmup_steps: int = 0, teacher_space: bool = True):
         super().__init__(divergence, kd_rate, temperature, teacher_temperature, skew_lambda, adaptive_alpha,
-                         pretrain_projectors, chunk_size, projector_warmup_steps)
+                         pretrain_projectors, chunk_size, projector_warmup_steps, teacher_space)
         if top_k < 1 or ot_temperature <= 0 or window < 0 or eps <= 0:
             raise ValueError(f"need top_k >= 1, ot_temperature > 0, window >= 0, eps > 0; got {top_k}, "
                              f"{ot_temperature}, {window}, {eps}")

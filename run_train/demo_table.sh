@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The MCW-KD paper's table in miniature, on this CPU: config/experiment/demo_table.yaml per method and training
+# seed, every best checkpoint evaluated on held-out sets, the teacher and the untrained student as reference rows,
+# then `python -m prefkd.report` (OUTDIR/report/report.md, the table of docs/results.md).
+#
+#   bash run_train/demo_table.sh OUTDIR [hydra overrides for every training run ...]
+#
+# Resumable: rerun with the same OUTDIR. A finished run (train_summary.json) or evaluation (results.json) is kept;
+# an interrupted run resumes from its newest checkpoint.
+#
+# Environment (defaults in brackets):
+#   METHODS        losses, one row each            [sft uld minedit dskd_cma multilevel_ot mcw_kd]
+#   SEEDS          training seeds per method       [1 2]
+#   NLL_SETS       eval=nll sets                   [dolly,self_inst,vicuna,sinst]
+#   NLL_LIMIT      first N examples of each set    [200]
+#   ROUGE_SETS     eval=instruct sets              [dolly,vicuna]
+#   ROUGE_LIMIT    first N prompts of each set     [100]   (Vicuna has 80)
+#   ROUGE_SEEDS    sampling seeds                  [10,20]
+#   ROUGE_TOKENS   max_new_tokens                  [128]
+#   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 OUTDIR [hydra overrides for every training run ...]" >&2
+  exit 2
+fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
+OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
+SEEDS=${SEEDS:-"1 2"}
+NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-200}")
+ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-100}"
+       "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-128}" eval.batch_size=20)
+cd "$ROOT"
+START=$(date +%s)
+COMMAND="bash run_train/demo_table.sh $OUT $*"
+echo "$COMMAND" > "$OUT/command.txt"
+
+# evaluate LABEL DIR MODEL_ARGS...: both protocols into DIR/eval_nll and DIR/eval_rouge, each once.
+evaluate() {
+  local label=$1 dir=$2
+  shift 2
+  local kind protocol
+  for kind in nll rouge; do
+    [ -f "$dir/eval_$kind/results.json" ] && continue
+    if [ $kind = nll ]; then protocol=("${NLL[@]}"); else protocol=("${ROUGE[@]}"); fi
+    echo "== $label: eval_$kind"
+    "$PYTHON" -m prefkd.evaluate "$@" "${protocol[@]}" logger=none progress=false output_dir="$dir/eval_$kind"
+  done
+}
+
+# The reference rows: the teacher, and the student as it starts (the same transplant the runs start from).
+TEACHER=$("$PYTHON" -m prefkd.train experiment=demo_table "$@" --cfg job --resolve --package teacher | sed -n 's/^path: //p')
+evaluate teacher "$OUT/reference/teacher" model.path="$TEACHER"
+INIT="$OUT/reference/student_init"
+if [ ! -f "$INIT/model/config.json" ]; then  # instantiate the runs' student config once and save it
+  "$PYTHON" - "$INIT/model" experiment=demo_table "$@" <<'PY'
+import sys
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from prefkd.train import config_dir
+with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    student = instantiate(compose("train", overrides=sys.argv[2:]).student)
+student.model.save_pretrained(sys.argv[1] + ".tmp")
+student.tokenizer.save_pretrained(sys.argv[1] + ".tmp")
+PY
+  mv "$INIT/model.tmp" "$INIT/model"
+fi
+evaluate student_init "$INIT" model.path="$INIT/model"
+
+for method in $METHODS; do
+  for seed in $SEEDS; do
+    run="$OUT/runs/$method/seed$seed"
+    if [ ! -f "$run/train_summary.json" ]; then
+      echo "== $method seed $seed: training"
+      "$PYTHON" -m prefkd.train experiment=demo_table loss="$method" method="$method" trainer.seed="$seed" \
+        hydra.run.dir="$run" "$@"
+    fi
+    best=$("$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1]))['checkpoints']; print(c.get('best') or c['last'])" \
+      "$run/train_summary.json")
+    evaluate "$method seed $seed" "$run" model.path="$best"
+  done
+done
+
+WALL=$(( $(date +%s) - START ))
+echo "$WALL" > "$OUT/wall_time_s.txt"
+"$PYTHON" -m prefkd.report "$OUT" --out "$OUT/report" --title "prefkd: the MCW-KD table in miniature (CPU)" \
+  --note "Command: \`$COMMAND\`" \
+  --note "Wall time of this invocation: ${WALL} s on $(nproc) CPU cores (a resumed invocation counts only its own time)."
+echo "table: $OUT/report/report.md"
