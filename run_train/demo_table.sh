@@ -12,11 +12,11 @@
 #   METHODS        losses, one row each            [sft uld minedit dskd_cma multilevel_ot mcw_kd]
 #   SEEDS          training seeds per method       [1 2]
 #   NLL_SETS       eval=nll sets                   [dolly,self_inst,vicuna,sinst]
-#   NLL_LIMIT      first N examples of each set    [200]
+#   NLL_LIMIT      first N examples of each set    [100]
 #   ROUGE_SETS     eval=instruct sets              [dolly,vicuna]
-#   ROUGE_LIMIT    first N prompts of each set     [100]   (Vicuna has 80)
+#   ROUGE_LIMIT    first N prompts of each set     [40]    (sampling 13 models is the CPU budget's largest part)
 #   ROUGE_SEEDS    sampling seeds                  [10,20]
-#   ROUGE_TOKENS   max_new_tokens                  [128]
+#   ROUGE_TOKENS   max_new_tokens                  [64]
 #   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -28,9 +28,9 @@ OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
 SEEDS=${SEEDS:-"1 2"}
-NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-200}")
-ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-100}"
-       "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-128}" eval.batch_size=20)
+NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-100}")
+ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-40}"
+       "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-64}" eval.batch_size=20)
 cd "$ROOT"
 START=$(date +%s)
 COMMAND="bash run_train/demo_table.sh $OUT $*"
