@@ -53,14 +53,16 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     losses = {}
     for name, overrides in cfg.terms.items():
         torch.manual_seed(cfg.seed)  # the same projector initialisation for every variant
-        loss = instantiate(cfg.loss, **OmegaConf.to_container(overrides or {}, resolve=True))
+        loss = instantiate(cfg.loss, **(OmegaConf.to_container(overrides, resolve=True) if overrides else {}))
         loss.setup(student.tokenizer, teacher.tokenizer)
         loss.build(student.model, teacher.model)
         losses[name] = loss
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, student, losses)
     splits = instantiate(cfg.dataset.source)
-    _, dev = build_datasets(cfg, splits, student, teacher, next(iter(losses.values())))
+    data_loss = instantiate(cfg.loss)  # the configured loss's precompute hooks (MCW-KD's lexical cost), whatever the terms
+    data_loss.setup(student.tokenizer, teacher.tokenizer)
+    _, dev = build_datasets(cfg, splits, student, teacher, data_loss)
     if dev is None:
         raise ValueError("the dataset has no dev split: set dataset.source.dev_size (or a dev file)")
     batch = collate([dev[i] for i in range(min(cfg.examples, len(dev)))], student.tokenizer.pad_token_id,
@@ -79,7 +81,8 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
                             teacher=ModelOutputs(t.logits, t.hidden_states[-1], teacher.model), step=cfg.step)
         value = loss(inputs).loss / tokens
         g = torch.autograd.grad(value, params, allow_unused=True)
-        grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+        grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]
+                                ).double()
         values[name] = float(value)
     for name, (a, b) in (cfg.get("differences") or {}).items():
         grads[name], values[name] = grads[a] - grads[b], values[a] - values[b]
