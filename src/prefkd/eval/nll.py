@@ -34,23 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prefkd.data.dataset import collate
 from prefkd.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_pair
 from prefkd.eval.report import atomic_write
 from prefkd.eval.sets import EvalExample, load_eval_set, resolve_data_path
 
 METRICS = ("nll", "bpb")
-
-
-def right_pad(examples: Sequence[TokenizedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T) input_ids, attention_mask and labels (-100 on padding), padded on the right to the longest row."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.labels)
-    return ids, mask, labels
 
 
 @torch.no_grad()
@@ -79,7 +68,9 @@ def score_set(model, tokenizer, examples: Sequence[EvalExample], *, batch_size: 
                                where=f"{desc} example {i}") for i, e in enumerate(examples)]
     sums: list[float] = []
     for start in tqdm(range(0, len(tokenized), batch_size), desc=desc, disable=not progress, unit="batch"):
-        sums += nll_sums(model, *right_pad(tokenized[start:start + batch_size], tokenizer.pad_token_id))
+        batch = collate([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized[start:start + batch_size]],
+                        tokenizer.pad_token_id)  # right-padded; labels -100 on padding
+        sums += nll_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     return [{"prompt": e.prompt, "nll_sum": s, "tokens": len(t.response_ids),
              "bytes": answer_bytes(t, e.references[0], tokenizer), "truncated": t.sequence_truncated}
             for e, t, s in zip(examples, tokenized, sums)]
