@@ -192,6 +192,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     runners = {"instruct": run_instruct, "nll": run_nll, "preference": run_preference}
     if cfg.eval.protocol not in runners:
         raise ValueError(f"eval.protocol={cfg.eval.protocol!r} is not one of {sorted(runners)}.")
+    if cfg.eval.protocol in ("instruct", "nll"):
+        check_set_files(cfg.eval, "eval")  # before the model loads
     policy = instantiate(cfg.model)
     results = runners[cfg.eval.protocol](cfg, policy, output_dir)
     log_results(cfg, results, output_dir)
@@ -199,6 +201,18 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------- evaluation after training (final_eval)
+def check_set_files(protocol: DictConfig, key: str) -> None:
+    """The instruct/nll sets of ``protocol`` (an eval config at ``key``) exist: a missing file is an error before any
+    model loads, naming the key to set."""
+    from prefkd.eval.sets import resolve_data_path, select_sets
+
+    sets = select_sets(list(protocol.datasets), OmegaConf.to_container(protocol.sets, resolve=True))
+    missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
+    if missing:
+        raise FileNotFoundError(f"{key}: no file for set(s) {missing}: place them or set "
+                                f"{key}.sets.<name>=PATH (or drop them from {key}.datasets)")
+
+
 def check_final_eval(cfg: DictConfig) -> None:
     """``final_eval.enabled``: a wrong protocol or a missing set file is an error before training, not after it."""
     final = cfg.get("final_eval")
@@ -206,13 +220,7 @@ def check_final_eval(cfg: DictConfig) -> None:
         return
     protocol = final.get("protocol")
     if protocol in ("instruct", "nll"):
-        from prefkd.eval.sets import resolve_data_path, select_sets
-
-        sets = select_sets(list(final.datasets), OmegaConf.to_container(final.sets, resolve=True))
-        missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
-        if missing:
-            raise FileNotFoundError(f"final_eval: no file for set(s) {missing}: place them or set "
-                                    f"final_eval.sets.<name>=PATH (or drop them from final_eval.datasets)")
+        check_set_files(final, "final_eval")
     elif protocol != "preference":
         raise ValueError(f"final_eval.protocol={protocol!r}: pick eval@final_eval=instruct, eval@final_eval=nll "
                          f"or eval@final_eval=preference")

@@ -170,3 +170,19 @@ def test_a_missing_set_fails_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="unni"):  # UnNI is not shipped
         run(compose_cfg("loss=sft", *FINAL, "final_eval.datasets=[dolly,unni]"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_set_file_fails_before_the_model_loads(tmp_path, monkeypatch):
+    """prefkd.evaluate eval=nll with a set file that is not there: an error naming eval.sets, no model loaded."""
+    import prefkd.evaluate as evaluate
+    from hydra import compose, initialize_config_dir
+
+    from prefkd.train import config_dir
+
+    monkeypatch.setattr(evaluate, "instantiate", lambda *a, **k: pytest.fail("the model was loaded"))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["eval=nll", "model.path=unused", "logger=none",
+                                                         f"eval.sets.dolly={tmp_path}/missing.jsonl",
+                                                         "eval.datasets=[dolly]", f"output_dir={tmp_path}/out"])
+    with pytest.raises(FileNotFoundError, match=r"eval\.sets\.<name>=PATH"):
+        evaluate.run(cfg, tmp_path / "out")
