@@ -14,7 +14,7 @@
 #   NLL_SETS       eval=nll sets                   [dolly,self_inst,vicuna,sinst]
 #   NLL_LIMIT      first N examples of each set    [100]
 #   ROUGE_SETS     eval=instruct sets              [dolly,vicuna]
-#   ROUGE_LIMIT    first N prompts of each set     [40]    (sampling 13 models is the CPU budget's largest part)
+#   ROUGE_LIMIT    first N prompts of each set     [100]   (Dolly test's first 100, all 80 of Vicuna)
 #   ROUGE_SEEDS    sampling seeds                  [10,20]
 #   ROUGE_TOKENS   max_new_tokens                  [64]
 #   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
@@ -29,7 +29,7 @@ shift
 METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
 SEEDS=${SEEDS:-"1 2"}
 NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-100}")
-ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-40}"
+ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-100}"
        "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-64}" eval.batch_size=20)
 cd "$ROOT"
 START=$(date +%s)
