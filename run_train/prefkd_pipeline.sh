@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole PrefKD recipe (SPEC §10), one stage after the other, each reading the previous stage's checkpoint:
+# The whole PrefKD recipe (docs/methods.md §10), one stage after the other, each reading the previous stage's checkpoint:
 #   1 teacher_sft   SFT of the teacher on the chosen responses
 #   2 teacher_dpo   DPO of that teacher (π⁺)                     (reference: the SFT teacher)
 #   3 teacher_rdpo  DPO on the reversed pairs (π⁻)              (reference: the SFT teacher)

@@ -1,5 +1,5 @@
-"""prefkd.checkpoint on its own: what a loss module keeps besides tensors (``get_extra_state`` returning plain Python
-values) survives a save and a load, next to its tensors, the model, the optimizer and the scheduler."""
+"""prefkd.training.checkpoint on its own: what a loss module keeps besides tensors (``get_extra_state`` returning plain
+Python values) survives a save and a load, next to its tensors, the model, the optimizer and the scheduler."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from prefkd import checkpoint as ckpt
 from prefkd.models.tiny import build_tiny
+from prefkd.training import checkpoint as ckpt
 
 
 class LossWithExtraState(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import free_port
+from tests.helpers.shared import free_port
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -70,12 +70,13 @@ def test_missing_real_model_fails_clearly(tmp_path):
 
 
 def test_kd_on_different_tokenizers_runs_with_mined(tmp_path):
-    """`loss=kd` on the cross-tokenizer tiny pair now runs (MinED alignment, SPEC §6),
+    """`loss=kd` on the cross-tokenizer tiny pair now runs (MinED alignment, docs/methods.md §6),
     logs why, and reports the alignment rate."""
     res = train("model=tiny", "loss=kd", "trainer.max_steps=20", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
                 cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    notice = "teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary map (SPEC §6)"
+    notice = ("teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary map "
+              "(docs/methods.md §6)")
     assert (res.stdout + res.stderr).count(notice) == 1
     assert (tmp_path / "run" / "train.log").read_text().count(notice) == 1
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +85,8 @@ def test_kd_on_different_tokenizers_runs_with_mined(tmp_path):
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    """SPEC §2: two processes with batch 4 (gloo on CPU) = one process with batch 8: same loss, same weights."""
+    """docs/methods.md §2: two processes with batch 4 (gloo on CPU) = one process with batch 8: same loss, same
+    weights."""
     common = ("model=tiny_same", "loss=kd", "trainer.max_steps=3", "logger=none", "trainer.device=cpu",
               "trainer.eval_every=1000", "trainer.eval_at_start=false")
     two = train(*common, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path,

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from prefkd.train import config_dir
+from prefkd.utils.config import config_dir
 
 CONFIG = Path(config_dir())
 GROUPS = ["teacher", "student", "model", "loss", "dataset", "trainer", "logger"]

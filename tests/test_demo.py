@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from prefkd.train import config_dir, run
+from prefkd.training.pipeline import run
+from prefkd.utils.config import config_dir
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_dir
+from tests.helpers.shared import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

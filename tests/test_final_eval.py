@@ -1,4 +1,4 @@
-"""`final_eval.enabled=true`: the best checkpoint is evaluated right after training (SPEC §9 protocol) into
+"""`final_eval.enabled=true`: the best checkpoint is evaluated right after training (docs/methods.md §9 protocol) into
 <run_dir>/eval, as a full model or as a LoRA adapter applied to its base (not merged)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from prefkd.train import run
-from tests.test_trainer import compose_cfg
+from prefkd.training.pipeline import run
+from tests.helpers.runs import compose_cfg
 
 EVAL = ("final_eval.enabled=true", "final_eval.datasets=[vicuna,dolly]", "final_eval.limit=2",
         "final_eval.seeds=[10,20]", "final_eval.max_new_tokens=4", "final_eval.batch_size=2")
@@ -54,5 +54,6 @@ def test_a_wrong_protocol_or_a_missing_set_is_an_error_before_training(tmp_path)
 def test_without_final_eval_the_run_prints_the_commands_that_come_next(tmp_path, capsys):
     summary = run(compose_cfg("loss=sft", "trainer.max_steps=1"), tmp_path / "run")
     out = capsys.readouterr().out
-    assert f"python -m prefkd.evaluate model.path={summary['checkpoints']['best']} output_dir={tmp_path / 'run/eval'}" in out
+    assert (f"python -m prefkd.evaluate model.path={summary['checkpoints']['best']} "
+            f"output_dir={tmp_path / 'run/eval'}") in out
     assert f"python -m prefkd.report {tmp_path / 'run'} --out {tmp_path / 'run/report'}" in out

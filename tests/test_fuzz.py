@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import string
 import tempfile
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -26,14 +26,21 @@ from hypothesis import strategies as st
 
 from prefkd.align import MinEDAligner, load_vocab_map
 from prefkd.align.dtw import accumulated_cost, cost_matrix, dtw_align
-from prefkd.align.parent_tokens import (build_parents, cut_positions, parent_index_map, parent_tokens,
-                                        response_parents, token_offsets)
+from prefkd.align.parent_tokens import (
+    build_parents,
+    cut_positions,
+    parent_index_map,
+    parent_tokens,
+    response_parents,
+    token_offsets,
+)
 from prefkd.data.dataset import DistillDataset, collate
 from prefkd.data.records import DataError
-from prefkd.data.tokenize import IGNORE_INDEX, encode, tokenize_pair
+from prefkd.data.tokenize import encode, tokenize_pair
 from prefkd.models.tiny import tiny_tokenizer
-from tests.align.test_dtw import naive_dtw
-from tests.conftest import _load_tokenizer, shared_dir
+from prefkd.utils.labels import IGNORE_INDEX
+from tests.helpers.references import naive_dtw
+from tests.helpers.shared import load_tokenizer, shared_dir
 
 settings.register_profile("prefkd-fuzz-ci", max_examples=50, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -53,10 +60,10 @@ PUBLISHED = {("qwen1.5", "gpt2"): "qwen_to_gpt2", ("mistral", "tinyllama"): "mis
 
 
 def tok(name: str):
-    return tiny_tokenizer(name) if name in ("a", "b") else _load_tokenizer(name)
+    return tiny_tokenizer(name) if name in ("a", "b") else load_tokenizer(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def aligner(teacher: str, student: str) -> MinEDAligner:
     """MinED's aligner: the published vocabulary map for the real pairs, the built (cached) one for the tiny pair."""
     mapping = None
@@ -99,7 +106,7 @@ def valid(mpl: int, ml: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- (a) tokenize
 def check_example(ex, tokenizer, prompt: str, output: str, mpl: int, ml: int) -> None:
-    """The SPEC §1 rules, recomputed from the raw ids."""
+    """The docs/methods.md §1 rules, recomputed from the raw ids."""
     p_ids, r_ids = encode(tokenizer, [prompt, output])
     p = min(len(p_ids), mpl)
     full = (p_ids[:mpl] + r_ids + [tokenizer.eos_token_id])[:ml]
@@ -164,8 +171,10 @@ def test_distill_dataset_with_mined(pair, records, lim):
     (teacher, student), (mpl, ml) = pair, lim
     t_tok, s_tok, al = tok(teacher), tok(student), aligner(*pair)
     with tempfile.TemporaryDirectory() as cache:
-        build = lambda: DistillDataset(records, s_tok, t_tok, max_prompt_length=mpl, max_length=ml, precompute=al,
-                                       precompute_version=al.version, cache_dir=cache, source="fuzz")
+        def build():
+            return DistillDataset(records, s_tok, t_tok, max_prompt_length=mpl, max_length=ml, precompute=al,
+                                  precompute_version=al.version, cache_dir=cache, source="fuzz")
+
         try:
             ds = build()
         except DataError as e:
@@ -205,7 +214,9 @@ def test_mined_align_on_random_labels(pair, data):
         cut_t, cut_s = data.draw(st.integers(0, 3), label="teacher prompt"), data.draw(st.integers(0, 3))
         t_labels, s_labels = [IGNORE_INDEX] * cut_t + t_ids, [IGNORE_INDEX] * cut_s + s_ids
     else:
-        ids = lambda v: st.one_of(st.integers(0, v - 1), st.sampled_from([IGNORE_INDEX, -1, v, v + 10**6]))
+        def ids(v):
+            return st.one_of(st.integers(0, v - 1), st.sampled_from([IGNORE_INDEX, -1, v, v + 10**6]))
+
         t_labels = data.draw(st.lists(ids(len(t_tok)), max_size=40), label="teacher labels")
         s_labels = data.draw(st.lists(ids(len(s_tok)), max_size=40), label="student labels")
     index = al.align(s_labels, t_labels)

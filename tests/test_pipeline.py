@@ -1,5 +1,6 @@
-"""run_train/prefkd_pipeline.sh end to end on the tiny pair (SPEC §10's recipe): every stage runs, each reads the
-previous stage's checkpoint, summary.json holds the before/after preference accuracy, a rerun skips finished stages."""
+"""run_train/prefkd_pipeline.sh end to end on the tiny pair (docs/methods.md §10's recipe): every stage runs, each reads
+the previous stage's checkpoint, summary.json holds the before/after preference accuracy, a rerun skips finished
+stages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Preference training end to end (SPEC §10): the reference is the INITIAL policy (a frozen copy for full
+"""Preference training end to end (docs/methods.md §10): the reference is the INITIAL policy (a frozen copy for full
 fine-tuning, the adapter disabled for LoRA), also after a resume; every preference loss trains on the tiny pairs;
 clear errors for a preference loss on instruction data and a teacher reference with another tokenizer."""
 
@@ -8,13 +8,13 @@ import math
 
 import pytest
 
-from tests.losses.test_dskd import quick_run
-from tests.test_trainer import compose_cfg
+from tests.helpers.runs import compose_cfg, quick_run
 
 # 8 training pairs seen 3 times (an overfitting check), 4 dev pairs
 HH = ("dataset=hh", "dataset.source.limit=12", "dataset.source.dev_size=4", "trainer.batch_size=4",
-      "trainer.max_steps=6", "trainer.group_by_length=false", "trainer.lr=1e-3", "trainer.eval_every=1000", "trainer.log_every=2",
-      "trainer.eval_at_start=true", "trainer.num_threads=1", "dataset.max_length=96", "dataset.max_prompt_length=48")
+      "trainer.max_steps=6", "trainer.group_by_length=false", "trainer.lr=1e-3", "trainer.eval_every=1000",
+      "trainer.log_every=2", "trainer.eval_at_start=true", "trainer.num_threads=1", "dataset.max_length=96",
+      "dataset.max_prompt_length=48")
 LR = "trainer.lr=1e-3"
 LORA = ("student.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [c_attn]}", "trainer.lr=3e-2")
 
@@ -48,7 +48,7 @@ def test_kd_tisdpo_reads_a_weight_file(tmp_path):
     from prefkd.data.preference import load_pairs
     from prefkd.data.preference_dataset import PreferenceDataset
     from prefkd.models.tiny import tiny_tokenizer
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     path = f"{config_dir()}/../../shared/data/preference/hh_harmless_test.jsonl"
     pairs = load_pairs(path, limit=40, skip_invalid=True)
@@ -82,7 +82,7 @@ def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path):
 
     from prefkd.data.preference import load_pairs
     from prefkd.reference_logps import compute_reference_logps
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     source = f"{config_dir()}/../../shared/data/preference/hh_harmless_test.jsonl"
     live = compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", *HH, LR, f"dataset.source.train={source}")

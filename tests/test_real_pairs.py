@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from prefkd.train import run
-from tests.conftest import shared_dir
-from tests.test_trainer import compose_cfg
+from prefkd.training.pipeline import run
+from tests.helpers.runs import compose_cfg
+from tests.helpers.shared import shared_dir
 
 QWEN_GPT2_MAP = "data/vocab_alignment/qwen_to_gpt2/tea2stu_id_mapping.json"
 CASES = [
@@ -23,7 +23,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("preset,loss,extra", CASES, ids=[f"{p}-{l}" for p, l, _ in CASES])
+@pytest.mark.parametrize("preset,loss,extra", CASES, ids=[f"{p}-{name}" for p, name, _ in CASES])
 def test_loss_trains_on_a_real_pair(preset, loss, extra, tmp_path):
     extra = tuple(e.format(shared=shared_dir()) for e in extra)
     cfg = compose_cfg(f"model={preset}", f"loss={loss}", "trainer.max_steps=3", "trainer.num_threads=1",

@@ -23,12 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefkd import checkpoint as ckpt
 from prefkd.losses.kd import KDLoss
-from prefkd.train import run
-from prefkd.trainer import NonFiniteLossError
-from tests.conftest import free_port
-from tests.test_trainer import assert_same_weights, compose_cfg, weights
+from prefkd.training import checkpoint as ckpt
+from prefkd.training.pipeline import run
+from prefkd.training.trainer import NonFiniteLossError
+from tests.helpers.runs import assert_same_weights, compose_cfg, weights
+from tests.helpers.shared import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTY = "loss._target_=tests.test_reliability.FaultyKD"
@@ -312,9 +312,9 @@ class _Killed(BaseException):
 
 
 def test_a_kill_between_the_save_and_the_best_link_keeps_best_consistent(tmp_path, monkeypatch):
-    import prefkd.checkpoint
+    import prefkd.training.checkpoint
 
-    real_link = prefkd.checkpoint.link_checkpoint
+    real_link = prefkd.training.checkpoint.link_checkpoint
 
     def link_or_die(src, dest):
         if Path(dest).name == "best":
@@ -322,10 +322,10 @@ def test_a_kill_between_the_save_and_the_best_link_keeps_best_consistent(tmp_pat
         real_link(src, dest)
 
     common = ("trainer.max_steps=4", "trainer.save_every=2", *SMALL)
-    monkeypatch.setattr(prefkd.checkpoint, "link_checkpoint", link_or_die)
+    monkeypatch.setattr(prefkd.training.checkpoint, "link_checkpoint", link_or_die)
     with pytest.raises(_Killed):
         run(compose_cfg(*common), tmp_path / "run")  # step-4 saved at the final evaluation, then "killed"
-    monkeypatch.setattr(prefkd.checkpoint, "link_checkpoint", real_link)
+    monkeypatch.setattr(prefkd.training.checkpoint, "link_checkpoint", real_link)
     summary = run(compose_cfg(*common), tmp_path / "run")  # resume=auto: step-4 is complete, nothing to train
     assert summary["finished"] and summary["best"]["step"] == 4
     best = tmp_path / "run" / "checkpoints" / "best"
@@ -335,13 +335,14 @@ def test_a_kill_between_the_save_and_the_best_link_keeps_best_consistent(tmp_pat
 
 @pytest.mark.parametrize("scale", [2.0**4, 1.0])
 def test_fp16_scaler_overflow_is_the_scalers_business_while_its_scale_is_above_one(scale):
-    """Trainer._skip_step with a GradScaler (CPU here; accelerate hands it to the optimizer wrapper on CUDA fp16):
+    """NonFiniteGuard.skip_step with a GradScaler (CPU here; accelerate hands it to the optimizer wrapper on CUDA fp16):
     an overflow of the scaled gradients under a finite loss moves no parameter, the scaler halves its scale and
     is ready for the next step; it counts as a skipped step, and towards max_nonfinite_in_a_row only once the
     scale is down to 1."""
     from types import SimpleNamespace
 
-    from prefkd.trainer import Trainer
+    from prefkd.training.nonfinite import NonFiniteGuard
+    from prefkd.training.state import TrainState
 
     model = torch.nn.Linear(3, 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -355,15 +356,14 @@ def test_fp16_scaler_overflow_is_the_scalers_business_while_its_scale_is_above_o
         scaler.update()
 
     optimizer = SimpleNamespace(step=step, zero_grad=inner.zero_grad)
-    state = {"global_step": 6, "nonfinite_steps": 2, "nonfinite_in_a_row": 1}
-    fake = SimpleNamespace(acc=SimpleNamespace(scaler=scaler), optimizer=optimizer, state=state)
-    metrics = {"loss": 1.25, "grad_norm": float("inf")}
-    Trainer._skip_step(fake, True, metrics)
+    state = TrainState(global_step=6, nonfinite_steps=2, nonfinite_in_a_row=1)
+    guard = NonFiniteGuard(SimpleNamespace(scaler=scaler), optimizer, limit=3)
+    metrics = guard.skip_step(state, True, 1.25, float("inf"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not inner.state
     assert all(p.grad is None for p in model.parameters())
-    assert metrics["skipped"] == 1.0 and metrics["nonfinite_grad"] == 1.0 and state["nonfinite_steps"] == 3
+    assert metrics["skipped"] == 1.0 and metrics["nonfinite_grad"] == 1.0 and state.nonfinite_steps == 3
     assert scaler.get_scale() == scale / 2  # the scaler saw the overflow and backed off
-    assert state["nonfinite_in_a_row"] == (1 if scale > 1 else 2)  # at scale 1 the overflow counts
+    assert state.nonfinite_in_a_row == (1 if scale > 1 else 2)  # at scale 1 the overflow counts
     scaler.scale(model(torch.ones(1, 3)).sum()).backward()  # the next step: the scaler was reset, it trains
     scaler.unscale_(inner)
     step()

@@ -9,10 +9,17 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from prefkd.run_info import (describe_run, job_subdir, parse_overrides, safe_name, sweep_keys, swept_label,
-                             wandb_metadata)
-from prefkd.train import objective, pass_signal_on
-from tests.test_trainer import compose_cfg
+from prefkd.training.pipeline import objective, pass_signal_on
+from prefkd.training.run_info import (
+    describe_run,
+    job_subdir,
+    parse_overrides,
+    safe_name,
+    sweep_keys,
+    swept_label,
+    wandb_metadata,
+)
+from tests.helpers.runs import compose_cfg
 
 
 def hydra_node(tmp_path, task, sweep_args=None, params=None):
@@ -65,7 +72,7 @@ def test_describe_run_and_wandb_metadata(tmp_path):
 
 
 def test_a_run_writes_run_info(tmp_path):
-    from prefkd.train import run
+    from prefkd.training.pipeline import run
 
     run(compose_cfg("loss=kd", "trainer.max_steps=1"), tmp_path / "run")
     info = json.loads((tmp_path / "run/run_info.json").read_text())
@@ -81,7 +88,7 @@ def test_the_sweep_objective():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_launcher_signal_handler_is_called_after_the_checkpoint():
-    from prefkd.trainer import Preempted
+    from prefkd.training.trainer import Preempted
 
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))

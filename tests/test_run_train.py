@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from hydra import compose, initialize_config_dir
 
-from prefkd.train import config_dir
-from tests.losses.test_dskd import quick_run
+from prefkd.utils.config import config_dir
+from tests.helpers.runs import quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p for p in (ROOT / "run_train").glob("*/*.sh") if p.parent.name != "prefkd")
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "config/experiment").glob("*.yaml") if not p.stem.startswith("prefkd_"))
-PREFKD_STAGES = ("teacher_sft", "teacher_dpo", "teacher_rdpo", "student_sft", "kd_tisdpo", "tisdpo_kdalign", "dpo", "ipo",
-                 "tisdpo")
+PREFKD_STAGES = ("teacher_sft", "teacher_dpo", "teacher_rdpo", "student_sft", "kd_tisdpo", "tisdpo_kdalign", "dpo",
+                 "ipo", "tisdpo")
 HH = ROOT.parent / "shared/data/preference/hh_harmless_test.jsonl"
-TINY = ("logger=none", "run_name=test", "trainer.device=cpu", "dataset=embedded", "dataset.source.n_train=16", "dataset.source.n_dev=4", "trainer.max_steps=1",
+TINY = ("logger=none", "run_name=test", "trainer.device=cpu", "dataset=embedded", "dataset.source.n_train=16",
+        "dataset.source.n_dev=4", "trainer.max_steps=1",
         "trainer.batch_size=4", "trainer.gradient_accumulation_steps=1", "trainer.eval.rouge=false",
         "trainer.num_threads=1", "trainer.eval_at_start=false")
 
@@ -55,7 +55,7 @@ def test_every_script_resolves_its_configuration(script, tmp_path):
             "minedit": "MinEDLoss", "uld": "ULDLoss", "sft": "SFTLoss", "teacher_sft": "SFTLoss"}[method]
     assert cfg["loss"]["_target_"].endswith(loss)
     lora = pair in ("tinyllama", "gptxl")
-    assert cfg["trainer"]["max_epochs"] == (15 if lora else 20)  # SPEC §8
+    assert cfg["trainer"]["max_epochs"] == (15 if lora else 20)  # docs/methods.md §8
     assert cfg["trainer"]["batch_size"] * cfg["trainer"]["gradient_accumulation_steps"] == (16 if lora else 8)
     if method == "multicost":
         assert cfg["loss"]["kd_rate"] == (0.5 if lora else 5.0) and cfg["loss"]["top_k"] == 400
@@ -88,7 +88,8 @@ def test_every_experiment_runs_a_step_on_the_tiny_pair(experiment, tmp_path):
 def test_the_preference_pipeline_has_a_script_and_an_experiment_per_stage():
     scripts = {p.stem for p in (ROOT / "run_train/prefkd").glob("*.sh") if not p.stem.startswith("_")}
     assert scripts == {*PREFKD_STAGES, "weights"}
-    assert {p.stem for p in (ROOT / "config/experiment").glob("prefkd_*.yaml")} == {f"prefkd_{s}" for s in PREFKD_STAGES}
+    experiments = {p.stem for p in (ROOT / "config/experiment").glob("prefkd_*.yaml")}
+    assert experiments == {f"prefkd_{s}" for s in PREFKD_STAGES}
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_every_preference_stage_script_resolves_its_configuration(stage, stage_e
     else:
         assert student["path"] == "/models/student_sft"
     if stage in ("kd_tisdpo", "tisdpo_kdalign"):  # a full DPO checkpoint replaces the teacher's base
-        assert cfg["teacher"]["path"] == "/models/dpo" and cfg["loss"]["beta"] == 0.5  # SPEC §10
+        assert cfg["teacher"]["path"] == "/models/dpo" and cfg["loss"]["beta"] == 0.5  # docs/methods.md §10
     else:
         assert not cfg["teacher"]
     if stage in ("kd_tisdpo", "tisdpo_kdalign", "tisdpo"):

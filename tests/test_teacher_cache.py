@@ -11,10 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from prefkd.teacher_cache import TeacherCache, build
-from prefkd.train import config_dir
-from tests.losses.test_dskd import quick_run
-from tests.test_trainer import compose_cfg
+from prefkd.training.teacher_cache import TeacherCache, build
+from prefkd.utils.config import config_dir
+from tests.helpers.runs import compose_cfg, quick_run
 
 DATA = ("dataset.source.n_train=48", "dataset.source.n_dev=8", "trainer.batch_size=8", "trainer.max_steps=4",
         "trainer.num_threads=1", "trainer.log_every=2", "trainer.eval_every=1000")

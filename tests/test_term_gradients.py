@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from prefkd.term_gradients import term_gradients
-from prefkd.train import config_dir
+from prefkd.utils.config import config_dir
 
 TINY = ["model=tiny", "dataset=embedded", "dataset.source.n_train=8", "dataset.source.n_dev=6", "examples=4",
         "logger=none"]

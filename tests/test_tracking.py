@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from prefkd.tracking import Tracker, redact
-from prefkd.train import load_env
+from prefkd.training.tracking import Tracker, redact
+from prefkd.utils.config import load_env
 
 
 def test_metrics_file_and_redaction(tmp_path):
@@ -53,8 +53,8 @@ def test_env_file_is_loaded_without_overriding_the_environment(tmp_path, monkeyp
 
 
 def test_a_secret_in_the_environment_appears_in_no_run_file(tmp_path, monkeypatch):
-    from tests.test_trainer import compose_cfg
-    from prefkd.train import run
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     secret = "hf_THIS_IS_A_TEST_SECRET_0123456789"
     monkeypatch.setenv("HUGGINGFACE_TOKEN", secret)
@@ -66,7 +66,7 @@ def test_a_secret_in_the_environment_appears_in_no_run_file(tmp_path, monkeypatc
 
 def test_eval_table_rows_for_both_protocols():
     from prefkd.eval.report import summarize
-    from prefkd.tracking import eval_table
+    from prefkd.training.tracking import eval_table
 
     per_seed = {"dolly": {10: {"rougeL": 20.0, "exact_match": 1.0, "n": 2, "gen_len_mean": 5.0},
                           20: {"rougeL": 30.0, "exact_match": 0.0, "n": 2, "gen_len_mean": 6.0}}}
@@ -85,8 +85,9 @@ def test_evaluating_a_checkpoint_logs_into_the_training_runs_wandb(tmp_path, mon
     from hydra import compose, initialize_config_dir
 
     from prefkd import evaluate
-    from prefkd.train import config_dir, run
-    from tests.test_trainer import compose_cfg
+    from prefkd.training.pipeline import run
+    from prefkd.utils.config import config_dir
+    from tests.helpers.runs import compose_cfg
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

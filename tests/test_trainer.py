@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 
-from prefkd.train import config_dir, run
-
-TINY = ("model=tiny_same", "logger=none", "run_name=test", "trainer.device=cpu", "trainer.eval_at_start=false")
-
-
-def compose_cfg(*overrides: str):
-    """The train config on the tiny same-tokenizer pair; loss=kd unless the overrides pick a loss (the demo's
-    default, mcw_kd, is tested in tests/losses/test_mcw_kd.py)."""
-    loss = [] if any(o.startswith("loss=") for o in overrides) else ["loss=kd"]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="train", overrides=[*TINY, *loss, *overrides])
-
-
-def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
+from prefkd.training.pipeline import run
+from tests.helpers.runs import assert_same_weights, compose_cfg, weights
 
 
 def test_overfits_a_fixed_batch(tmp_path):
@@ -58,7 +35,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_accumulation_equals_a_larger_batch(tmp_path):
-    """SPEC §2: loss sums are divided by the tokens of the whole optimizer step, not per micro-batch."""
+    """docs/methods.md §2: loss sums are divided by the tokens of the whole optimizer step, not per micro-batch."""
     common = ("loss=kd", "trainer.max_steps=2", "dataset.source.n_train=32", "trainer.eval_every=1000",
               "trainer.group_by_length=false", "trainer.dev_limit=8")
     big = run(compose_cfg(*common, "trainer.batch_size=8"), tmp_path / "big")
@@ -94,7 +71,7 @@ def test_lora_student_saves_an_adapter(tmp_path):
 
 
 def test_kd_trains_on_different_tokenizers_with_mined(tmp_path, caplog):
-    """loss=kd on the cross-tokenizer tiny pair now trains with MinED's alignment (SPEC §6),
+    """loss=kd on the cross-tokenizer tiny pair now trains with MinED's alignment (docs/methods.md §6),
     says so once in the log, and reports the aligned fraction of the response tokens."""
     cfg = compose_cfg("model=tiny", "loss=kd", "trainer.max_steps=20", "trainer.log_every=5",
                       "trainer.eval_at_start=true")

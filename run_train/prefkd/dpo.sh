@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PrefKD baseline (SPEC §10): dpo of the SFT student, no teacher (config/experiment/prefkd_dpo.yaml).
+# PrefKD baseline (docs/methods.md §10): dpo of the SFT student, no teacher (config/experiment/prefkd_dpo.yaml).
 #   STUDENT_SFT=stage-4 ckpt [NUM_GPUS=N] [HH_PATH=pairs.jsonl] bash $0 [hydra overrides ...]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_stage.sh"

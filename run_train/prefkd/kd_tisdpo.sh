@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PrefKD stage 6 (SPEC §10): the student trained with kd_tisdpo, the DPO teacher π⁺ as reference
+# PrefKD stage 6 (docs/methods.md §10): the student trained with kd_tisdpo, the DPO teacher π⁺ as reference
 # (config/experiment/prefkd_kd_tisdpo.yaml).
 #   WEIGHTS=stage-5 weights.jsonl STUDENT_SFT=stage-4 ckpt TEACHER_DPO=stage-2 ckpt [TEACHER_PATH=base] [NUM_GPUS=N] \
 #   bash $0 [hydra overrides ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PrefKD stage 3 (SPEC §10): the negative teacher π⁻, DPO of the SFT teacher on the reversed pairs
+# PrefKD stage 3 (docs/methods.md §10): the negative teacher π⁻, DPO of the SFT teacher on the reversed pairs
 # (config/experiment/prefkd_teacher_rdpo.yaml).
 #   TEACHER_SFT=stage-1 checkpoint [TEACHER_PATH=base] [NUM_GPUS=N] [HH_PATH=pairs.jsonl] bash $0 [hydra overrides ...]
 # TEACHER_SFT: a LoRA adapter (merged into TEACHER_PATH, default mistralai/Mistral-7B-v0.3) or a full checkpoint.

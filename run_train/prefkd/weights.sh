@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PrefKD stage 5 (SPEC §10): per-parent weights w_p from π⁺ and π⁻ (`python -m prefkd.weights`, config/weights.yaml).
+# PrefKD stage 5 (docs/methods.md §10): per-parent weights w_p from π⁺ and π⁻ (`python -m prefkd.weights`, config/weights.yaml).
 #   POSITIVE=stage-2 ckpt NEGATIVE=stage-3 ckpt [POLICY=student tokenizer] [TEACHER_PATH=base] [HH_PATH=pairs.jsonl] \
 #   [OUTPUT=weights.jsonl] bash $0 [hydra overrides ...]
 # POSITIVE/NEGATIVE: LoRA adapters (applied to TEACHER_PATH, default mistralai/Mistral-7B-v0.3) or full checkpoints.

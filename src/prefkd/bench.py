@@ -32,6 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from prefkd.utils.devices import resolve_device
+
 DEFAULT_LOSSES = ("sft", "kd", "uld", "minedit", "dskd_cma", "multilevel_ot", "mcw_kd")
 DEFAULT_SHAPE = {"batch": 4, "max_length": 256, "max_prompt_length": 128, "student_hidden": 256, "student_layers": 2,
                  "teacher_hidden": 256, "teacher_layers": 2}
@@ -62,7 +64,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def shared_dir() -> Path:
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     path = Path(os.environ.get("PREFKD_SHARED", Path(config_dir()).parent.parent / "shared"))
     if not (path / "tokenizers").is_dir():
@@ -75,7 +77,7 @@ def make_loss(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"loss={name}", *overrides])
@@ -199,8 +201,7 @@ def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warm
     from prefkd.data.records import read_jsonl
     from prefkd.models.tiny import build_shrunk
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     root = shared_dir()
     t_name, s_name = PAIRS[pair]
     teacher = build_shrunk(root / "tokenizers" / t_name, hidden_size=shape["teacher_hidden"],

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from prefkd.train import config_dir, load_env
+from prefkd.utils.config import config_dir, load_env
 
 
 @torch.no_grad()

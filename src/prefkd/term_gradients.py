@@ -25,7 +25,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prefkd.train import build_datasets, config_dir, load_env
+from prefkd.training.datasets import build_datasets
+from prefkd.utils.config import config_dir, load_env
 
 
 def load_checkpoint(checkpoint: str, student, losses: dict) -> None:
@@ -60,7 +61,8 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, student, losses)
     splits = instantiate(cfg.dataset.source)
-    data_loss = instantiate(cfg.loss)  # the configured loss's precompute hooks (MCW-KD's lexical cost), whatever the terms
+    # the configured loss's precompute hooks (MCW-KD's lexical cost), whatever the terms
+    data_loss = instantiate(cfg.loss)
     data_loss.setup(student.tokenizer, teacher.tokenizer)
     _, dev = build_datasets(cfg, splits, student, teacher, data_loss)
     if dev is None:

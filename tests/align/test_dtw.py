@@ -1,4 +1,4 @@
-"""DTW over token strings (SPEC §6): hand-worked cases, the tie order, and the vectorised recurrence against
+"""DTW over token strings (docs/methods.md §6): hand-worked cases, the tie order, and the vectorised recurrence against
 the naive double loop of the SPEC."""
 
 from __future__ import annotations
@@ -7,25 +7,7 @@ import numpy as np
 import pytest
 
 from prefkd.align.dtw import accumulated_cost, backtrack, cost_matrix, dtw_align
-
-
-def naive_dtw(cost: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """SPEC §6 written out: D[i,j] = C[i,j] + min(D[i−1,j], D[i,j−1], D[i−1,j−1]) with D[−1,−1] = 0 and ∞ on
-    the other borders; backtrack with np.argmin([diag, up, left]) (first minimum wins)."""
-    n, m = cost.shape
-    d = np.full((n + 1, m + 1), np.inf)
-    d[0, 0] = 0
-    for i in range(n):
-        for j in range(m):
-            d[i + 1, j + 1] = cost[i, j] + min(d[i, j + 1], d[i + 1, j], d[i, j])
-    d = d[1:, 1:]
-    i, j, path = n - 1, m - 1, [(n - 1, m - 1)]
-    while i > 0 or j > 0:
-        options = [d[i - 1, j - 1] if i and j else np.inf, d[i - 1, j] if i else np.inf, d[i, j - 1] if j else np.inf]
-        move = int(np.argmin(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path.append((i, j))
-    return d, path[::-1]
+from tests.helpers.references import naive_dtw
 
 
 def test_word_split_into_two_student_tokens():

@@ -1,4 +1,4 @@
-"""MinED's precompute hook on real Dolly records with the real tokenizer pairs (SPEC §6).
+"""MinED's precompute hook on real Dolly records with the real tokenizer pairs (docs/methods.md §6).
 
 The vocabulary maps here are restricted to the teacher ids that occur in the examples' teacher labels (same
 code path as the full map, which takes a minute for Qwen1.5 → GPT-2): every check below only looks up those.
@@ -14,8 +14,9 @@ from rapidfuzz.distance import Levenshtein
 from prefkd.align import MinEDAligner, alignment_rate, build_vocab_map, strip_marker, word_start_marker
 from prefkd.data.dataset import DistillDataset, collate
 from prefkd.data.records import read_jsonl
-from prefkd.data.tokenize import IGNORE_INDEX, TokenizedExample
-from tests.conftest import REAL_PAIRS, _load_tokenizer, shared_dir
+from prefkd.data.tokenize import TokenizedExample
+from prefkd.utils.labels import IGNORE_INDEX
+from tests.helpers.shared import REAL_PAIRS, load_tokenizer, shared_dir
 
 N_RECORDS = 120
 
@@ -28,7 +29,7 @@ def records():
 @pytest.fixture(scope="module", params=REAL_PAIRS, ids=lambda p: f"{p[0]}->{p[1]}")
 def aligned(request, records):
     """(teacher tok, student tok, aligner, dataset with the MinED field) for one real pair."""
-    t_tok, s_tok = (_load_tokenizer(name) for name in request.param)
+    t_tok, s_tok = (load_tokenizer(name) for name in request.param)
     plain = DistillDataset(records, s_tok, t_tok, use_cache=False)
     t_ids = {int(y) for ex in plain for y in ex["teacher_labels"].tolist() if y != IGNORE_INDEX}
     aligner = MinEDAligner(t_tok, s_tok, vocab_map=build_vocab_map(t_tok, s_tok, teacher_ids=t_ids))
@@ -38,7 +39,7 @@ def aligned(request, records):
 
 
 def reference_index(s_labels, t_labels, t2s, t_tok, s_tok) -> list[int]:
-    """SPEC §6 written out naively: DTW by double loop over the response targets, backtrack with
+    """docs/methods.md §6 written out naively: DTW by double loop over the response targets, backtrack with
     argmin([diag, up, left]), then 'exactly one teacher position and t2s[teacher token] == student token'."""
     t_marker, s_marker = word_start_marker(t_tok), word_start_marker(s_tok)
     sp = [j for j, y in enumerate(s_labels) if y != IGNORE_INDEX]
@@ -81,7 +82,7 @@ def test_aligned_positions_carry_the_mapped_token(aligned):
 def test_prompt_positions_are_never_aligned_and_teacher_positions_are_monotone(aligned):
     """A DTW path is monotone, so the aligned teacher positions never decrease along the student's. They may
     repeat: one teacher token ("-N") paired with several student tokens ("-", "N", "-") serves each of them
-    that carries its mapped token ("-" twice): each has exactly one teacher partner, as SPEC §6 asks."""
+    that carries its mapped token ("-" twice): each has exactly one teacher partner, as docs/methods.md §6 asks."""
     *_, ds = aligned
     for ex in ds:
         idx = ex["mined_teacher_index"]

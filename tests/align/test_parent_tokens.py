@@ -1,4 +1,4 @@
-"""Parent tokens (SPEC §10): property tests on the real tokenizer pairs and the embedded pair."""
+"""Parent tokens (docs/methods.md §10): property tests on the real tokenizer pairs and the embedded pair."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefkd.align.parent_tokens import (Parent, add_eos_parent, build_parents, cut_positions, parent_index_map,
-                                        parent_logprobs, parent_tokens, response_parents, token_offsets,
-                                        truncate_parents)
+from prefkd.align.parent_tokens import (
+    Parent,
+    add_eos_parent,
+    build_parents,
+    cut_positions,
+    parent_index_map,
+    parent_logprobs,
+    parent_tokens,
+    response_parents,
+    token_offsets,
+    truncate_parents,
+)
 from prefkd.models.tiny import tiny_tokenizer
 
 # (student, teacher): Mistral → TinyLLaMA, Qwen1.5 → GPT-2, embedded pair (teacher "a", student "b").

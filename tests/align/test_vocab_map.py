@@ -1,4 +1,4 @@
-"""Word-start markers and MinED's vocabulary map (SPEC §6), against the published maps.
+"""Word-start markers and MinED's vocabulary map (docs/methods.md §6), against the published maps.
 
 The Mistral → TinyLLaMA map is built in full (a few seconds) and compared entry by entry. The full
 Qwen1.5 → GPT-2 map takes about a minute (151,646 teacher × 50,257 student strings), too slow for the
@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefkd.align import (build_vocab_map, invert_map, load_or_build_vocab_map, load_vocab_map, map_to_tensor,
-                          save_vocab_map, strip_marker, token_strings, word_start_marker)
+from prefkd.align import (
+    build_vocab_map,
+    invert_map,
+    load_or_build_vocab_map,
+    load_vocab_map,
+    map_to_tensor,
+    save_vocab_map,
+    strip_marker,
+    token_strings,
+    word_start_marker,
+)
 from prefkd.align.__main__ import main as cli_main
 from prefkd.align.vocab_map import map_strings, vocab_map_cache_path
-from tests.conftest import _load_tokenizer, shared_dir
+from tests.helpers.shared import load_tokenizer, shared_dir
 
 PUBLISHED = {("qwen1.5", "gpt2"): "qwen_to_gpt2", ("mistral", "tinyllama"): "mistral_to_tinyllama"}
 
@@ -105,7 +114,7 @@ def test_marker_is_replaced_by_the_students(tiny_pair):
 @pytest.fixture(scope="module")
 def mistral_map():
     """The full Mistral → TinyLLaMA map, built once and left in the session's $PREFKD_CACHE."""
-    return load_or_build_vocab_map(_load_tokenizer("mistral"), _load_tokenizer("tinyllama"))
+    return load_or_build_vocab_map(load_tokenizer("mistral"), load_tokenizer("tinyllama"))
 
 
 def test_mistral_to_tinyllama_agrees_with_the_published_map(mistral_map):

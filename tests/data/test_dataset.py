@@ -7,16 +7,15 @@ import logging
 import pytest
 import torch
 
-from prefkd.data.dataset import (DistillDataset, cache_key, collate, Collator, default_cache_dir, num_tokens,
-                                 pad_value)
+from prefkd.data.dataset import Collator, DistillDataset, cache_key, collate, default_cache_dir, num_tokens, pad_value
 from prefkd.data.records import DataError, read_jsonl
-from prefkd.data.tokenize import IGNORE_INDEX
-from tests.conftest import REAL_PAIRS
+from prefkd.utils.labels import IGNORE_INDEX
+from tests.helpers.shared import REAL_PAIRS
 
 
 @pytest.fixture(scope="module")
 def records():
-    from tests.conftest import shared_dir
+    from tests.helpers.shared import shared_dir
 
     return read_jsonl(shared_dir() / "data/instruct/dolly_dev.jsonl")[:50]
 

@@ -1,5 +1,5 @@
-"""Preference records (SPEC §10): HH splitting on the real HH data, the prompt/chosen/rejected format with weights,
-reverse really swaps, and clear errors for empty or equal responses."""
+"""Preference records (docs/methods.md §10): HH splitting on the real HH data, the prompt/chosen/rejected format with
+weights, reverse really swaps, and clear errors for empty or equal responses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PreferenceDataset / collate_pairs (SPEC §1 layout, §10 parents) on the real tokenizer pairs and real HH pairs."""
+"""PreferenceDataset / collate_pairs (docs/methods.md §1 layout, §10 parents) on the real tokenizer pairs and real HH
+pairs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from prefkd.data.preference import PreferencePair, load_pairs
 from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
 from prefkd.data.records import DataError
-from tests.conftest import REAL_PAIRS
+from tests.helpers.shared import REAL_PAIRS
 
 
 def hh(shared, n=6):
@@ -26,7 +27,8 @@ def test_parents_own_the_same_string_on_both_sides(shared, real_tokenizer, teach
             text = getattr(pair, side)
             s_lab, t_lab = torch.tensor(ex[f"{side}_labels"]), torch.tensor(ex[f"teacher_{side}_labels"])
             s_idx, t_idx = ex[f"{side}_parent_index"], ex[f"teacher_{side}_parent_index"]
-            assert len(ex[f"{side}_input_ids"]) <= max_length - 1 and len(ex[f"teacher_{side}_input_ids"]) <= max_length - 1
+            assert (len(ex[f"{side}_input_ids"]) <= max_length - 1
+                    and len(ex[f"teacher_{side}_input_ids"]) <= max_length - 1)
             n = len(ex[f"{side}_weight"])
             assert s_idx.max() == t_idx.max() == n - 1  # EOS is the last parent on both sides
             assert s_lab[-1] == s_tok.eos_token_id and t_lab[-1] == t_tok.eos_token_id
@@ -40,7 +42,8 @@ def test_parents_own_the_same_string_on_both_sides(shared, real_tokenizer, teach
             assert s_idx.ge(0).sum() + 1 == s_lab.ne(-100).sum() + 1  # every response target has a parent
             assert text.replace(" ", "").startswith(kept.replace(" ", "")[:20])
             if max_length == 512 and len(s_lab) < 400:
-                assert kept.replace(" ", "") == s_tok.decode(s_tok(text, add_special_tokens=False)["input_ids"]).replace(" ", "")
+                whole = s_tok.decode(s_tok(text, add_special_tokens=False)["input_ids"])
+                assert kept.replace(" ", "") == whole.replace(" ", "")
 
 
 def test_student_only_has_one_parent_per_token_and_collates_chosen_then_rejected(shared, real_tokenizer):

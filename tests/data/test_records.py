@@ -7,8 +7,14 @@ import re
 
 import pytest
 
-from prefkd.data.records import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, DataError, alpaca_prompt, read_jsonl,
-                                 to_instruction_record)
+from prefkd.data.records import (
+    ALPACA_NO_INPUT,
+    ALPACA_WITH_INPUT,
+    DataError,
+    alpaca_prompt,
+    read_jsonl,
+    to_instruction_record,
+)
 from prefkd.data.sources import dolly_splits, hub_splits, jsonl_splits
 from prefkd.data.splits import DataSplits
 

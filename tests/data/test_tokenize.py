@@ -1,4 +1,4 @@
-"""tokenize_pair on the real tokenizers and the real Dolly dev records (SPEC §1)."""
+"""tokenize_pair on the real tokenizers and the real Dolly dev records (docs/methods.md §1)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from types import SimpleNamespace
 import pytest
 
 from prefkd.data.records import DataError, read_jsonl
-from prefkd.data.tokenize import IGNORE_INDEX, build_example, ensure_pad_token, tokenize_pair
+from prefkd.data.tokenize import build_example, ensure_pad_token, tokenize_pair
+from prefkd.utils.labels import IGNORE_INDEX
 
 TOKENIZERS = ["gpt2", "qwen1.5", "mistral", "tinyllama"]
 
 
 @pytest.fixture(scope="module")
 def records():
-    from tests.conftest import shared_dir
+    from tests.helpers.shared import shared_dir
 
     return read_jsonl(shared_dir() / "data/instruct/dolly_dev.jsonl")[:50]
 

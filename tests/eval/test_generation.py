@@ -1,4 +1,4 @@
-"""Batched left-padded generation: SPEC §9 settings, reproducible seeds, prompts cut to 256 tokens."""
+"""Batched left-padded generation: docs/methods.md §9 settings, reproducible seeds, prompts cut to 256 tokens."""
 
 from __future__ import annotations
 

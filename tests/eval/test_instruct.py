@@ -16,7 +16,8 @@ SAMPLING = Sampling(max_new_tokens=6)
 @pytest.fixture
 def sets(tmp_path):
     a = tmp_path / "a.jsonl"
-    a.write_text("".join(json.dumps({"prompt": f"Question {i}: name a colour.", "output": "blue"}) + "\n" for i in range(3)))
+    a.write_text("".join(json.dumps({"prompt": f"Question {i}: name a colour.", "output": "blue"}) + "\n"
+                         for i in range(3)))
     b = tmp_path / "b.jsonl"
     b.write_text("".join(json.dumps({"instruction": f"Count to {i}", "input": "", "output": ["1 2", "one two"]}) + "\n"
                          for i in range(2)))
@@ -62,12 +63,14 @@ def test_results_files_and_interface_keys(tiny, sets, tmp_path, count_generate):
         assert block["rougeL_mean"] == pytest.approx(sum(values) / 2)
         assert block["rougeL_std"] == pytest.approx(abs(values[0] - values[1]) / 2)
     avg = on_disk["average"]
-    assert avg["rougeL_mean"] == pytest.approx((on_disk["sets"]["a"]["rougeL_mean"] + on_disk["sets"]["b"]["rougeL_mean"]) / 2)
+    assert avg["rougeL_mean"] == pytest.approx(
+        (on_disk["sets"]["a"]["rougeL_mean"] + on_disk["sets"]["b"]["rougeL_mean"]) / 2)
     assert "exact_match_mean" in avg and "rougeL_std" in avg
     md = (out / "results.md").read_text()
     assert "| metric | a | b | Avg. |" in md and "±" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0] == "set,seed,n,rougeL,exact_match,gen_len_mean" and any(x.startswith("a,mean,") for x in csv_lines)
+    assert (csv_lines[0] == "set,seed,n,rougeL,exact_match,gen_len_mean"
+            and any(x.startswith("a,mean,") for x in csv_lines))
 
 
 def test_resume_generates_only_missing_pairs(tiny, sets, tmp_path, count_generate):

@@ -14,7 +14,7 @@ import torch
 from prefkd.eval.dev_rouge import dev_rouge
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.metrics import score_corpus
-from prefkd.evaluate import adapter_base, load_model
+from prefkd.models.loading import adapter_base, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = [{"prompt": "Name a colour.", "output": "blue"},

@@ -32,7 +32,8 @@ def test_rouge_l_by_hand():
     # stemming: kill / killed share the stem "kill", so the LCS is police kill the gunman (4 tokens)
     stemmed_pred, stemmed_ref = "police kill the gunman fast".split(), "the police kill the gunman today".split()
     assert lcs(stemmed_pred, stemmed_ref) == 4
-    assert rouge_l(pred, ref) == pytest.approx(f_lcs(stemmed_pred, stemmed_ref)) == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+    assert (rouge_l(pred, ref) == pytest.approx(f_lcs(stemmed_pred, stemmed_ref))
+            == pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6)))
 
 
 def test_rouge_l_uses_the_porter_stemmer():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefkd.eval.nll import evaluate_nll
-from tests.conftest import shared_dir
+from tests.helpers.shared import shared_dir
 
 RECORDS = [  # prompts of different lengths (padding), a non-ASCII answer, an S-NI-style list of references
     {"prompt": "Name a primary colour.\n", "output": "Red is a primary colour."},
@@ -104,7 +104,7 @@ def test_an_answer_cut_by_max_length_counts_its_kept_bytes(gpt2, tmp_path):
 def compose_eval(*overrides):
     from hydra import compose, initialize_config_dir
 
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("evaluate", overrides=list(overrides))
@@ -121,8 +121,8 @@ def test_the_config_defaults(shared):
 
 def test_the_command_writes_the_result_files(tiny_dir, tmp_path, capsys):
     """`python -m prefkd.evaluate eval=nll model.path=<tiny dir> 'eval.datasets=[dolly,vicuna]' eval.limit=3`."""
-    from prefkd.evaluate import run
-    from prefkd.tracking import eval_table
+    from prefkd.training.evaluation import run
+    from prefkd.training.tracking import eval_table
 
     out = tmp_path / "eval"
     cfg = compose_eval("eval=nll", f"model.path={tiny_dir}", "eval.datasets=[dolly,vicuna]", "eval.limit=3",
@@ -152,8 +152,8 @@ FINAL = ("eval@final_eval=nll", "final_eval.enabled=true", "final_eval.datasets=
 
 
 def test_final_eval_nll_after_training(tmp_path):
-    from prefkd.train import run
-    from tests.test_trainer import compose_cfg
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     summary = run(compose_cfg("loss=sft", "trainer.max_steps=2", *FINAL), tmp_path / "run")
     results = json.loads((tmp_path / "run/eval/results.json").read_text())
@@ -164,8 +164,8 @@ def test_final_eval_nll_after_training(tmp_path):
 
 
 def test_a_missing_set_fails_before_training(tmp_path):
-    from prefkd.train import run
-    from tests.test_trainer import compose_cfg
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     with pytest.raises(FileNotFoundError, match="unni"):  # UnNI is not shipped
         run(compose_cfg("loss=sft", *FINAL, "final_eval.datasets=[dolly,unni]"), tmp_path / "run")
@@ -174,15 +174,15 @@ def test_a_missing_set_fails_before_training(tmp_path):
 
 def test_a_missing_set_file_fails_before_the_model_loads(tmp_path, monkeypatch):
     """prefkd.evaluate eval=nll with a set file that is not there: an error naming eval.sets, no model loaded."""
-    import prefkd.evaluate as evaluate
     from hydra import compose, initialize_config_dir
 
-    from prefkd.train import config_dir
+    import prefkd.training.evaluation as evaluation
+    from prefkd.utils.config import config_dir
 
-    monkeypatch.setattr(evaluate, "instantiate", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluation, "instantiate", lambda *a, **k: pytest.fail("the model was loaded"))
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=["eval=nll", "model.path=unused", "logger=none",
                                                          f"eval.sets.dolly={tmp_path}/missing.jsonl",
                                                          "eval.datasets=[dolly]", f"output_dir={tmp_path}/out"])
     with pytest.raises(FileNotFoundError, match=r"eval\.sets\.<name>=PATH"):
-        evaluate.run(cfg, tmp_path / "out")
+        evaluation.run(cfg, tmp_path / "out")

@@ -1,4 +1,4 @@
-"""Preference metrics (SPEC §10): HH splitting, a constructed case with a known answer, the CLI path."""
+"""Preference metrics (docs/methods.md §10): HH splitting, a constructed case with a known answer, the CLI path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from prefkd.eval.preference import (HH_SEP, PreferencePair, encode, evaluate_preference, load_pairs,
-                                    preference_metrics, split_hh)
-from prefkd.evaluate import _dataset_shorthand, run
-from prefkd.train import config_dir
+from prefkd.eval.preference import (
+    HH_SEP,
+    PreferencePair,
+    encode,
+    evaluate_preference,
+    load_pairs,
+    preference_metrics,
+    split_hh,
+)
+from prefkd.evaluate import _dataset_shorthand
+from prefkd.training.evaluation import run
+from prefkd.utils.config import config_dir
 
 PROMPT = "\n\nHuman: Say a word.\n\nAssistant:"
 
@@ -40,7 +48,9 @@ def test_split_hh():
     # a response holding further turns (4 HH harmless test pairs): the prompt is cut inside the common prefix
     chosen = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
     rejected = "\n\nHuman: a\n\nAssistant: e"
-    assert split_hh(chosen, rejected) == PreferencePair("\n\nHuman: a\n\nAssistant:", " b\n\nHuman: c\n\nAssistant: d", " e")
+    assert split_hh(chosen, rejected) == PreferencePair("\n\nHuman: a\n\nAssistant:",
+                                                        " b\n\nHuman: c\n\nAssistant: d",
+                                                        " e")
     with pytest.raises(ValueError, match="Assistant"):
         split_hh("no turns here", "none")
 
@@ -66,7 +76,8 @@ def test_known_shift_gives_known_accuracy_and_margin(tiny_tokenizer):
     assert margins[0] > 0 > margins[1]
     assert got["rewards/accuracies"] == pytest.approx(0.5)
     assert got["rewards/margins"] == pytest.approx(sum(margins) / 2, rel=1e-5)
-    assert got["rewards/chosen"] == pytest.approx((reward(PROMPT, " yes yes yes") + reward(PROMPT, " maybe")) / 2, rel=1e-5)
+    assert got["rewards/chosen"] == pytest.approx((reward(PROMPT, " yes yes yes") + reward(PROMPT, " maybe")) / 2,
+                                                  rel=1e-5)
     only_first = evaluate_preference(policy, tok, pairs[:1], reference=reference, beta=beta, progress=False)
     assert only_first["rewards/accuracies"] == 1.0
     same = evaluate_preference(reference, tok, pairs, reference=reference, beta=beta, progress=False)
@@ -87,7 +98,7 @@ def test_real_hh_pairs(shared):
 def test_preference_command_in_process(tiny_dir, tiny_tokenizer, tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from tests.eval.conftest import tiny_config
+    from tests.helpers.tiny_llama import tiny_config
 
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)

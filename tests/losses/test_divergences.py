@@ -1,4 +1,4 @@
-"""SPEC §3 divergences against naive per-token references written here from the formulas.
+"""docs/methods.md §3 divergences against naive per-token references written here from the formulas.
 
 The references loop over tokens in Python, work in float64 and write every sum over the vocabulary
 explicitly; gradients come from autograd through them.
@@ -46,7 +46,7 @@ def _kl(p, logp, logq):
 
 
 def ref_token(name, zs, zt, tau=1.0, tau_t=1.0, lam=LAM, alpha=ALPHA, floor=None):
-    """One token's divergence from SPEC §3, zs/zt 1-D float64 rows of the shared vocabulary."""
+    """One token's divergence from docs/methods.md §3, zs/zt 1-D float64 rows of the shared vocabulary."""
     v_n = min(zs.shape[0], zt.shape[0])
     zs, zt = zs[:v_n], zt[:v_n]
     ps, ls = _softmax(zs, tau)

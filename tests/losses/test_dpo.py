@@ -1,4 +1,4 @@
-"""The preference loss modules (SPEC §10) on collated pairs: DPOLoss/IPO/cDPO against the formula on plain
+"""The preference loss modules (docs/methods.md §10) on collated pairs: DPOLoss/IPO/cDPO against the formula on plain
 autograd, TIS-DPO with weights 1 and no KL equals DPO, KD_tisdpo with one tokenizer and weights 1 equals DPO with
 the teacher as reference, KD_tisdpo across the real Qwen1.5 → GPT-2 pair against a per-parent reference."""
 

@@ -1,59 +1,20 @@
-"""DSKDLoss (SPEC §4, same vocabulary) against a naive float64 reference written from the SPEC, plus the
+"""DSKDLoss (docs/methods.md §4, same vocabulary) against a naive float64 reference written from the SPEC, plus the
 projectors' life cycle (build, state_dict round trip) and a tiny training run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
 from prefkd.losses.chunked import chunked_rows_loss
 from prefkd.losses.dskd import DSKDLoss
+from tests.helpers.pairs import FakeLM, leaf
+from tests.helpers.references import assert_grads_close, ce_rows, f64_params, module_grads, ref_divergence
+from tests.helpers.runs import QUICK_RUN, quick_run
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-# 8 steps of 4 examples; dev loss (4 examples) before and after (a smaller training set would evaluate every epoch).
-QUICK_RUN = ("dataset.source.n_train=64", "dataset.source.n_dev=8", "trainer.batch_size=4", "trainer.max_steps=8",
-             "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.eval_every=1000", "trainer.log_every=4",
-             "trainer.dev_limit=4", "trainer.eval_at_start=true", "trainer.num_threads=1")
-
-
-def quick_run(cfg, run_dir):
-    """prefkd.train.run, restoring torch's thread count (trainer.num_threads sets it process-wide). One thread:
-    tiny models on a busy 2-core machine run many times faster than with two."""
-    from prefkd.train import run
-
-    threads = torch.get_num_threads()
-    try:
-        return run(cfg, run_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
-class FakeLM(nn.Module):
-    """Only what the losses read from a model: an input-embedding table and an output head."""
-
-    def __init__(self, vocab: int, hidden: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.embed = nn.Embedding(vocab, hidden)
-        self.head = nn.Linear(hidden, vocab, bias=False)
-        with torch.no_grad():
-            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=g))
-            self.head.weight.copy_(torch.randn(vocab, hidden, generator=g))
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def get_output_embeddings(self):
-        return self.head
-
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().clone().requires_grad_(True)
-
-
 def same_vocab_inputs(B=3, T=8, V=13, d_s=5, d_t=7, seed=0):
     """Random logits / hidden states (leaves) for a same-tokenizer batch with prompt and padding positions."""
     g = torch.Generator().manual_seed(seed)
@@ -72,32 +33,8 @@ def same_vocab_inputs(B=3, T=8, V=13, d_s=5, d_t=7, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def ref_divergence(name: str, zs: torch.Tensor, zt: torch.Tensor, tau: float, tau_t: float = 1.0) -> torch.Tensor:
-    """SPEC §3 per row, float64, explicit softmaxes: p_S = softmax(z^s/τ), p_T = softmax(z^t/(τ·τ_t))."""
-    ls, lt = torch.log_softmax(zs / tau, -1), torch.log_softmax(zt / (tau * tau_t), -1)
-    ps, pt = ls.exp(), lt.exp()
-    if name == "forward_kl":
-        return (pt * (lt - ls)).sum(-1)
-    if name == "reverse_kl":
-        return (ps * (ls - lt)).sum(-1)
-    if name == "js":
-        lm = torch.log((ps + pt) / 2)
-        return 0.5 * (pt * (lt - lm)).sum(-1) + 0.5 * (ps * (ls - lm)).sum(-1)
-    if name == "tvd":
-        return 0.5 * (pt - ps).abs().sum(-1)
-    raise KeyError(name)
-
-
-def ce_rows(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return -torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
-
-
-def f64_params(loss) -> dict[str, torch.Tensor]:
-    return {n: leaf(p.double()) for n, p in loss.projectors.named_parameters()}
-
-
 def reference_dskd(inputs: LossInputs, loss: DSKDLoss, divergence: str, tau: float, kd_rate: float):
-    """SPEC §4 DSKD, one sequence at a time, float64. Returns (terms dict, grads dict)."""
+    """docs/methods.md §4 DSKD, one sequence at a time, float64. Returns (terms dict, grads dict)."""
     b, s, t = inputs.batch, inputs.student, inputs.teacher
     P = f64_params(loss)
     zs_all, hs_all = leaf(s.logits.double()), leaf(s.hidden.double())
@@ -118,20 +55,6 @@ def reference_dskd(inputs: LossInputs, loss: DSKDLoss, divergence: str, tau: flo
     grads = dict(zip(wrt, torch.autograd.grad(total, list(wrt.values()), allow_unused=True)))
     values = {k: v.detach() for k, v in terms.items()} | {"kd": kd.detach(), "loss": total.detach()}
     return values, grads
-
-
-def module_grads(inputs: LossInputs, loss) -> dict[str, torch.Tensor | None]:
-    return {"student_logits": inputs.student.logits.grad, "student_hidden": inputs.student.hidden.grad,
-            **{n: p.grad for n, p in loss.projectors.named_parameters()}}
-
-
-def assert_grads_close(got: dict, want: dict, rtol=1e-4, atol=1e-6) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        w = want[name] if want[name] is not None else torch.zeros(())
-        g = got[name] if got[name] is not None else torch.zeros_like(w)
-        assert w.abs().max() > 0, f"the reference gradient of {name} is zero: the test checks nothing"
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * float(w.abs().max()), msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -232,7 +155,7 @@ def test_chunked_rows_loss_gradients_match_autograd():
 
 
 def test_tiny_same_tokenizer_training_run_lowers_the_loss(tmp_path):
-    from tests.test_trainer import compose_cfg
+    from tests.helpers.runs import compose_cfg
 
     summary = quick_run(compose_cfg("loss=dskd", *QUICK_RUN), tmp_path / "run")
     assert summary["steps"] == 8 and summary["nonfinite_steps"] == 0

@@ -1,11 +1,9 @@
-"""DSKDCMALoss (SPEC §4, cross-model attention) against a naive float64 reference written from the SPEC: on
+"""DSKDCMALoss (docs/methods.md §4, cross-model attention) against a naive float64 reference written from the SPEC: on
 synthetic tensors, on the real tokenizer pairs (Qwen1.5 → GPT-2, Mistral → TinyLLaMA) with tiny shrunk models
 and real Dolly records, and on the embedded tiny pair; masks, pre-training mode, projectors' life cycle, and
 tiny training runs (with an exact resume)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -13,62 +11,13 @@ from safetensors.torch import load_file
 
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
 from prefkd.losses.dskd import DSKDCMALoss
-from tests.conftest import REAL_PAIRS
-from tests.losses.test_dskd import (QUICK_RUN, FakeLM, assert_grads_close, ce_rows, f64_params, leaf,
-                                    module_grads, quick_run, ref_divergence)
+from tests.helpers.pairs import cross_inputs, dolly_records, leaf, model_inputs
+from tests.helpers.references import assert_grads_close, module_grads, reference_cma
+from tests.helpers.runs import QUICK_RUN, quick_run
+from tests.helpers.shared import REAL_PAIRS
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def reference_cma(inputs: LossInputs, loss: DSKDCMALoss, divergence: str, tau: float, tau_t: float,
-                  kd_rate: float, pretrain: bool = False, warm: bool = False, teacher_space: bool = True):
-    """SPEC §4 DSKD-CMA, one sequence at a time on its unpadded length, float64, with the masked entries of A
-    dropped (not filled). std = torch's whole-tensor std of the sequence's tensor. Returns (values, grads).
-    ``warm``: the projector warm-up's loss, (1 − kd_rate)·CE + kd_rate·(L_ce^{t→s} + L_kd^{tea}) with h^s detached
-    in L_kd^{tea} (the student learns from CE alone). ``teacher_space=False``: KD without L_kd^{tea}."""
-    b, s, t = inputs.batch, inputs.student, inputs.teacher
-    P = f64_params(loss)
-    zs_all, hs_all = leaf(s.logits.double()), leaf(s.hidden.double())
-    E_s, E_t = s.model.get_input_embeddings().weight.double(), t.model.get_input_embeddings().weight.double()
-    W_s, W_t = s.model.get_output_embeddings().weight.double(), t.model.get_output_embeddings().weight.double()
-    d_t = t.hidden.shape[-1]
-    names = ("ce", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
-    terms = dict.fromkeys(names, 0.0)
-    for i in range(b["labels"].shape[0]):
-        n, m = int(b["attention_mask"][i].sum()), int(b["teacher_attention_mask"][i].sum())
-        y_s, y_t = b["labels"][i, :n], b["teacher_labels"][i, :m]
-        ms, mt = y_s != -100, y_t != -100
-        x, y = torch.where(ms, b["input_ids"][i, :n], 0), torch.where(ms, y_s, 0)
-        xt, yt = torch.where(mt, b["teacher_input_ids"][i, :m], 0), torch.where(mt, y_t, 0)
-        Q = torch.cat([E_s[x], E_s[y]], -1) @ P["query.weight"].T + P["query.bias"]
-        K = torch.cat([E_t[xt], E_t[yt]], -1)
-        K = K / K.std()
-        h_t = t.hidden[i, :m].double()
-        V_t = (h_t / h_t.std() + E_t[yt] / E_t[yt].std()) @ P["t2s.weight"].T + P["t2s.bias"]
-        V_s = (hs_all[i, :n].detach() if warm else hs_all[i, :n]) @ P["s2t.weight"].T + P["s2t.bias"]
-        A = (Q @ K.T / math.sqrt(2 * d_t))[ms][:, mt]  # only the valid block
-        z_t2s = (torch.softmax(A, -1) @ V_t[mt]) @ W_s.T
-        target = y[ms]
-        acc = (z_t2s.argmax(-1) == target).double()
-        zs = zs_all[i, :n][ms]
-        terms["ce"] = terms["ce"] + ce_rows(zs, target).sum()
-        terms["ce_t2s"] = terms["ce_t2s"] + ce_rows(z_t2s, target).sum()
-        terms["t2s_acc"] = terms["t2s_acc"] + acc.sum()
-        terms["kd_stu"] = terms["kd_stu"] + (acc * ref_divergence(divergence, zs, z_t2s.detach(), tau, tau_t)).sum()
-        z_s2t = (torch.softmax(A.T, -1) @ V_s[ms]) @ W_t.T
-        z_t = t.logits[i, :m][mt].double()
-        terms["kd_tea"] = terms["kd_tea"] + ref_divergence("forward_kl", z_s2t, z_t, tau).sum()
-    if not teacher_space:
-        terms["kd_tea"] = torch.zeros(())
-    kd = terms["ce_t2s"] + terms["kd_stu"] + terms["kd_tea"]
-    total = terms["ce_t2s"] if pretrain else (1 - kd_rate) * terms["ce"] + kd_rate * kd
-    if warm:
-        total = (1 - kd_rate) * terms["ce"] + kd_rate * (terms["ce_t2s"] + terms["kd_tea"])
-    wrt = {"student_logits": zs_all, "student_hidden": hs_all, **P}
-    grads = dict(zip(wrt, torch.autograd.grad(total, list(wrt.values()), allow_unused=True)))
-    values = {k: torch.as_tensor(v).detach() for k, v in terms.items()} | {"kd": kd.detach(), "loss": total.detach()}
-    return values, grads
-
-
 def check_against_reference(inputs, loss, divergence="forward_kl", tau=1.0, tau_t=1.0, kd_rate=0.5):
     want, want_grads = reference_cma(inputs, loss, divergence, tau, tau_t, kd_rate)
     out = loss(inputs)
@@ -81,57 +30,10 @@ def check_against_reference(inputs, loss, divergence="forward_kl", tau=1.0, tau_
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def cross_inputs(B=3, n=9, m=12, V_s=5, V_t=9, d_s=6, d_t=8, seed=0):
-    """Random leaves for two tokenizations of B sequences: different lengths, prompts and padding per side."""
-    g = torch.Generator().manual_seed(seed)
-
-    def side(T, V, prompts, lengths):
-        ids, labels = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
-        attention = torch.ones(B, T, dtype=torch.long)
-        for i, (p, L) in enumerate(zip(prompts, lengths)):
-            labels[i, :p], labels[i, L:], ids[i, L:], attention[i, L:] = -100, -100, V - 1, 0
-        return ids, labels, attention
-
-    ids, labels, att = side(n, V_s, [2, 3, 1], [n, n - 3, n - 1])
-    t_ids, t_labels, t_att = side(m, V_t, [4, 2, 3], [m - 2, m, m - 4])
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": att, "teacher_input_ids": t_ids,
-             "teacher_labels": t_labels, "teacher_attention_mask": t_att}
-    student, teacher = FakeLM(V_s, d_s, seed + 1), FakeLM(V_t, d_t, seed + 2)
-    s = ModelOutputs(leaf(torch.randn(B, n, V_s, generator=g) * 2), leaf(torch.randn(B, n, d_s, generator=g)), student)
-    t = ModelOutputs(torch.randn(B, m, V_t, generator=g) * 2, torch.randn(B, m, d_t, generator=g) * 3, teacher)
-    return LossInputs(batch=batch, student=s, teacher=t)
-
-
 def built(inputs, **kw) -> DSKDCMALoss:
     loss = DSKDCMALoss(**kw)
     loss.build(inputs.student.model, inputs.teacher.model)
     return loss
-
-
-def model_inputs(student, teacher, records, max_prompt_length=24, max_length=48, precompute=None,
-                 precompute_version="1") -> LossInputs:
-    """Both models' real forward passes on a collated batch (built with a loss's ``precompute`` hook, if given);
-    the student's logits and hidden states become fresh leaves."""
-    from prefkd.data.dataset import DistillDataset, collate
-
-    ds = DistillDataset(records, student.tokenizer, teacher.tokenizer, max_prompt_length=max_prompt_length,
-                        max_length=max_length, precompute=precompute, precompute_version=precompute_version,
-                        use_cache=False)
-    batch = collate([ds[i] for i in range(len(ds))], student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id)
-    with torch.no_grad():
-        so = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True)
-        to = teacher.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                           output_hidden_states=True)
-    return LossInputs(batch=batch, student=ModelOutputs(leaf(so.logits), leaf(so.hidden_states[-1]), student.model),
-                      teacher=ModelOutputs(to.logits, to.hidden_states[-1], teacher.model))
-
-
-def dolly_records(shared, k=3) -> list[dict]:
-    import json
-
-    lines = (shared / "data/instruct/dolly_dev.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines[:k]]
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -184,7 +86,7 @@ def test_padding_never_leaks_and_sequences_are_independent():
         side.hidden.data[pad] = torch.randn(int(pad.sum()), side.hidden.shape[-1]) * 100
         side.logits.data[pad] = torch.randn(int(pad.sum()), side.logits.shape[-1]) * 100
     torch.testing.assert_close(loss(inputs).loss, whole.loss, rtol=0, atol=0)
-    # SPEC §2: the batch's sum = the sum over each sequence alone (unpadded), gradients too
+    # docs/methods.md §2: the batch's sum = the sum over each sequence alone (unpadded), gradients too
     loss.zero_grad()
     total = 0.0
     for i in range(3):
@@ -285,7 +187,7 @@ def test_needs_build_and_state_dict_round_trip():
 
 def test_tiny_cross_tokenizer_training_lowers_the_loss_and_resumes_projectors(tmp_path):
     """8 straight steps lower the loss; 4 steps, stop, resume, 4 more give the same projectors (and weights)."""
-    from tests.test_trainer import assert_same_weights, compose_cfg, weights
+    from tests.helpers.runs import assert_same_weights, compose_cfg, weights
 
     common = ("model=tiny", "loss=dskd_cma", *QUICK_RUN, "trainer.eval_every=4")
     summary = quick_run(compose_cfg(*common), tmp_path / "straight")

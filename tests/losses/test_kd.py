@@ -135,7 +135,7 @@ def test_different_tokenizers_use_mined_and_equal_loss_minedit(caplog):
     """loss=kd on the tiny cross-tokenizer pair = loss=minedit with the same divergence, τ and kd_rate: same
     precompute (hook and version), same loss, metrics and gradient on a batch. One info line says so."""
     from prefkd.losses.mined import MinEDLoss
-    from tests.losses.test_mined import inputs_of, pair_batch, tiny_pair
+    from tests.helpers.pairs import inputs_of, pair_batch, tiny_pair
 
     t, s, _ = tiny_pair()
     kd = KDLoss(divergence="js", temperature=1.5, kd_rate=0.3, chunk_size=7)
@@ -143,7 +143,7 @@ def test_different_tokenizers_use_mined_and_equal_loss_minedit(caplog):
         kd.setup(s.tokenizer, t.tokenizer)
     lines = [r.getMessage() for r in caplog.records if r.name == "prefkd.losses.kd"]
     assert lines == ["teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary map "
-                     "(SPEC §6)"]
+                     "(docs/methods.md §6)"]
     mined = MinEDLoss(divergence="js", temperature=1.5, kd_rate=0.3, chunk_size=7)
     mined.setup(s.tokenizer, t.tokenizer)
     assert kd.precompute is not None and kd.precompute_version == mined.precompute_version

@@ -1,13 +1,13 @@
-"""MCWKDLoss (SPEC §8: DSKD-CMA + one entropic OT plan per branch over a weighted sum of costs) against a naive
-float64 reference written from the SPEC, value and gradients: on synthetic cross-vocabulary tensors (padding,
+"""MCWKDLoss (docs/methods.md §8: DSKD-CMA + one entropic OT plan per branch over a weighted sum of costs) against a
+naive float64 reference written from the SPEC, value and gradients: on synthetic cross-vocabulary tensors (padding,
 prompts, a hand-made lexical cost), on a real tokenizer pair (Qwen1.5 → GPT-2, tiny shrunk models, Dolly records,
 the lexical cost from the data pipeline checked against a naive Levenshtein), and with the released preset. Plus the
 adaptive cost weights' closed form, the error messages, and tiny training runs with an exact resume.
 
 The reference solves each example's transport with POT's ``sinkhorn_log`` (converged tightly) on the detached cost
-and uses the envelope gradient of SPEC §8: OT_b = ⟨P, C⟩ with the plan P held constant. The DSKD-CMA part is
-``reference_cma`` of test_dskd_cma.py, which mixes (1 − r)·CE + r·KD: it is called with r = 0 (CE alone) and r = 1
-(KD alone) and the two are combined as w_ce·CE + kd_rate·KD, the MCW-KD weighting.
+and uses the envelope gradient of docs/methods.md §8: OT_b = ⟨P, C⟩ with the plan P held constant. The DSKD-CMA part is
+``reference_cma`` of tests/helpers/references.py, which mixes (1 − r)·CE + r·KD: it is called with r = 0 (CE alone)
+and r = 1 (KD alone) and the two are combined as w_ce·CE + kd_rate·KD, the MCW-KD weighting.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from __future__ import annotations
 import json
 import math
 
-import ot
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import ot
 from prefkd.losses.base import LossInputs, ModelOutputs
 from prefkd.losses.mcw_kd import MCWKDLoss
-from tests.losses.test_dskd import QUICK_RUN, leaf, quick_run
-from tests.conftest import REAL_PAIRS
-from tests.losses.test_dskd_cma import cross_inputs, reference_cma
+from tests.helpers.pairs import cross_inputs, leaf
+from tests.helpers.references import reference_cma
+from tests.helpers.runs import QUICK_RUN, quick_run
+from tests.helpers.shared import REAL_PAIRS
 
 TIGHT = {"tol": 1e-10, "max_iter": 3000}  # fp32 never reaches 1e-10: the loss runs its 3000 iterations
-# SPEC §8 / config/loss/mcw_kd.yaml numbers, written out here (the reference does not read them from the loss)
+# docs/methods.md §8 / config/loss/mcw_kd.yaml numbers, written out here
+# (the reference does not read them from the loss)
 SPEC = dict(ce_weight=1.0, kd_rate=0.5, temperature=1.0, lambda_logits=1.0, lambda_hidden=1.0, top_k=400,
             ot_temperature=2.0, window=4, include_prompt=False, logits_costs=("euclidean", "kl", "salience"),
             logits_alpha=(0.2, 0.5, 0.3), hidden_costs=("lexical", "context_euclidean", "context_cosine"),
@@ -68,7 +70,7 @@ def pairwise(f, m: int, n: int) -> torch.Tensor:
 
 
 def reference_ot(inputs: LossInputs, loss: MCWKDLoss, c: dict):
-    """SPEC §8's two OT terms, per example, float64: λ_l Σ_b n_b OT_l,b + λ_h Σ_b n_b OT_h,b.
+    """docs/methods.md §8's two OT terms, per example, float64: λ_l Σ_b n_b OT_l,b + λ_h Σ_b n_b OT_h,b.
 
     Returns (total, leaves {name: float64 leaf}, values) with values[branch] = {"ot": Σ_b n_b OT_b, "raw": [Σ_b n_b
     · mean raw cost k over the pairs], "transport": [per example [⟨P, Ĉ_k⟩ for each k]]}.
@@ -269,8 +271,8 @@ SETTINGS = [
 
 @pytest.mark.parametrize("steps", [(3, 10, None), (4, None, 8), (20, 10, None)], ids=["t=0.37", "t=0.55", "t=1"])
 def test_interpolation_schedule_equals_the_reference(steps):
-    """The released code's index-wise teacher→student interpolation of the sorted logits (SPEC §8), t = 0.1 → 1:
-    at step 3 of T = 10, at step 4 of a run of 8 steps (interpolate_steps null), and past the end (t = 1)."""
+    """The released code's index-wise teacher→student interpolation of the sorted logits (docs/methods.md §8), t = 0.1 →
+    1: at step 3 of T = 10, at step 4 of a run of 8 steps (interpolate_steps null), and past the end (t = 1)."""
     step, span, total = steps
     kw = {"interpolate": True, "interpolate_steps": span, "lambda_hidden": 0.0}
     c = settings(kw)
@@ -303,7 +305,7 @@ def test_synthetic_equals_the_spec_reference(kw):
 
 
 def test_examples_are_independent_and_the_no_grad_value_is_the_same():
-    """SPEC §2/§8: the batch's loss is the sum of each example's loss alone (trimmed to its own length)."""
+    """docs/methods.md §2/§8: the batch's loss is the sum of each example's loss alone (trimmed to its own length)."""
     inputs = mcw_inputs(seed=3)
     loss = built(inputs, **TIGHT)
     whole = loss(inputs).loss.detach()
@@ -359,7 +361,7 @@ def test_lexical_cost_is_the_normalised_levenshtein_of_the_predicted_tokens(pair
                                                                             shared):
     """lex_cost[b, j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) over the predicted tokens' texts (decode, stripped)."""
     from prefkd.align.markers import word_start_marker
-    from tests.losses.test_dskd_cma import dolly_records
+    from tests.helpers.pairs import dolly_records
 
     t_tok, s_tok = (real_tokenizer(name) for name in pair)
     assert (word_start_marker(t_tok), word_start_marker(s_tok)) == (MARKERS[pair[0]], MARKERS[pair[1]])
@@ -383,7 +385,7 @@ def test_lexical_cost_is_the_normalised_levenshtein_of_the_predicted_tokens(pair
 
 def test_real_tokenizer_pair_equals_the_reference(shared):
     """Qwen1.5 (151k vocabulary) → GPT-2 (50k), tiny shrunk models, 3 Dolly records, lex_cost from the pipeline."""
-    from tests.losses.test_mined import real_pair
+    from tests.helpers.pairs import real_pair
 
     t, s, records = real_pair(("qwen1.5", "gpt2"))
     kw = {"top_k": 100, "window": 2}
@@ -414,7 +416,7 @@ def test_released_preset_runs_exactly_100_iterations_and_equals_the_reference():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from tests.test_trainer import compose_cfg
+    from tests.helpers.runs import compose_cfg
 
     cfg = compose_cfg("model=tiny", "loss=mcw_kd_released").loss
     assert (cfg.eps, cfg.max_iter, cfg.tol, cfg.cost_scale, cfg.include_prompt) == (10.0, 100, 0.0, None, True)
@@ -522,8 +524,8 @@ def test_errors_name_the_field_and_the_fix():
 
 
 def test_needs_and_pretrain_mode():
-    """Pre-training the projectors (SPEC §4) is DSKD-CMA's L_ce^{t→s} alone: no OT term, no gradient to P_ot, the
-    salience layer or the student, no α observation."""
+    """Pre-training the projectors (docs/methods.md §4) is DSKD-CMA's L_ce^{t→s} alone: no OT term, no gradient to P_ot,
+    the salience layer or the student, no α observation."""
     from prefkd.losses.base import Needs
 
     assert MCWKDLoss.needs == Needs(teacher=True, hidden_states=True)
@@ -569,7 +571,7 @@ def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_
     """model=tiny (two tokenizers) loss=mcw_kd: 8 steps lower the dev loss; 4 steps, stop, resume to 8 end with the
     same loss-module state (projectors, P_ot, salience, α, the adaptive accumulators or β) as the straight run.
     update_interval=3: at the stop (step 4) the accumulator holds step 4's observation, which the resume must keep."""
-    from tests.test_trainer import assert_same_weights, compose_cfg, weights
+    from tests.helpers.runs import assert_same_weights, compose_cfg, weights
 
     common = ("model=tiny", "loss=mcw_kd", *QUICK_RUN, "trainer.eval_every=4", f"loss.alpha_mode={mode}",
               "loss.update_interval=3")
@@ -599,7 +601,7 @@ def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_
 
 def test_real_vocabulary_pair_trains(tmp_path):
     """model=tiny_qwen_gpt2 (Qwen1.5 → GPT-2 vocabularies, lexical cost from the real tokenizers): finite steps."""
-    from tests.test_trainer import compose_cfg
+    from tests.helpers.runs import compose_cfg
 
     cfg = compose_cfg("model=tiny_qwen_gpt2", "loss=mcw_kd", "dataset.source.n_train=4", "dataset.source.n_dev=2",
                       "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every=1000", "trainer.log_every=1",

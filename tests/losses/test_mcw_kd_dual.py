@@ -1,5 +1,5 @@
-"""MCWKDDualLoss (SPEC §8, semi-dual variant): the potentials are maximised by their own inner steps only, never
-by the trainer's optimizer; the OT term is the semi-dual objective at the fitted potential; checkpoints keep the
+"""MCWKDDualLoss (docs/methods.md §8, semi-dual variant): the potentials are maximised by their own inner steps only,
+never by the trainer's optimizer; the OT term is the semi-dual objective at the fitted potential; checkpoints keep the
 potentials (weights and inner Adam state) and β."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.losses.test_dskd import QUICK_RUN, quick_run
-from tests.losses.test_memory import prepared
+from tests.helpers.memory import prepared
+from tests.helpers.runs import QUICK_RUN, quick_run
 
 
 def dual(**kw):
@@ -82,7 +82,7 @@ def test_adaptive_weights_are_refused():
 
 
 def test_resume_keeps_potentials_and_beta(tmp_path):
-    from tests.test_trainer import compose_cfg
+    from tests.helpers.runs import compose_cfg
 
     common = ("model=tiny", "loss=mcw_kd_dual", "loss.top_k=32", *QUICK_RUN, "trainer.eval_every=4")
     straight = quick_run(compose_cfg(*common), tmp_path / "straight")

@@ -1,95 +1,34 @@
-"""MinEDLoss (SPEC §6) against a naive float64 reference written from the SPEC, on synthetic logits, the
+"""MinEDLoss (docs/methods.md §6) against a naive float64 reference written from the SPEC, on synthetic logits, the
 embedded tiny pair and the real tokenizer pairs (Qwen1.5 → GPT-2, Mistral → TinyLLaMA) with tiny shrunk models.
 
 The real pairs use the published vocabulary maps of ``shared/data/vocab_alignment`` (complete maps, loaded in
 well under a second, with many teacher ids sharing a student id), through ``MinEDLoss(vocab_map=FILE)``.
-The helpers here (``real_pair``, ``pair_batch``) are shared with test_uld.py.
+The pairs and their batches (``real_pair``, ``pair_batch``) come from tests/helpers/pairs.py.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from prefkd.align.vocab_map import invert_map
-from prefkd.data.dataset import DistillDataset, collate
-from prefkd.data.embedded import generate_records
-from prefkd.data.records import read_jsonl
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
 from prefkd.losses.mined import MinEDLoss
-from prefkd.models.tiny import build_shrunk, build_tiny
-from tests.conftest import REAL_PAIRS, shared_dir
+from tests.helpers.pairs import inputs_of, pair_batch, real_pair, tiny_pair
+from tests.helpers.references import RowLeaves
+from tests.helpers.shared import REAL_PAIRS, shared_dir
 
 PUBLISHED = {("qwen1.5", "gpt2"): "qwen_to_gpt2", ("mistral", "tinyllama"): "mistral_to_tinyllama"}
 FIELD = "mined_teacher_index"
 
 
-# ---------------------------------------------------------------------------------------------- shared helpers
-@lru_cache(maxsize=None)
-def real_pair(pair: tuple[str, str]):
-    """(teacher bundle, student bundle, records): tiny random models with the real vocabularies and tokenizers
-    (sized from shared/tokenizers/*/config.json), and 3 Dolly dev records."""
-    teacher, student = pair
-    root = shared_dir()
-    t = build_shrunk(root / "tokenizers" / teacher, hidden_size=32, num_layers=1, num_heads=2, seed=1, freeze=True)
-    s = build_shrunk(root / "tokenizers" / student, hidden_size=32, num_layers=1, num_heads=2, seed=2)
-    return t, s, read_jsonl(root / "data/instruct/dolly_dev.jsonl")[:3]
-
-
-@lru_cache(maxsize=None)
-def tiny_pair():
-    """The embedded tiny pair of model=tiny (teacher tokenizer "a", student "b") and 4 embedded records."""
-    t = build_tiny("a", "llama", hidden_size=32, num_layers=1, num_heads=2, seed=1, freeze=True)
-    s = build_tiny("b", "gpt2", hidden_size=32, num_layers=1, num_heads=2, seed=2)
-    return t, s, generate_records(4, seed=3)
-
-
-def pair_batch(bundles, precompute=None, version="1", max_prompt_length=24, max_length=64):
-    """(batch, student logits as a leaf, teacher logits) for a pair of bundles on their records."""
-    t, s, records = bundles
-    ds = DistillDataset(records, s.tokenizer, t.tokenizer, max_prompt_length=max_prompt_length,
-                        max_length=max_length, precompute=precompute, precompute_version=version, use_cache=False)
-    batch = collate(list(ds), s.tokenizer.pad_token_id, t.tokenizer.pad_token_id)
-    with torch.no_grad():
-        t_logits = t.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-        s_logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return batch, s_logits.float() * 8, t_logits.float() * 8  # × 8: sharper distributions than random init's
-
-
-def inputs_of(batch, s_logits, t_logits) -> LossInputs:
-    return LossInputs(batch=batch, student=ModelOutputs(logits=s_logits.detach().clone().requires_grad_(True)),
-                      teacher=ModelOutputs(logits=t_logits))
-
-
 # ---------------------------------------------------------------------------------------------- reference
-class RowLeaves:
-    """float64 copies of the student logits as one autograd leaf per (b, j) row (``x[b, j]``), so that the
-    reference's gradient costs per row, not a B×T×V tensor per indexing op; ``grad(total)`` assembles B×T×V."""
-
-    def __init__(self, logits: torch.Tensor):
-        self.logits, self.rows = logits.detach(), {}
-        self.shape = logits.shape
-
-    def __getitem__(self, key):
-        if key not in self.rows:
-            self.rows[key] = self.logits[key].double().requires_grad_(True)
-        return self.rows[key]
-
-    def grad(self, total: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=torch.float64)
-        grads = torch.autograd.grad(total, list(self.rows.values()), allow_unused=True)
-        for key, g in zip(self.rows, grads):
-            if g is not None:
-                out[key] = g
-        return out
-
-
 def reference(batch, s_logits, t_logits, t2s: dict, kd_rate=0.5, tau=2.0, top_k=None, merge="lowest"):
-    """SPEC §6 written out: per example and response position, in float64. Returns (total, ce, kd, aligned, grad).
+    """docs/methods.md §6 written out: per example and response position, in float64. Returns (total, ce, kd, aligned,
+    grad).
 
     Invert t2s keeping the lowest teacher id per student id; an aligned position's target is the teacher's logits
     at its index, gathered at the mapped teacher ids and scattered into the student vocabulary (−inf elsewhere);
@@ -290,8 +229,8 @@ def test_real_pairs_equal_reference(pair):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    from tests.test_trainer import compose_cfg
-    from prefkd.train import run
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     summary = run(compose_cfg("model=tiny", "loss=minedit", "trainer.max_steps=20", "trainer.eval_every=1000",
                               "trainer.eval_at_start=true", "trainer.log_every=1"), tmp_path / "run")

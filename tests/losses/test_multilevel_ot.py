@@ -1,23 +1,24 @@
-"""MultiLevelOTLoss (SPEC §7) against a naive per-example float64 reference written from the SPEC (L_SD solved with
-POT's ``sinkhorn_log``, converged tightly; its gradient is the envelope one: the reference plan held fixed), on
-synthetic logits, the embedded tiny pair and a real tokenizer pair (Qwen1.5 → GPT-2, tiny shrunk models)."""
+"""MultiLevelOTLoss (docs/methods.md §7) against a naive per-example float64 reference written from the SPEC (L_SD
+solved with POT's ``sinkhorn_log``, converged tightly; its gradient is the envelope one: the reference plan held fixed),
+on synthetic logits, the embedded tiny pair and a real tokenizer pair (Qwen1.5 → GPT-2, tiny shrunk models)."""
 
 from __future__ import annotations
 
-import ot
 import pytest
 import torch
 
+import ot
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
 from prefkd.losses.multilevel_ot import MultiLevelOTLoss
-from tests.losses.test_mined import RowLeaves, inputs_of, pair_batch, real_pair, tiny_pair
-from tests.losses.test_uld import synthetic
+from tests.helpers.pairs import inputs_of, pair_batch, real_pair, synthetic, tiny_pair
+from tests.helpers.references import RowLeaves
 
 TIGHT = {"tol": 1e-10, "max_iter": 5000}  # the loss's Sinkhorn converged as tightly as the reference's
 
 
 def reference(batch, s_logits, t_logits, lam=1.5, sl_w=0.1, sd_w=0.1, top_k=50, tau=1.0, sd_tau=2.0, eps=0.1):
-    """SPEC §7 per example, float64. Returns (total, ce, had, sl, sd, aligned, grad w.r.t. the student logits).
+    """docs/methods.md §7 per example, float64. Returns (total, ce, had, sl, sd, aligned, grad w.r.t. the student
+    logits).
 
     Response positions of each side in order, k-th paired with k-th; z = logits / std(logits); p = softmax(z/τ)
     sorted descending, first top_k kept, the shorter zero-padded. Per example b with n_b student response tokens:
@@ -118,7 +119,7 @@ def test_examples_are_independent_and_padding_never_enters_the_transport():
     s2[batch["labels"].eq(-100)] = 1e4 * torch.randn_like(s2[batch["labels"].eq(-100)])
     t2[batch["teacher_labels"].eq(-100)] = float("nan")
     out = MultiLevelOTLoss(chunk_size=3, **TIGHT)(inputs_of(batch, s2, t2))
-    for k in ("loss",):
+    for _k in ("loss",):
         torch.testing.assert_close(out.loss, full.loss, rtol=1e-9, atol=1e-9)
     for k in ("had", "sl", "sd", "ce"):
         torch.testing.assert_close(out.metrics[k], full.metrics[k], rtol=1e-9, atol=1e-9, msg=k)
@@ -188,8 +189,8 @@ def test_real_pair_equals_reference():
 
 
 def test_training_lowers_the_loss(tmp_path):
-    from prefkd.train import run
-    from tests.test_trainer import compose_cfg
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     summary = run(compose_cfg("model=tiny", "loss=multilevel_ot", "trainer.max_steps=20", "trainer.num_threads=1",
                               "trainer.eval_every=1000", "trainer.eval_at_start=true"), tmp_path / "run")

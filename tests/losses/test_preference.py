@@ -1,4 +1,4 @@
-"""Preference maths (SPEC §10): chunked log-probs, parent sums, DPO/IPO/cDPO/TIS-DPO/PrefKD losses, weights.
+"""Preference maths (docs/methods.md §10): chunked log-probs, parent sums, DPO/IPO/cDPO/TIS-DPO/PrefKD losses, weights.
 
 Every reference here is written from the SPEC's formulas with plain torch (log_softmax + gather + autograd)
 or by hand in float64, and compared on values and gradients.
@@ -12,14 +12,31 @@ import pytest
 import torch
 
 from prefkd.align.parent_tokens import parent_index_map, response_parents
-from prefkd.losses.logps import (parent_mask, parent_sums, sequence_kl, sequence_logps, token_kl, token_logps,
-                                 token_logps_and_kl, tokens_from_parents, weighted_sums)
-from prefkd.losses.preference import (dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, kd_tisdpo_margin,
-                                      preference_metrics, tisdpo_loss, tisdpo_margin)
-from prefkd.weights.transforms import parent_weights, transform_weights
+from prefkd.losses.logps import (
+    parent_mask,
+    parent_sums,
+    sequence_kl,
+    sequence_logps,
+    token_kl,
+    token_logps,
+    token_logps_and_kl,
+    tokens_from_parents,
+    weighted_sums,
+)
+from prefkd.losses.preference import (
+    dpo_loss,
+    dpo_margin,
+    ipo_loss,
+    kd_tisdpo_loss,
+    kd_tisdpo_margin,
+    preference_metrics,
+    tisdpo_loss,
+    tisdpo_margin,
+)
 from prefkd.models.tiny import build_tiny
-from tests.conftest import REAL_PAIRS
-from tests.losses.test_memory import LargeTensorTracker
+from prefkd.weights.transforms import parent_weights, transform_weights
+from tests.helpers.memory import LargeTensorTracker
+from tests.helpers.shared import REAL_PAIRS
 
 F64 = torch.float64
 

@@ -1,5 +1,5 @@
-"""ULDLoss (SPEC §5) against a naive float64 reference written from the SPEC: synthetic logits, the embedded tiny
-pair, the real tokenizer pairs (tiny shrunk models with the real vocabularies), both mixes, top-k = V."""
+"""ULDLoss (docs/methods.md §5) against a naive float64 reference written from the SPEC: synthetic logits, the embedded
+tiny pair, the real tokenizer pairs (tiny shrunk models with the real vocabularies), both mixes, top-k = V."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import torch
 
 from prefkd.losses.base import LossInputs, ModelOutputs, Needs
 from prefkd.losses.uld import ULDLoss, response_alignment, uld_distance
-from tests.conftest import REAL_PAIRS
-from tests.losses.test_mined import RowLeaves, inputs_of, pair_batch, real_pair, tiny_pair
+from tests.helpers.pairs import inputs_of, pair_batch, real_pair, synthetic, tiny_pair
+from tests.helpers.references import RowLeaves
+from tests.helpers.shared import REAL_PAIRS
 
 
 def reference(batch, s_logits, t_logits, mix="dskd", kd_rate=0.5, lam=1.5, tau=1.0, top_k=None):
-    """SPEC §5 written out per example, float64. Returns (total, ce, uld, aligned, grad w.r.t. student logits).
+    """docs/methods.md §5 written out per example, float64. Returns (total, ce, uld, aligned, grad w.r.t. student
+    logits).
 
     Response positions of each side in order; pair k with k for k < min(lengths); p = softmax(z/τ) sorted
     descending, the shorter vocabulary zero-padded; ULD_k = Σ_r |p_S^(r) − p_T^(r)| (top_k: the first K ranks plus
@@ -57,20 +59,6 @@ def check(out, inputs, ref, rtol=1e-5):
     torch.testing.assert_close(out.metrics["uld"].double(), uld, rtol=rtol, atol=1e-4)
     assert int(out.metrics["aligned"]) == aligned
     torch.testing.assert_close(inputs.student.logits.grad.double(), grad, rtol=1e-4, atol=1e-6)
-
-
-def synthetic(seed=0, B=4, n=9, m=12, V_s=13, V_t=17):
-    """Different prompt and response lengths per side: teacher longer (b=0), student longer (b=1), one teacher
-    response empty (b=2), right padding (b=3)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, V_s, (B, n), generator=g)
-    t_labels = torch.randint(0, V_t, (B, m), generator=g)
-    labels[0, :5], t_labels[0, :3] = -100, -100
-    labels[1, :2], t_labels[1, :8] = -100, -100
-    labels[2, :3], t_labels[2, :] = -100, -100
-    labels[3, :1], labels[3, 6:], t_labels[3, :4], t_labels[3, 9:] = -100, -100, -100, -100
-    batch = {"labels": labels, "teacher_labels": t_labels}
-    return batch, torch.randn(B, n, V_s, generator=g) * 3, torch.randn(B, m, V_t, generator=g) * 3
 
 
 def test_response_alignment_pairs_the_kth_response_positions():
@@ -165,8 +153,8 @@ def test_real_pairs_equal_reference(pair):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    from prefkd.train import run
-    from tests.test_trainer import compose_cfg
+    from prefkd.training.pipeline import run
+    from tests.helpers.runs import compose_cfg
 
     summary = run(compose_cfg("model=tiny", "loss=uld", "trainer.max_steps=20",
                               "trainer.eval_every=1000", "trainer.eval_at_start=true"), tmp_path / "run")

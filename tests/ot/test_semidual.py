@@ -10,7 +10,7 @@ import torch
 
 from prefkd.ot import euclidean_cost, sinkhorn
 from prefkd.ot.semidual import PotentialNetwork, SemiDualOT, c_transform, semidual_objective
-from tests.ot.conftest import gloo_group, spawn_ranks
+from tests.helpers.distributed import gloo_group, spawn_ranks
 
 EPS = 0.1
 
@@ -260,7 +260,7 @@ def test_state_dict_round_trip_restores_optimizer(tmp_path):
     a.fit(x, costs, alpha, mx, my)
     b.fit(x, costs, alpha, mx, my)
     weights_only.fit(x, costs, alpha, mx, my)
-    for p, q, r in zip(a.potential.parameters(), b.potential.parameters(), weights_only.potential.parameters()):
+    for p, q, _r in zip(a.potential.parameters(), b.potential.parameters(), weights_only.potential.parameters()):
         assert torch.equal(p, q)
     assert not all(torch.equal(p, r) for p, r in zip(a.potential.parameters(), weights_only.potential.parameters()))
     assert torch.equal(a.state_dict()["_extra_state"], b.state_dict()["_extra_state"])

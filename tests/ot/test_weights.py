@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prefkd.ot import AdaptiveCostWeights, adaptive_alpha, combine_costs, project_to_capped_simplex
-from tests.ot.conftest import gloo_group, spawn_ranks
+from tests.helpers.distributed import gloo_group, spawn_ranks
 
 
 def test_combine_costs():

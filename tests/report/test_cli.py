@@ -12,7 +12,7 @@ import pytest
 
 from prefkd.report.cli import main
 from prefkd.report.tables import TRAINING_COLUMNS
-from tests.report.builders import make_run
+from tests.helpers.report_runs import make_run
 
 
 def test_missing_dir_is_an_error_naming_it(tmp_path, capsys):

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from prefkd.report.collect import Run, collect, load_run
-from prefkd.report.readers import read_metrics
-from prefkd.report.groups import result_rows, run_metric, swept_keys, sweep_lines
+from prefkd.report.groups import result_rows, run_metric, sweep_lines, swept_keys
 from prefkd.report.plots import axis_kind, safe_name
-from tests.report.builders import make_run, results, write_json
+from prefkd.report.readers import read_metrics
+from tests.helpers.report_runs import make_run, results, write_json
 
 
 def run(path: str, overrides: dict, sweep: str | None = None, **kw) -> Run:

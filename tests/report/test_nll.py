@@ -15,7 +15,7 @@ from prefkd.eval.report import mean_std
 from prefkd.report.cli import main
 from prefkd.report.collect import collect
 from prefkd.report.groups import auto_metric, nll_rows, result_rows, run_metric, swept_keys
-from tests.report.builders import EVAL_SEEDS, SETS, make_run, md_row, nll_results, results, write_json
+from tests.helpers.report_runs import EVAL_SEEDS, SETS, make_run, md_row, nll_results, results, write_json
 
 NLL_SETS = ("dolly", "self_inst", "vicuna", "sinst")
 METHODS = ("kd", "mcw_kd")

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from prefkd.report.cli import write_report
-from tests.report.builders import EVAL_SEEDS, SETS, make_run, md_row, results, write_json
+from tests.helpers.report_runs import EVAL_SEEDS, SETS, make_run, md_row, results, write_json
 
 SWEEP = [(1, 1), (1, 2), (10, 1), (10, 2)]  # (loss.lambda_logits, trainer.seed)
 

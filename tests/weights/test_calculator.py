@@ -1,5 +1,5 @@
-"""Parent weights from two contrastive models (SPEC §10): the formula on a hand computation, cross-tokenizer parents
-that training reads back, resume after an interruption, and the CLI."""
+"""Parent weights from two contrastive models (docs/methods.md §10): the formula on a hand computation, cross-tokenizer
+parents that training reads back, resume after an interruption, and the CLI."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """``python -m prefkd.align vocab-map --teacher T --student S --out FILE``: build MinED's teacher → student
-vocabulary map (SPEC §6) and write it as ``{"teacher_id": student_id}`` JSON. T and S are tokenizer folders,
+vocabulary map (docs/methods.md §6) and write it as ``{"teacher_id": student_id}`` JSON. T and S are tokenizer folders,
 GGUF paths or hub ids (:func:`prefkd.models.loading.load_tokenizer`). The map also lands in the on-disk
 cache (``$PREFKD_CACHE/vocab_maps``), where training finds it; ``--rebuild`` ignores a cached copy."""
 

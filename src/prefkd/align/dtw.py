@@ -1,4 +1,4 @@
-"""Dynamic time warping over two token-string sequences (MinED's sequence alignment, SPEC §6).
+"""Dynamic time warping over two token-string sequences (MinED's sequence alignment, docs/methods.md §6).
 
 For a = a_0 .. a_{n−1} (teacher) and b = b_0 .. b_{m−1} (student), with cost C[i, j] = lev(a_i, b_j) the
 Levenshtein distance (markers already stripped by the caller):
@@ -19,7 +19,7 @@ one ``np.minimum.accumulate`` per row (exact in int64).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

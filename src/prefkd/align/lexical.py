@@ -1,4 +1,4 @@
-"""The lexical cost of MCW-KD's hidden-state branch (SPEC §8), precomputed by the data pipeline.
+"""The lexical cost of MCW-KD's hidden-state branch (docs/methods.md §8), precomputed by the data pipeline.
 
 C_lex[j, i] = Lev(t_j, s_i) / max(|t_j|, |s_i|) between the texts of the tokens of teacher point j and student point
 i, the FULL matrix (the released code filled it only on a DTW path and left 0
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from prefkd.data.tokenize import IGNORE_INDEX
+from prefkd.utils.labels import IGNORE_INDEX
 
 FIELD = "lex_cost"
 

@@ -11,7 +11,7 @@ probe is inconclusive it falls back to vocabulary counts.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 PROBE_WORDS = ("hello", "world", "the", "house")
 _KNOWN = ("Ġ", "▁", " ")  # only used by the vocabulary-count fallback

@@ -1,4 +1,4 @@
-"""MinED's per-example alignment as a data-pipeline precompute hook (SPEC §6, FuseLLM / DSKD's ``minedit``).
+"""MinED's per-example alignment as a data-pipeline precompute hook (docs/methods.md §6, FuseLLM / DSKD's ``minedit``).
 
 Positions and targets. Each side is a :class:`~prefkd.data.tokenize.TokenizedExample`: ``labels[i]`` is the
 token that the logits at sequence position i predict (``labels = full[1:]``, -100 on prompt targets). The
@@ -32,14 +32,14 @@ before mapping: ``top_k`` is carried here for the loss and does not change the p
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from prefkd.align.dtw import dtw_align
 from prefkd.align.markers import strip_marker, vocab_strings, word_start_marker
 from prefkd.align.vocab_map import invert_map, load_or_build_vocab_map, map_to_tensor
-from prefkd.data.tokenize import IGNORE_INDEX
+from prefkd.utils.labels import IGNORE_INDEX
 
 FIELD = "mined_teacher_index"
 VERSION = "mined-align-1"  # bump when the alignment rule changes

@@ -1,4 +1,4 @@
-"""Parent tokens: the finest segmentation of one response that both tokenizers respect (SPEC §10).
+"""Parent tokens: the finest segmentation of one response that both tokenizers respect (docs/methods.md §10).
 
 One response string is tokenised by the student and by the teacher tokenizer, each giving a list of
 character spans ``(start, end)`` (``return_offsets_mapping=True``, no special tokens). A *parent* is a
@@ -14,7 +14,7 @@ positions* are its token end offsets at which its token sequence can really be c
                                                          and c = the smallest start of the tokens from k on.
 
 For ordinary tokenizations (each token starts where the previous one ends) these are exactly the token
-end offsets of SPEC §10. The rule only differs where offsets are not a clean tiling:
+end offsets of docs/methods.md §10. The rule only differs where offsets are not a clean tiling:
 
 - **Overlapping spans never create a boundary.** SentencePiece's lone ``▁`` gets the span of the first
   character, e.g. ``▁`` (0, 1) then ``▁un`` (0, 3): 1 is an end offset but not a cut, because the next
@@ -49,8 +49,8 @@ log-probs into parent log-probs with one ``scatter_add``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 

@@ -1,4 +1,4 @@
-"""MinED's vocabulary map teacher → student (SPEC §6), built once per tokenizer pair and cached on disk.
+"""MinED's vocabulary map teacher → student (docs/methods.md §6), built once per tokenizer pair and cached on disk.
 
 For every teacher token string x (all ids of ``get_vocab()``, added and special tokens included, byte
 tokens such as ``<0x0A>`` as they are): x' = x with the teacher's word-start marker replaced by the
@@ -25,14 +25,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from prefkd.align.markers import vocab_strings, word_start_marker
+from prefkd.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,7 @@ def save_vocab_map(mapping: Mapping[int, int], path: str | os.PathLike) -> Path:
     """Write ``{"teacher_id": student_id}`` (teacher-id order, indent 2, like the published files)
     atomically: a temp file in the same folder, then ``os.replace``."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({str(k): int(mapping[k]) for k in sorted(mapping)}, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps({str(k): int(mapping[k]) for k in sorted(mapping)}, indent=2))
     return path
 
 
@@ -133,8 +124,7 @@ def load_vocab_map(path: str | os.PathLike) -> dict[int, int]:
 def vocab_map_cache_path(teacher_tok, student_tok, cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir`` (default ``$PREFKD_CACHE/vocab_maps``) / sha256(ALGORITHM, teacher and student
     tokenizer fingerprints) ``.json``."""
-    from prefkd.data.dataset import tokenizer_fingerprint
-    from prefkd.models.loading import cache_root
+    from prefkd.utils.cache import cache_root, tokenizer_fingerprint
 
     key = hashlib.sha256("\n".join([ALGORITHM, tokenizer_fingerprint(teacher_tok),
                                     tokenizer_fingerprint(student_tok)]).encode()).hexdigest()[:32]

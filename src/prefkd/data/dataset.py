@@ -4,7 +4,7 @@ disk, and the collator that pads them dynamically.
 Each record's ``prompt`` and ``output`` are tokenised by the student's tokenizer (``input_ids``,
 ``labels``) and, when a teacher tokenizer is given, by the teacher's (``teacher_input_ids``,
 ``teacher_labels``), following :mod:`prefkd.data.tokenize`. A loss's ``precompute`` hook (cross-tokenizer
-alignments, SPEC §1) adds fields per example. The result is cached under a key covering everything it
+alignments, docs/methods.md §1) adds fields per example. The result is cached under a key covering everything it
 depends on; a second construction with the same inputs loads it instead of recomputing.
 
 Batches (:func:`collate`) are right-padded to the longest sequence of the batch, never to a fixed length.
@@ -18,16 +18,19 @@ import json
 import logging
 import math
 import os
-import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from prefkd.data.records import to_instruction_record
-from prefkd.data.tokenize import IGNORE_INDEX, TokenizedExample, build_example, encode, ensure_pad_token
+from prefkd.data.tokenize import TokenizedExample, build_example, encode, ensure_pad_token
+from prefkd.utils.cache import cache_root, tokenizer_fingerprint
+from prefkd.utils.io import atomic_file
+from prefkd.utils.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +44,7 @@ _PROGRESS_FROM = 1000  # show a progress bar from this many records
 # ---------------------------------------------------------------------------------------------- cache key
 def default_cache_dir() -> Path:
     """``$PREFKD_CACHE/data``, else ``~/.cache/prefkd/data``."""
-    root = os.environ.get("PREFKD_CACHE") or Path.home() / ".cache" / "prefkd"
-    return Path(root).expanduser() / "data"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of what decides a tokenizer's ids: its class, EOS, and the backend's JSON (fast tokenizers,
-    without the call-dependent padding/truncation state) or its vocabulary (slow ones)."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    h.update(repr((tokenizer.eos_token, tokenizer.eos_token_id)).encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-        # The JSON starts with version, truncation, padding (state a call may change), then added_tokens, ...
-        cut = text.find('"added_tokens":')
-        if cut >= 0:
-            h.update(text[cut:].encode())
-        else:
-            spec = json.loads(text)
-            spec.pop("padding", None)
-            spec.pop("truncation", None)
-            h.update(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-        h.update(repr(sorted((k, repr(v)) for k, v in getattr(tokenizer, "init_kwargs", {}).items())).encode())
-    return h.hexdigest()
+    return cache_root() / "data"
 
 
 def hook_name(hook: Callable | None) -> str:
@@ -133,15 +112,8 @@ def _unpack(packed: dict[str, dict], n: int) -> list[dict[str, torch.Tensor]]:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same folder, then os.replace (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
 
 
 # ---------------------------------------------------------------------------------------------- padding

@@ -6,16 +6,17 @@ answers are computed, so exact match and ROUGE-L are meaningful. Texts use a bui
 common English words so that tokenizers trained on them learn real words.
 
 Every record is a dict with ``instruction``, ``input`` ("" when none), ``output`` (the exact answer),
-``task`` (the family name) and ``prompt`` (the Alpaca template of SPEC §1). Same seed, same records.
+``task`` (the family name) and ``prompt`` (the Alpaca template of docs/methods.md §1). Same seed, same records.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prefkd.data.records import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt
 from prefkd.data.splits import DataSplits
+
 
 def chatml_prompt(instruction: str, input: str = "") -> str:
     """A ChatML user turn (the chat format of SmolLM2 and Qwen) without a system message: short prompts

@@ -1,4 +1,5 @@
-"""Preference pairs (SPEC §10): (prompt x, chosen y_w, rejected y_l), optionally with per-token/per-parent weights.
+"""Preference pairs (docs/methods.md §10): (prompt x, chosen y_w, rejected y_l), optionally with per-token/per-parent
+weights.
 
 Formats, per JSON record (a local JSONL file or rows of ``datasets.load_dataset``):
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from prefkd.data.records import DataError, check_unicode, read_jsonl
 
@@ -40,7 +41,7 @@ class PreferencePair:
     rejected_weight: tuple[float, ...] | None = None
     reference_logps: tuple[float, float] | None = None  # (chosen, rejected) log π_ref, precomputed
 
-    def reversed(self) -> "PreferencePair":
+    def reversed(self) -> PreferencePair:
         """The same pair with chosen and rejected (and their weights and reference log-probs) swapped."""
         ref = None if self.reference_logps is None else self.reference_logps[::-1]
         return replace(self, chosen=self.rejected, rejected=self.chosen, chosen_weight=self.rejected_weight,
@@ -121,9 +122,10 @@ def to_pairs(rows: Iterable[dict], source: str, reverse: bool = False, check: bo
         try:
             pairs.append(to_pair(dict(raw), f"{source} record {i + 1}", reverse, check))
         except DataError as e:
-            if not skip_invalid or "response" not in str(e):
-                raise DataError(f"{e} (or set skip_invalid=true to drop such pairs)") if "response" in str(e) \
-                    else e
+            if "response" not in str(e):
+                raise
+            if not skip_invalid:
+                raise DataError(f"{e} (or set skip_invalid=true to drop such pairs)") from e
             skipped.append(i + 1)
     if skipped:
         log.warning("%s: dropped %d pairs with empty or equal responses (records %s)", source, len(skipped),

@@ -1,4 +1,4 @@
-"""Tokenised preference pairs for training (SPEC §10), with parent tokens when a teacher tokenizer is given.
+"""Tokenised preference pairs for training (docs/methods.md §10), with parent tokens when a teacher tokenizer is given.
 
 Per pair and per response y ∈ {chosen, rejected}, for the student (and the teacher):
 
@@ -8,7 +8,7 @@ Per pair and per response y ∈ {chosen, rejected}, for the student (and the tea
   ``max_length − len(prompt ids)`` together with EOS. With a teacher, the response is cut at a PARENT boundary that
   fits both sides' budgets (:func:`prefkd.align.parent_tokens.build_parents`), so both sides keep the same string,
   and EOS is its own parent when ``eos_parent`` (else EOS is appended to both sides but owned by no parent);
-- the DSKD/MiniLLM layout of SPEC §1: ``input_ids = full[:-1]``, ``labels = full[1:]`` with −100 on prompt
+- the DSKD/MiniLLM layout of docs/methods.md §1: ``input_ids = full[:-1]``, ``labels = full[1:]`` with −100 on prompt
   targets, so the target of position i is ``labels[i]``;
 - ``parent_index``: per label position, the index of the parent owning that target token (−1: none, e.g. prompt);
   ``num_parents``; ``weight``: the pair's given per-parent weights (one per parent; else 1), checked for length.
@@ -21,14 +21,15 @@ with a teacher, the ``teacher_*`` versions.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from prefkd.align.parent_tokens import build_parents, parent_index_map, token_offsets
 from prefkd.data.preference import PreferencePair
 from prefkd.data.records import DataError
-from prefkd.data.tokenize import IGNORE_INDEX, ensure_pad_token
+from prefkd.data.tokenize import ensure_pad_token
+from prefkd.utils.labels import IGNORE_INDEX
 
 SIDES = ("chosen", "rejected")
 

@@ -1,4 +1,4 @@
-"""Instruction records: the Alpaca templates of SPEC §1, record validation and a JSONL reader.
+"""Instruction records: the Alpaca templates of docs/methods.md §1, record validation and a JSONL reader.
 
 A record is a dict with ``prompt`` (already templated) and ``output`` (a string, or a non-empty list of
 reference strings in evaluation sets such as S-NI). Records that carry ``instruction`` / ``input`` and no
@@ -9,8 +9,8 @@ the place (file and 1-based line) and the fix.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,7 +29,7 @@ class DataError(ValueError):
 
 
 def alpaca_prompt(instruction: str, input: str | None = "") -> str:
-    """The Alpaca prompt of SPEC §1: the with-input variant when ``input`` is non-empty."""
+    """The Alpaca prompt of docs/methods.md §1: the with-input variant when ``input`` is non-empty."""
     if input:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)

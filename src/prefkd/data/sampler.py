@@ -12,7 +12,7 @@ front (an out-of-memory error then shows at the first step, not hours later).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class GlobalBatchSampler:
         """Select the epoch whose order the next iteration yields, beginning at global batch ``start``."""
         self.epoch, self.start = int(epoch), int(start)
 
-    def skip(self, k: int) -> "GlobalBatchSampler":
+    def skip(self, k: int) -> GlobalBatchSampler:
         """Begin the next iteration at global batch ``k`` of the current epoch (resume). Returns self."""
         if k < 0:
             raise ValueError(f"cannot skip a negative number of batches ({k})")

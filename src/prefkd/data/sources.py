@@ -12,8 +12,9 @@ Carve-outs (a dev split taken from train) are deterministic: a permutation from 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from prefkd.data.records import DataError, read_jsonl, to_instruction_record
 from prefkd.data.splits import DataSplits
@@ -140,7 +141,7 @@ def dolly_splits(path: str = DOLLY_HUB_ID, dev_size: int = 1000, test_size: int 
     pre-shuffled file it distributes, so the rows differ). ``dev`` / ``test`` JSONL files (e.g. the published
     splits in shared/data/instruct) replace the carved ones; their records are removed before carving, so
     they never leak into training (nor into a carved split). MiniLLM also dropped examples whose prompt
-    exceeded 256 tokens; prefkd truncates instead (SPEC §1) and keeps them.
+    exceeded 256 tokens; prefkd truncates instead (docs/methods.md §1) and keeps them.
     """
     folder = Path(path).expanduser()
     if (folder / "train.jsonl").is_file():

@@ -1,4 +1,4 @@
-"""Tokenisation of one (prompt, output) pair for one model (SPEC §1, the DSKD/MiniLLM convention).
+"""Tokenisation of one (prompt, output) pair for one model (docs/methods.md §1, the DSKD/MiniLLM convention).
 
 Prompt and output are tokenised separately with ``add_special_tokens=False`` (no BOS). The prompt ids are
 cut to ``max_prompt_length`` (the first tokens are kept), EOS is appended to the response ids, and the
@@ -10,12 +10,11 @@ the first response token (at position ``prompt_length - 1``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from prefkd.data.records import DataError
-
-IGNORE_INDEX = -100
+from prefkd.utils.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -45,7 +44,7 @@ class TokenizedExample:
 
 
 def ensure_pad_token(tokenizer):
-    """Give a tokenizer without a pad token pad := eos (SPEC §1); returns the tokenizer. No eos: an error."""
+    """Give a tokenizer without a pad token pad := eos (docs/methods.md §1); returns the tokenizer. No eos: an error."""
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has no EOS "
                         f"token; prefkd appends EOS to every response: set tokenizer.eos_token first.")

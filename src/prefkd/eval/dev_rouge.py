@@ -1,15 +1,15 @@
-"""Dev ROUGE-L for checkpoint selection during training (SPEC §9 "dev selection").
+"""Dev ROUGE-L for checkpoint selection during training (docs/methods.md §9 "dev selection").
 
     dev_rougeL = (1/K) Σ_k  100 · mean_i  max_j F_LCS(ŷ_i^(k), r_ij)        K = num_samples (3)
 
-where ŷ^(k) is a full sampled pass over the dev prompts with seed ``seed + k`` (SPEC §9 sampling, but
+where ŷ^(k) is a full sampled pass over the dev prompts with seed ``seed + k`` (docs/methods.md §9 sampling, but
 no_repeat_ngram_size 0). The model may arrive in train mode, wrapped by peft or DDP: it is unwrapped,
 switched to eval for the generation and put back into the mode it came in.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from prefkd.data.records import to_instruction_record
 from prefkd.eval.generation import Sampling, generate

@@ -1,6 +1,6 @@
-"""Batched, left-padded sampling with the SPEC §9 settings, reproducible from a seed.
+"""Batched, left-padded sampling with the docs/methods.md §9 settings, reproducible from a seed.
 
-Each prompt is tokenised without special tokens (SPEC §1: no BOS) and cut to its first
+Each prompt is tokenised without special tokens (docs/methods.md §1: no BOS) and cut to its first
 ``max_prompt_length`` (256) tokens, as in training. A batch of B prompts becomes
 
     input_ids, attention_mask: (B, T)   left-padded with pad_token_id (T = longest prompt of the batch)
@@ -13,8 +13,8 @@ ran before. The new tokens are decoded with ``skip_special_tokens`` and stripped
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 @dataclass
 class Sampling:
-    """Decoding settings; the defaults are exactly SPEC §9 (dev selection uses no_repeat_ngram_size=0)."""
+    """Decoding settings; the defaults are exactly docs/methods.md §9 (dev selection uses no_repeat_ngram_size=0)."""
 
     do_sample: bool = True
     temperature: float = 1.0
@@ -31,7 +31,8 @@ class Sampling:
     no_repeat_ngram_size: int = 6
     max_new_tokens: int = 256
     max_prompt_length: int = 256        # prompt tokens kept
-    truncation_side: str = "right"      # "right" keeps the first tokens (SPEC §1); "left" the last (dialogues)
+    # "right" keeps the first tokens (docs/methods.md §1); "left" the last (dialogues)
+    truncation_side: str = "right"
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``. Penalties that a model's own generation_config might

@@ -1,4 +1,4 @@
-"""The instruction-set protocol of SPEC §9, resumable.
+"""The instruction-set protocol of docs/methods.md §9, resumable.
 
 For every set s and seed S the generations go to ``DIR/<s>/seed<S>.jsonl``, one record per example:
 ``prompt``, ``references`` (a list), ``generation``, ``num_tokens``, ``rougeL`` and ``exact_match`` (×100).
@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.metrics import exact_match, rouge_l
-from prefkd.eval.report import atomic_write, summarize, write_results
+from prefkd.eval.report import summarize, write_results
 from prefkd.eval.sets import EvalExample, load_eval_set, resolve_data_path
+from prefkd.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 

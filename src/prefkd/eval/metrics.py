@@ -1,4 +1,4 @@
-"""ROUGE-L and exact match as in MiniLLM/DSKD (SPEC §9).
+"""ROUGE-L and exact match as in MiniLLM/DSKD (docs/methods.md §9).
 
 For one example with prediction p and references r_1..r_k:
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 References = str | Sequence[str]
 

@@ -27,17 +27,18 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prefkd.data.dataset import collate
-from prefkd.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_pair
-from prefkd.eval.report import atomic_write
+from prefkd.data.tokenize import TokenizedExample, tokenize_pair
 from prefkd.eval.sets import EvalExample, load_eval_set, resolve_data_path
+from prefkd.utils.io import atomic_write
+from prefkd.utils.labels import IGNORE_INDEX
 
 METRICS = ("nll", "bpb")
 

@@ -1,4 +1,4 @@
-"""Preference metrics (SPEC §10): DPO implicit rewards on held-out pairs, and a reward-model win rate.
+"""Preference metrics (docs/methods.md §10): DPO implicit rewards on held-out pairs, and a reward-model win rate.
 
 For a pair (x, y_w, y_l) and a policy π with reference π_ref:
 
@@ -22,8 +22,8 @@ at the last ``"\\n\\nAssistant:"`` inside the common prefix. Records with a ``pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from prefkd.data.preference import HH_SEP, PreferencePair, split_hh  # noqa: F401 (re-exported)
 from prefkd.data.preference import load_pairs as _load_pairs
 from prefkd.data.records import DataError
-from prefkd.losses.preference import preference_metrics as pair_sums
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.sets import resolve_data_path
+from prefkd.losses.preference import preference_metrics as pair_sums
+
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
     """Held-out pairs from a JSONL file (HH or prompt/chosen/rejected; see :mod:`prefkd.data.preference`); first
@@ -86,8 +87,8 @@ def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_s
 def preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                        ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
                        beta: float) -> dict[str, float]:
-    """The SPEC §10 metrics from (N,) sequence log-probs, as means over the N pairs (the training losses' pair sums
-    of :func:`prefkd.losses.preference.preference_metrics` divided by N): rewards/*, logps/*."""
+    """The docs/methods.md §10 metrics from (N,) sequence log-probs, as means over the N pairs (the training losses'
+    pair sums of :func:`prefkd.losses.preference.preference_metrics` divided by N): rewards/*, logps/*."""
     zero = torch.zeros_like(policy_chosen)
     sums = pair_sums(policy_chosen, policy_rejected, zero if ref_chosen is None else ref_chosen,
                      zero if ref_rejected is None else ref_rejected, beta)
@@ -105,7 +106,8 @@ def evaluate_preference(policy, policy_tokenizer, pairs: Sequence[PreferencePair
     pol = response_logps(policy, policy_tokenizer, pairs, desc="policy log-probs", **kw)
     ref = (None, None)
     if reference is not None:
-        ref = response_logps(reference, reference_tokenizer or policy_tokenizer, pairs, desc="reference log-probs", **kw)
+        ref = response_logps(reference, reference_tokenizer or policy_tokenizer, pairs, desc="reference log-probs",
+                             **kw)
     return preference_metrics(*pol, *ref, beta=beta)
 
 

@@ -13,21 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+
+from prefkd.utils.io import atomic_write
 
 METRICS = ("rougeL", "exact_match")
 LABELS = {"rougeL": "ROUGE-L", "exact_match": "EM"}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -62,7 +55,8 @@ def to_markdown(results: dict) -> str:
     names = list(results["sets"])
     seeds = ", ".join(str(s) for s in results.get("seeds", []))
     limit = results.get("limit")
-    lines = [f"# {results.get('model', 'model')}" + (f" + adapter {results['adapter']}" if results.get("adapter") else ""),
+    adapter = f" + adapter {results['adapter']}" if results.get("adapter") else ""
+    lines = [f"# {results.get('model', 'model')}" + adapter,
              "",
              f"Mean ± std over seeds {seeds}" + (f"; first {limit} examples per set" if limit else "; all examples")
              + "; scores ×100 (ROUGE-L F, max over references; exact match).",
@@ -70,7 +64,8 @@ def to_markdown(results: dict) -> str:
              "| metric | " + " | ".join(names) + " | Avg. |",
              "|---|" + "---|" * (len(names) + 1)]
     for metric in METRICS:
-        cells = [f"{results['sets'][n][metric + '_mean']:.2f} ± {results['sets'][n][metric + '_std']:.2f}" for n in names]
+        cells = [f"{results['sets'][n][metric + '_mean']:.2f} ± {results['sets'][n][metric + '_std']:.2f}"
+                 for n in names]
         avg = results["average"]
         cells.append(f"{avg[metric + '_mean']:.2f} ± {avg[metric + '_std']:.2f}")
         lines.append(f"| {LABELS[metric]} | " + " | ".join(cells) + " |")
@@ -86,7 +81,8 @@ def to_csv(results: dict) -> str:
     w.writerow(["set", "seed", "n", "rougeL", "exact_match", "gen_len_mean"])
     for name, block in results["sets"].items():
         for seed, v in block["seeds"].items():
-            w.writerow([name, seed, v["n"], f"{v['rougeL']:.4f}", f"{v['exact_match']:.4f}", f"{v['gen_len_mean']:.2f}"])
+            w.writerow([name, seed, v["n"], f"{v['rougeL']:.4f}", f"{v['exact_match']:.4f}",
+                        f"{v['gen_len_mean']:.2f}"])
         for stat in ("mean", "std"):
             w.writerow([name, stat, block["n"], f"{block['rougeL_' + stat]:.4f}", f"{block['exact_match_' + stat]:.4f}",
                         f"{block['gen_len_' + stat]:.2f}"])

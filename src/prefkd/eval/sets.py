@@ -1,16 +1,16 @@
 """Evaluation sets: named instruction sets of ``../shared/data/instruct`` or any local JSONL.
 
 A set file holds one JSON object per line with ``prompt`` (or ``instruction``/``input``, templated as in
-SPEC §1) and ``output``: a reference string or a list of references (S-NI). Reading and validation are
+docs/methods.md §1) and ``output``: a reference string or a list of references (S-NI). Reading and validation are
 those of :func:`prefkd.data.records.read_jsonl`; a missing field or an empty reference is a
 :class:`~prefkd.data.records.DataError` naming the file, the line and the fix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from prefkd.data.records import DataError, read_jsonl
 

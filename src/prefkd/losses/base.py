@@ -6,7 +6,7 @@ in a :class:`LossInputs`. Its own parameters (projectors, salience heads, learne
 "trainable modules": the trainer puts them in their own optimizer group with ``projector_lr`` and saves
 them with every checkpoint.
 
-Normalisation (SPEC §2): ``forward`` returns the **sum** of its per-token terms over the micro-batch.
+Normalisation (docs/methods.md §2): ``forward`` returns the **sum** of its per-token terms over the micro-batch.
 The trainer divides by the number of student response tokens in the *global* batch (all micro-batches of
 one optimizer step, all ranks), so one process with batch 8 and two processes with batch 4 agree.
 A loss that is per sequence (DPO) sets ``Needs.normalize_by = "sequences"``.
@@ -14,8 +14,9 @@ A loss that is per sequence (DPO) sets ``Needs.normalize_by = "sequences"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn

@@ -3,20 +3,20 @@
 A per-token loss over B×T×V logits materialises several fp32 B×T×V tensors (softmax, log-softmax,
 products) plus the autograd graph that keeps them for backward. For a 150k vocabulary that is many GB.
 :func:`chunked_rows_loss` (and its one-input form :func:`chunked_token_loss`) instead walks the masked
-tokens in chunks of at most ``chunk_size`` rows: per chunk it upcasts the rows to fp32, computes the values and, right away, their gradient w.r.t. the
-input rows (``torch.autograd.grad`` on detached leaves), and writes that gradient into one
-preallocated buffer per input, shaped like it. The per-chunk graph dies with the chunk. Backward
+tokens in chunks of at most ``chunk_size`` rows: per chunk it upcasts the rows to fp32, computes the values and, right
+away, their gradient w.r.t. the input rows (``torch.autograd.grad`` on detached leaves), and writes that gradient into
+one preallocated buffer per input, shaped like it. The per-chunk graph dies with the chunk. Backward
 only scales the buffer by the incoming gradient. Alive at any time besides the logits: one chunk of
 fp32 work and one gradient buffer per input (the input's dtype).
 
-The other tensors (teacher logits, targets, ...) and the weights never receive gradients (SPEC: the
+The other tensors (teacher logits, targets, ...) and the weights never receive gradients (docs/methods.md §2: the
 teacher side is always stop-grad).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable

@@ -1,16 +1,16 @@
-"""Same-vocabulary divergences (SPEC §3) as per-token functions of logits, and their chunked sums.
+"""Same-vocabulary divergences (docs/methods.md §3) as per-token functions of logits, and their chunked sums.
 
 Every divergence takes ``s_logits`` (N×V_s) and ``t_logits`` (N×V_t) and returns N values (fp32, or
 fp64 for fp64 inputs), with
 
     p_S = softmax(z^s / τ),   p_T = softmax(z^t / (τ·τ_t))
 
-(τ = ``temperature``; τ_t = ``teacher_temperature``, 1 except where a method says otherwise, SPEC §4).
+(τ = ``temperature``; τ_t = ``teacher_temperature``, 1 except where a method says otherwise, docs/methods.md §4).
 No τ² factor. Values are the true divergences (the teacher-entropy term is kept). When V_s ≠ V_t
 (padding rows, as in Qwen) both sides are cut to the shared prefix min(V_s, V_t) before the softmax.
 
 Conventions: 0·log 0 = 0. Teacher log-probabilities are floored at ``LOGP_FLOOR`` (−1e5), so a −inf
-teacher logit behaves like a −1e5 one (SPEC §6's convention for masked ids): the forward direction is
+teacher logit behaves like a −1e5 one (docs/methods.md §6's convention for masked ids): the forward direction is
 unchanged, the reverse direction gets a large finite penalty on student mass there instead of +inf, and
 nothing turns NaN.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 

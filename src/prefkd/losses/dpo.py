@@ -1,17 +1,17 @@
-"""Preference losses as trainer modules (SPEC §10): ``dpo`` (cDPO by label smoothing), ``ipo``, ``tisdpo``,
+"""Preference losses as trainer modules (docs/methods.md §10): ``dpo`` (cDPO by label smoothing), ``ipo``, ``tisdpo``,
 ``kd_tisdpo`` and ``tisdpo_kdalign``. The maths is in :mod:`prefkd.losses.preference`.
 
 Batches come from :func:`prefkd.data.preference_dataset.collate_pairs`: 2B rows, the B chosen responses first,
 then the B rejected ones (one forward per model); ``parent_index`` / ``teacher_parent_index`` map label positions
 to parents, ``parent_weight`` holds the per-parent weights (1 without a weight file), ``num_sequences`` = B.
 Every loss returns the SUM over its B pairs and asks the trainer to divide by the number of pairs of the global
-batch (``Needs.normalize_by="sequences"``); metrics are pair sums too (SPEC §10's rewards/*, logps/*).
+batch (``Needs.normalize_by="sequences"``); metrics are pair sums too (docs/methods.md §10's rewards/*, logps/*).
 
 Reference (``reference``, a loss argument): ``initial`` (the policy at the start of training: the base model with
 the LoRA adapter disabled, or a frozen copy for full fine-tuning), ``teacher`` (the teacher model, which must
 share the student's tokenizer) or, for dpo/ipo, ``precomputed`` (the pairs' ``reference_*_logps`` fields, written by
-``python -m prefkd.reference_logps``: no reference model in memory). The trainer runs it on the student's rows and hands its logits in
-``LossInputs.reference``. ``kd_tisdpo`` always uses the teacher (its own tokenizer, compared per parent).
+``python -m prefkd.reference_logps``: no reference model in memory). The trainer runs it on the student's rows and hands
+its logits in ``LossInputs.reference``. ``kd_tisdpo`` always uses the teacher (its own tokenizer, compared per parent).
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ from __future__ import annotations
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
-from prefkd.losses.logps import (parent_mask, parent_sums, sequence_logps, token_logps, token_logps_and_kl,
-                                 tokens_from_parents, weighted_sums)
+from prefkd.losses.logps import (
+    parent_mask,
+    parent_sums,
+    sequence_logps,
+    token_logps,
+    token_logps_and_kl,
+    tokens_from_parents,
+    weighted_sums,
+)
 from prefkd.losses.preference import dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, preference_metrics, tisdpo_loss
 
 REFERENCES = ("initial", "teacher", "precomputed")
@@ -64,7 +71,8 @@ class DPOLoss(DistillationLoss):
             raise ValueError(f"loss_type={loss_type!r}: valid values are dpo, ipo")
         self.beta, self.label_smoothing, self.loss_type, self.chunk_size = beta, label_smoothing, loss_type, chunk_size
         reference = _check_reference(reference)
-        self.needs = Needs(reference=None if reference == "precomputed" else reference, normalize_by="sequences", pairs=True)
+        self.needs = Needs(reference=None if reference == "precomputed" else reference, normalize_by="sequences",
+                           pairs=True)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         labels = inputs.batch["labels"]
@@ -124,7 +132,7 @@ class TISDPOLoss(DistillationLoss):
 
 class KDTISDPOLoss(DistillationLoss):
     """KD_tisdpo (PrefKD): DPO at parent level with the teacher as reference, any two tokenizers:
-    L = −log σ(β(M_w − M_l)), M = Σ_p w_p (ℓ^S_p − ℓ^T_p) (SPEC §10)."""
+    L = −log σ(β(M_w − M_l)), M = Σ_p w_p (ℓ^S_p − ℓ^T_p) (docs/methods.md §10)."""
 
     name = "kd_tisdpo"
     needs = Needs(teacher=True, normalize_by="sequences", pairs=True)
@@ -164,10 +172,10 @@ class KDTISDPOLoss(DistillationLoss):
 
 
 class TISDPOKDAlignLoss(KDTISDPOLoss):
-    """KD_tisdpo + α·DSKD-CMA on the chosen sequences (SPEC §10, ``tisdpo_kdalign``).
+    """KD_tisdpo + α·DSKD-CMA on the chosen sequences (docs/methods.md §10, ``tisdpo_kdalign``).
 
-    The DSKD-CMA term (SPEC §4: (1 − kd_rate)·CE + kd_rate·KD, labels pre-shifted as everywhere) is a sum over the
-    chosen responses' tokens; it is put on a per-token scale per micro-batch and counted once per pair:
+    The DSKD-CMA term (docs/methods.md §4: (1 − kd_rate)·CE + kd_rate·KD, labels pre-shifted as everywhere) is a sum
+    over the chosen responses' tokens; it is put on a per-token scale per micro-batch and counted once per pair:
     α · B · L_CMA / N_w (N_w = chosen response tokens of the micro-batch), so after the trainer's division by the
     pairs it is α × the per-token DSKD-CMA loss (exactly, when micro-batches have equal token counts).
     """

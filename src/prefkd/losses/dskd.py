@@ -1,5 +1,5 @@
-"""DSKD: dual-space knowledge distillation (SPEC §4), one vocabulary (``DSKDLoss``) or any two via cross-model
-attention (``DSKDCMALoss``).
+"""DSKD: dual-space knowledge distillation (docs/methods.md §4), one vocabulary (``DSKDLoss``) or any two via
+cross-model attention (``DSKDCMALoss``).
 
 Each side's hidden states are projected into the other's space and read out with the other's head (W^s, W^t,
 detached): z^{t→s} = h̃ W^sᵀ, z^{s→t} = h̃' W^tᵀ, with h̃ (B×n×d_s), h̃' (B×m×d_t) from ``projected``
@@ -13,9 +13,9 @@ Then, as sums over tokens:
 
 D is a divergence of :mod:`prefkd.losses.divergences` with z^{t→s} in the teacher role (both sides / τ, the
 teacher side also / τ_t). Teacher-side sums are plain sums too: the trainer divides everything by the student
-response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (SPEC §4's projector pre-training).
+response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (docs/methods.md §4's projector pre-training).
 
-Two switches that are not in SPEC §4 (both off by default, so the loss is SPEC's):
+Two switches that are not in docs/methods.md §4 (both off by default, so the loss is SPEC's):
 
 - ``teacher_space=False``: KD = L_ce^{t→s} + L_kd^{stu}, without L_kd^{tea} (the DSKD authors' ``only_stu_kd``).
 - ``projector_warmup_steps=N``: for the first N optimizer steps of training the loss is
@@ -42,8 +42,7 @@ from torch import nn
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
 from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
-from prefkd.losses.projectors import (cross_model_attention, ensure_projectors, fp32_region, project,
-                                      projector_shapes)
+from prefkd.losses.projectors import cross_model_attention, ensure_projectors, fp32_region, project, projector_shapes
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
 
@@ -111,7 +110,7 @@ class _DualSpaceLoss(DistillationLoss):
     def dual_space_terms(self, inputs: LossInputs, features: RowFeatures | None = None,
                          ce_weight: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
         """(loss, metrics, student features) of the dual-space KD: ce_weight·CE + kd_rate·KD (ce_weight None:
-        1 − kd_rate, SPEC §4). ``features``: :class:`RowFeatures` of the student logits, computed in the same
+        1 − kd_rate, docs/methods.md §4). ``features``: :class:`RowFeatures` of the student logits, computed in the same
         chunked pass (one gradient buffer), returned third (else None)."""
         self._check(inputs)
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher

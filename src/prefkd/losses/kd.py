@@ -1,4 +1,4 @@
-"""Vanilla KD (SPEC §2–3): total = (1 − kd_rate)·CE + kd_rate·KD.
+"""Vanilla KD (docs/methods.md §2–3): total = (1 − kd_rate)·CE + kd_rate·KD.
 
 KD = Σ_{labels ≠ −100} D(p_T ‖ p_S) with the teacher's logits at the same positions as the student's,
 D one of :data:`prefkd.losses.divergences.DIVERGENCES`. CE and KD share one chunked pass over the
@@ -6,7 +6,7 @@ student logits (one gradient buffer, see :mod:`prefkd.losses.chunked`).
 
 Different tokenizers: when :meth:`KDLoss.setup` sees two different vocabularies (``get_vocab()``), it logs one
 line and from then on delegates to :class:`prefkd.losses.mined.MinEDLoss` with KDLoss's own divergence,
-temperatures and kd_rate (MinED's DTW alignment and vocabulary map, SPEC §6; its precompute hook becomes
+temperatures and kd_rate (MinED's DTW alignment and vocabulary map, docs/methods.md §6; its precompute hook becomes
 KDLoss's). Same vocabulary, or no setup: unchanged, and the teacher must have read the student's tokens.
 """
 
@@ -23,7 +23,7 @@ from prefkd.losses.mined import MinEDLoss
 
 log = logging.getLogger(__name__)
 CROSS_TOKENIZER_NOTICE = ("teacher and student tokenizers differ: kd aligns them with MinED's DTW and vocabulary "
-                          "map (SPEC §6)")
+                          "map (docs/methods.md §6)")
 CROSS_TOKENIZER_LOSSES = ("uld", "minedit", "dskd_cma", "mcw_kd")
 
 

@@ -1,4 +1,4 @@
-"""Log-probabilities, per-token KL and parent sums for the preference losses (SPEC §10), memory-bounded.
+"""Log-probabilities, per-token KL and parent sums for the preference losses (docs/methods.md §10), memory-bounded.
 
 Shapes: B sequences (one response each), T positions, V vocabulary, P parents. ``labels`` are already
 shifted (``labels[:, t]`` is the target of ``logits[:, t]``) and −100 where no loss is taken (prompt,
@@ -29,7 +29,7 @@ the reference logits). Backward may run once per forward, like :mod:`prefkd.loss
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -37,8 +37,7 @@ from torch.autograd.function import once_differentiable
 from prefkd.align.parent_tokens import parent_logprobs
 from prefkd.losses.chunked import _compute_dtype
 from prefkd.losses.divergences import reverse_kl
-
-IGNORE_INDEX = -100
+from prefkd.utils.labels import IGNORE_INDEX
 
 RowTermsFn = Callable[..., torch.Tensor]  # (rows n×V, *other rows) -> n×K
 
@@ -222,7 +221,7 @@ def weighted_sums(values: torch.Tensor, weights: torch.Tensor | None = None,
 def parent_sums(token_values: torch.Tensor, parent_index: torch.Tensor, num_parents: int) -> torch.Tensor:
     """out[b, p] = Σ_{t: parent_index[b, t] = p} token_values[b, t]: B×T, B×T -> B×P (P = num_parents).
 
-    With token log-probs this is ℓ_p = Σ_{t ∈ p} log π(y_t | x, y_<t) (SPEC §10). ``parent_index`` is the
+    With token log-probs this is ℓ_p = Σ_{t ∈ p} log π(y_t | x, y_<t) (docs/methods.md §10). ``parent_index`` is the
     stacked :func:`prefkd.align.parent_tokens.parent_index_map` of each row: −1 (any negative value, −100
     included) for positions in no parent, whose values never enter (even NaN). Differentiable in
     ``token_values`` (a scatter-add: each token gets its parent's gradient); a parent without tokens gets 0.

@@ -1,12 +1,12 @@
-"""MCW-KD, multi-cost Wasserstein KD (SPEC §8): DSKD-CMA plus two optimal-transport terms between the teacher's
-and the student's token clouds, each over a weighted combination of several costs in ONE transport problem.
+"""MCW-KD, multi-cost Wasserstein KD (docs/methods.md §8): DSKD-CMA plus two optimal-transport terms between the
+teacher's and the student's token clouds, each over a weighted combination of several costs in ONE transport problem.
 
     loss = w_ce·Σ_{M_s} CE + kd_rate·KD_CMA + λ_l·Σ_b n_b·OT_logits,b + λ_h·Σ_b n_b·OT_hidden,b
 
-KD_CMA is DSKD-CMA's KD part (SPEC §4: L_ce^{t→s} + L_kd^{stu} + L_kd^{tea}, see :class:`DSKDCMALoss`). n_b is the
-number of student response tokens of example b. Normalisation: the trainer divides the returned sum by the student
-response tokens of the global batch, so every CE/KD term is per token and each OT term is the n_b-weighted mean of
-the per-sequence transport costs OT_b (the plain batch mean when all sequences have equal length), on the same
+KD_CMA is DSKD-CMA's KD part (docs/methods.md §4: L_ce^{t→s} + L_kd^{stu} + L_kd^{tea}, see :class:`DSKDCMALoss`). n_b
+is the number of student response tokens of example b. Normalisation: the trainer divides the returned sum by the
+student response tokens of the global batch, so every CE/KD term is per token and each OT term is the n_b-weighted mean
+of the per-sequence transport costs OT_b (the plain batch mean when all sequences have equal length), on the same
 per-token scale as CE (as :class:`prefkd.losses.multilevel_ot.MultiLevelOTLoss`).
 
 Points (per example). Student points i: response positions (labels ≠ −100); teacher points j: teacher response
@@ -55,8 +55,18 @@ from prefkd.losses.base import LossInputs, LossOutput
 from prefkd.losses.chunked import RowFeatures
 from prefkd.losses.dskd import DSKDCMALoss
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
-from prefkd.ot import (AdaptiveCostWeights, context_cosine_cost, context_euclidean_cost, context_vectors,
-                       euclidean_cost, kl_cost, pair_mask, salience_cost, scale_cost, sinkhorn)
+from prefkd.ot import (
+    AdaptiveCostWeights,
+    context_cosine_cost,
+    context_euclidean_cost,
+    context_vectors,
+    euclidean_cost,
+    kl_cost,
+    pair_mask,
+    salience_cost,
+    scale_cost,
+    sinkhorn,
+)
 
 LOGITS_COSTS = ("euclidean", "kl", "salience")
 HIDDEN_COSTS = ("lexical", "context_euclidean", "context_cosine", "euclidean")
@@ -96,7 +106,8 @@ def _check_costs(names, allowed, branch) -> tuple[str, ...]:
 
 
 class MCWKDLoss(DSKDCMALoss):
-    """MCW-KD (module docstring). Every number of SPEC §8 is an argument (config/loss/mcw_kd.yaml comments each)."""
+    """MCW-KD (module docstring). Every number of docs/methods.md §8 is an argument (config/loss/mcw_kd.yaml comments
+    each)."""
 
     name = "mcw_kd"
 
@@ -299,9 +310,10 @@ class MCWKDLoss(DSKDCMALoss):
 
 
 class MCWKDDualLoss(MCWKDLoss):
-    """MCW-KD with the semi-dual OT of SPEC §8 instead of Sinkhorn, per branch:
+    """MCW-KD with the semi-dual OT of docs/methods.md §8 instead of Sinkhorn, per branch:
 
-        OT_b = max_φ Σ_j μ_j φ(x_j) + Σ_i ν_i Σ_k α_k φ^{c_k}(y_i),  φ^{c_k}(y_i) = −ε log Σ_j μ_j e^{(φ(x_j) − Ĉ_k[j,i])/ε}
+        OT_b = max_φ Σ_j μ_j φ(x_j) + Σ_i ν_i Σ_k α_k φ^{c_k}(y_i),  φ^{c_k}(y_i) = −ε log Σ_j μ_j e^{(φ(x_j) −
+        Ĉ_k[j,i])/ε}
 
     φ is a small tanh-bounded network on the teacher points x_j (the logits branch: q_j, B×m×k; the hidden branch:
     P_ot h^t_j), one per branch (:class:`prefkd.ot.semidual.SemiDualOT`). Each training forward first runs

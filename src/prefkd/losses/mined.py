@@ -1,4 +1,5 @@
-"""MinED: minimum-edit-distance alignment + KD in the student's vocabulary (SPEC §6, FuseLLM / DSKD ``minedit``).
+"""MinED: minimum-edit-distance alignment + KD in the student's vocabulary (docs/methods.md §6, FuseLLM / DSKD
+``minedit``).
 
 The alignment is data: :class:`~prefkd.align.mined.MinEDAligner` (the precompute hook that :meth:`MinEDLoss.setup`
 installs) gives each student position j ``mined_teacher_index[b, j] = i``, the teacher sequence position whose
@@ -8,9 +9,9 @@ Target logits in the student vocabulary (V_s rows of the student model), per stu
 
 - aligned (index i ≥ 0): z̃[v] = z^t[b, i, s2t[v]] if s2t[v] ≥ 0, else −inf, with s2t the student → teacher map
   that keeps ONE teacher id per student id, the lowest (:func:`prefkd.align.vocab_map.invert_map`). This gather is
-  the SPEC's "gathered at mapped ids and scattered into the student vocabulary" with that inversion: scattering
-  z^t[s2t[v]] to v for every mapped v writes the same tensor. ``merge="max"`` instead keeps, for each student id,
-  the largest logit among ALL teacher ids mapping to it (a scatter-amax over t2s: FuseLLM's loop over the teacher's
+  docs/methods.md §6's "gathered at mapped ids and scattered into the student vocabulary" with that inversion:
+  scattering z^t[s2t[v]] to v for every mapped v writes the same tensor. ``merge="max"`` instead keeps, for each student
+  id, the largest logit among ALL teacher ids mapping to it (a scatter-amax over t2s: FuseLLM's loop over the teacher's
   top-k in descending order, keeping the first hit per student id). The two agree when t2s is injective.
 - ``top_k = K`` (FuseLLM keeps 10): before mapping, the teacher logits outside the teacher's top K are −inf. An
   aligned row that keeps no finite logit after mapping falls back to the one-hot target (not counted as aligned).
@@ -69,11 +70,11 @@ def student_space_logits(t_rows: torch.Tensor, s2t: torch.Tensor | None = None, 
 
 
 class MinEDLoss(DistillationLoss):
-    """MinED KD (SPEC §6) between any two tokenizers; sums over the student's response tokens.
+    """MinED KD (docs/methods.md §6) between any two tokenizers; sums over the student's response tokens.
 
-    kd_rate, temperature (τ = 2 in SPEC §6), divergence (a name of ``DIVERGENCES``; teacher_temperature,
-    skew_lambda, adaptive_alpha are its settings), top_k (None = all teacher logits), merge ("lowest" = SPEC's
-    one teacher id per student id; "max"), vocab_map (None = built and cached by ``load_or_build_vocab_map``; or a
+    kd_rate, temperature (τ = 2 in docs/methods.md §6), divergence (a name of ``DIVERGENCES``; teacher_temperature,
+    skew_lambda, adaptive_alpha are its settings), top_k (None = all teacher logits), merge ("lowest" = docs/methods.md
+    §6's one teacher id per student id; "max"), vocab_map (None = built and cached by ``load_or_build_vocab_map``; or a
     ``{teacher_id: student_id}`` JSON file such as a published map), chunk_size (tokens per chunk).
     """
 

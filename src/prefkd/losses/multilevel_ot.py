@@ -1,4 +1,5 @@
-"""Multi-Level OT (Cui et al., AAAI 2025; SPEC §7): token- and sequence-level OT on sorted top-k probabilities.
+"""Multi-Level OT (Cui et al., AAAI 2025; docs/methods.md §7): token- and sequence-level OT on sorted top-k
+probabilities.
 
 Positions. As in ULD (:func:`prefkd.losses.uld.response_alignment`): student response position k is paired with
 teacher response position k for k < min(n_resp_s, n_resp_t); later student response positions get CE only.
@@ -17,7 +18,7 @@ uniform marginals 1/a_b (a_b = aligned pairs of b). All examples are solved in o
 they get zero mass and no gradient. Gradient: the envelope one (``grad="envelope"``): P* is held fixed and only
 C carries a gradient.
 
-Normalisation (SPEC §2 and §7). The SPEC's loss is per example, CE + λ·(mean_i HAD + sl_weight·mean_i SL +
+Normalisation (docs/methods.md §2 and §7). The SPEC's loss is per example, CE + λ·(mean_i HAD + sl_weight·mean_i SL +
 sd_weight·SD_b). The trainer divides the returned sum by the student response tokens of the global batch, so, as
 ULD's ``mix: paper``, each sequence's value is multiplied by its student response-token count n_b:
 
@@ -77,7 +78,8 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class MultiLevelOTLoss(DistillationLoss):
-    """Multi-Level OT (SPEC §7) for any two vocabularies; sums over student response tokens (module docstring).
+    """Multi-Level OT (docs/methods.md §7) for any two vocabularies; sums over student response tokens (module
+    docstring).
 
     lambda_: λ, weight of the KD terms (CE weight 1). sl_weight, sd_weight: weights of L_SL and L_SD inside λ(·).
     top_k: K sorted probabilities kept per position. temperature: T of p = softmax(z/T) (z std-normalised).

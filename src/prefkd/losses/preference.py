@@ -1,9 +1,9 @@
-"""The preference losses of SPEC §10 as pure functions of sequence / parent log-probabilities.
+"""The preference losses of docs/methods.md §10 as pure functions of sequence / parent log-probabilities.
 
 Nothing here knows about models or the trainer; :mod:`prefkd.losses.dpo` wraps them as trainer losses, and
-:mod:`prefkd.losses.logps` computes the log-probabilities. Shapes: B sequences (one response each), T positions, V vocabulary, P parents. ``labels`` are already
-shifted (``labels[:, t]`` is the target of ``logits[:, t]``) and −100 where no loss is taken (prompt,
-padding), as everywhere in prefkd.
+:mod:`prefkd.losses.logps` computes the log-probabilities. Shapes: B sequences (one response each), T positions, V
+vocabulary, P parents. ``labels`` are already shifted (``labels[:, t]`` is the target of ``logits[:, t]``) and −100
+where no loss is taken (prompt, padding), as everywhere in prefkd.
 
 **Losses** (one value per pair, shape B; the trainer sums and normalises by the number of pairs):
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from prefkd.losses.logps import weighted_sums
+
 
 # ------------------------------------------------------------------------------------------ public: losses
 def _check_beta(beta: float) -> None:
@@ -77,12 +78,12 @@ def tisdpo_loss(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, weights_c
         z    = h                         without the token-level KL term (kl_* None)
         z    = h − α·(KL_w − KL_l)       with it, KL_y = Σ_t w^y_t · KL(π_θ(·|x, y_<t) ‖ π_ref(·|x, y_<t))
 
-    The KL term follows SPEC §10 ("logits = h − α(KL_w − KL_l)", β 0.1, α 0.5) and TIS-DPO's public code
+    The KL term follows docs/methods.md §10 ("logits = h − α(KL_w − KL_l)", β 0.1, α 0.5) and TIS-DPO's public code
     (``tisdpo_loss`` with ``token_level=True`` and ``_get_batch_logps_tisdpo``): the per-position KL is
     **KL(π_θ ‖ π_ref)** = Σ_v π_θ (log π_θ − log π_ref), it is weighted by the same token weights as the
     log-ratios, summed over the response, nothing in it is detached, and β multiplies the whole logit
     (loss = −logsigmoid(β·z)). (TDPO, which TIS-DPO's code derives from, uses KL(π_ref ‖ π_θ) with the
-    opposite sign, z = h − α(KL_l − KL_w.detach()); that is not what TIS-DPO or the SPEC use.)
+    opposite sign, z = h − α(KL_l − KL_w.detach()); that is not what TIS-DPO or docs/methods.md §10 use.)
 
     policy_*, ref_*: B×T per-token log-probs; weights_*: B×T or None (all 1), read detached; mask_*: B×T
     bool or None (all); kl_*: B×T per-token KL (:func:`token_kl` / :func:`token_logps_and_kl`), both or
@@ -120,8 +121,8 @@ def kd_tisdpo_loss(student_chosen: torch.Tensor, teacher_chosen: torch.Tensor, w
     M = Σ_p w_p (ℓ^S_p − ℓ^T_p) over the parents of the chosen / rejected response (:func:`kd_tisdpo_margin`).
 
     student_*, teacher_*: B×P parent log-probs (the student's differentiable); weights_*: B×P parent weights
-    or None (all 1); mask_*: B×P bool of real parents or None. β 0.5 (SPEC). With identical tokenizers (one
-    parent per token) and all weights 1 it equals :func:`dpo_loss` with the teacher as reference. Returns B.
+    or None (all 1); mask_*: B×P bool of real parents or None. β 0.5 (docs/methods.md §10). With identical tokenizers
+    (one parent per token) and all weights 1 it equals :func:`dpo_loss` with the teacher as reference. Returns B.
     """
     _check_beta(beta)
     m_w = kd_tisdpo_margin(student_chosen, teacher_chosen, weights_chosen, mask_chosen)
@@ -132,7 +133,7 @@ def kd_tisdpo_loss(student_chosen: torch.Tensor, teacher_chosen: torch.Tensor, w
 @torch.no_grad()
 def preference_metrics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                        ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """The SPEC §10 metrics of a micro-batch, as detached 0-dim tensors holding **sums over the B pairs**
+    """The docs/methods.md §10 metrics of a micro-batch, as detached 0-dim tensors holding **sums over the B pairs**
     (the trainer adds them over micro-batches and ranks and divides by the number of pairs):
 
         rewards/chosen     Σ_b r_w,  r_w = β (log π_θ(y_w) − log π_ref(y_w))

@@ -1,11 +1,11 @@
-"""DSKD's projectors and the cross-model attention of DSKD-CMA (SPEC §4).
+"""DSKD's projectors and the cross-model attention of DSKD-CMA (docs/methods.md §4).
 
 Projectors are ``nn.Linear`` with bias, fp32, created by :func:`make_projectors` from the two models' sizes:
 
     t2s: d_t → d_s,   s2t: d_s → d_t,   query: 2e_s → 2e_t (CMA only)
 
 (d = the size of the last hidden state = the output head's input, e = the input-embedding size; e = d for
-every supported model, so query is SPEC's 2d_s → 2d_t).
+every supported model, so query is docs/methods.md §4's 2d_s → 2d_t).
 
 :func:`cross_model_attention` computes, batched over B with masks, the two projected hidden states that the
 dual-space losses turn into logits with the (detached) heads:
@@ -13,7 +13,7 @@ dual-space losses turn into logits with the (detached) heads:
     h̃  = softmax_rows(A)  V_t      B×n×d_s  (teacher → student space)
     h̃' = softmax_rows(Aᵀ) V_s      B×m×d_t  (student → teacher space)
 
-Everything here runs in fp32 with autocast off (SPEC: Q is fp32), whatever the models' dtype.
+Everything here runs in fp32 with autocast off (docs/methods.md §4: Q is fp32), whatever the models' dtype.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def index_embeddings(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) ->
 def cross_model_attention(projectors: nn.ModuleDict, *, student_model: nn.Module, teacher_model: nn.Module,
                           batch: dict[str, torch.Tensor], student_hidden: torch.Tensor,
                           teacher_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h̃ B×n×d_s, h̃' B×m×d_t) of SPEC §4's DSKD-CMA, batched, fp32.
+    """(h̃ B×n×d_s, h̃' B×m×d_t) of docs/methods.md §4's DSKD-CMA, batched, fp32.
 
     M_s = labels ≠ −100, M_t = teacher_labels ≠ −100; x = input ids, y = labels (pre-shifted, so y_i is the
     token after x_i: DSKD's convention), id 0 outside M. E^s, E^t detached. Per sequence b:
@@ -114,7 +114,7 @@ def cross_model_attention(projectors: nn.ModuleDict, *, student_model: nn.Module
         A   = Q Kᵀ / √(2 d_t),  entries with M_s,i·M_t,j = 0 excluded from both softmaxes
 
     std(·) is the scalar std of all entries over the sequence's non-padding rows (``teacher_attention_mask``):
-    per sequence, so no sequence sees another's statistics or padding (SPEC §2's batch equivalence). For one
+    per sequence, so no sequence sees another's statistics or padding (docs/methods.md §2's batch equivalence). For one
     unpadded sequence it is DSKD's ``tensor.std()`` exactly. A row of A with no valid entry (a position outside
     M) gets a uniform softmax; it is never read by the losses. Rows of V outside M are zeroed.
     """

@@ -1,4 +1,4 @@
-"""ULD: universal logit distillation across vocabularies (SPEC §5).
+"""ULD: universal logit distillation across vocabularies (docs/methods.md §5).
 
 Positions. With M_s, M_t the response masks (``labels ≠ −100``; labels are pre-shifted, so ``labels[:, j]`` is
 the target of ``logits[:, j]``), the k-th response position of each side is where the cumulative count of the
@@ -85,7 +85,8 @@ def uld_distance(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: fl
 
 
 class ULDLoss(DistillationLoss):
-    """ULD (SPEC §5) for any two vocabularies; sums over the student's response tokens (see the module docstring).
+    """ULD (docs/methods.md §5) for any two vocabularies; sums over the student's response tokens (see the module
+    docstring).
 
     kd_rate: weight of ULD in ``mix: dskd`` (CE gets 1 − kd_rate). uld_weight: λ of ``mix: paper`` (CE weight 1).
     temperature: τ on both sides. top_k: None = full sort, else the top-k variant. chunk_size: response tokens per

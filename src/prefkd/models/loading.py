@@ -14,11 +14,12 @@ Every model config in ``config/teacher`` and ``config/student`` instantiates :fu
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import save_model
@@ -27,6 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from prefkd.data.tokenize import ensure_pad_token
 from prefkd.models.bundle import ModelBundle
+from prefkd.utils.cache import cache_root
+from prefkd.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +62,6 @@ def resolve_path(path: str) -> tuple[str, str | None]:
             raise ModelLoadError(f"path={path!r}: no such GGUF file.")
         return str(file.parent), file.name
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path, None
-
-
-def cache_root() -> Path:
-    """prefkd's cache: PREFKD_CACHE or ~/.cache/prefkd."""
-    return Path(os.environ.get("PREFKD_CACHE") or Path.home() / ".cache" / "prefkd").expanduser()
 
 
 def gguf_as_safetensors(directory: str, gguf_file: str) -> str:
@@ -112,7 +110,8 @@ def _not_found(path: str, what: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load the {what} from path={path!r}: {hint}. Cause: {type(err).__name__}: {err}")
 
 
-def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, *, revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     directory, gguf_file = resolve_path(path)
     if gguf_file:
         directory, gguf_file = gguf_as_safetensors(directory, gguf_file), None
@@ -213,7 +212,8 @@ def load_pretrained(
         try:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except Exception as err:  # peft raises several types for a wrong or missing adapter
-            raise ModelLoadError(f"cannot apply adapter={adapter!r} to {path!r}: {err}. Is it an adapter for this base model?") from err
+            raise ModelLoadError(f"cannot apply adapter={adapter!r} to {path!r}: {err}. Is it an adapter for this "
+                                 f"base model?") from err
     if num_layers is not None and keep_layers is not None:
         raise ValueError("give num_layers or keep_layers, not both.")
     if num_layers is not None:
@@ -233,7 +233,8 @@ def finish_model(bundle: ModelBundle, *, lora: dict | None = None, gradient_chec
     n_vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_vocab:
         raise ModelLoadError(
-            f"{bundle.name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {n_vocab} rows; "
+            f"{bundle.name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+            f"{n_vocab} rows; "
             f"they do not belong together (set tokenizer_path to the model's own tokenizer).")
     if lora:
         model = apply_lora(model, **lora)
@@ -246,3 +247,45 @@ def finish_model(bundle: ModelBundle, *, lora: dict | None = None, gradient_chec
         model.requires_grad_(False)
     bundle.model = model
     return bundle
+
+
+# ---------------------------------------------------------------- frozen models for evaluation
+def adapter_base(adapter: str) -> str:
+    """``base_model_name_or_path`` of a peft adapter directory."""
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"adapter={adapter!r}: no adapter_config.json there; pass a peft adapter directory.")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: pass model.path=BASE.")
+    return base
+
+
+def load_model(path: str | None = None, adapter: str | None = None, tokenizer_path: str | None = None,
+               dtype: str = "float32", device: str = "auto") -> ModelBundle:
+    """A frozen model in eval mode: ``path`` alone, or its base with a peft ``adapter`` applied (not merged)."""
+    if path is None and adapter:
+        path = adapter_base(adapter)
+    if path is None:
+        raise ValueError("no model given: pass model.path=CHECKPOINT (or model.adapter=LORA_DIR).")
+    bundle = load_pretrained(path, tokenizer_path=tokenizer_path, dtype=dtype, freeze=True)
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            bundle.model = PeftModel.from_pretrained(bundle.model, adapter, is_trainable=False)
+        except Exception as err:  # peft raises several types for a wrong or missing adapter
+            raise ModelLoadError(f"cannot apply adapter={adapter!r} to {path!r}: {err}") from err
+        bundle.name = f"{path}+{adapter}"
+    bundle.model.to(resolve_device(device)).eval()
+    return bundle
+
+
+def load_reward_model(path: str, tokenizer_path: str | None = None, dtype: str = "float32",
+                      device: str = "auto") -> ModelBundle:
+    """A sequence-classification reward model (logit 0 is the reward) with its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    return ModelBundle(model.to(resolve_device(device)).eval(), tokenizer, path)

@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 from prefkd.data.embedded import all_text
 from prefkd.models.bundle import ModelBundle
-from prefkd.models.loading import cache_root, finish_model, load_tokenizer
+from prefkd.models.loading import finish_model, load_tokenizer
+from prefkd.utils.cache import cache_root
+from prefkd.utils.io import atomic_write
 
 VERSION = "1"  # bump when the training procedure changes (changes of the data change the cache key anyway)
 DEFAULT_VOCAB = {"a": 1024, "b": 768}
@@ -106,10 +115,7 @@ def tiny_tokenizer(kind: str = "a", vocab_size: int | None = None,
     if file.exists():
         return _wrap(Tokenizer.from_file(str(file)), kind)
     tok = (_train_a if kind == "a" else _train_b)(texts, vocab_size)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")
-    tok.save(str(tmp))
-    os.replace(tmp, file)  # atomic: concurrent processes write the same content
+    atomic_write(file, tok.to_str())  # concurrent processes write the same content
     return _wrap(tok, kind)
 
 

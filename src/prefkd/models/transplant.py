@@ -45,9 +45,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from prefkd.models.bundle import ModelBundle
-from prefkd.models.loading import DTYPES, ModelLoadError, cache_root, load_pretrained, load_tokenizer, resolve_path
+from prefkd.models.loading import DTYPES, ModelLoadError, load_pretrained, load_tokenizer, resolve_path
+from prefkd.utils.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,13 @@ def is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
     if backend is None:  # a slow tokenizer: GPT2Tokenizer keeps the table
         return hasattr(tokenizer, "byte_decoder")
     spec = json.loads(backend.to_str())
-    return any(c.get("type") == "ByteLevel" for part in ("pre_tokenizer", "decoder") for c in _components(spec.get(part)))
+    return any(c.get("type") == "ByteLevel"
+               for part in ("pre_tokenizer", "decoder") for c in _components(spec.get(part)))
 
 
 def piece_bytes(piece: str, byte_level: bool) -> bytes:
-    """The bytes of one vocabulary entry: ``Ġthe`` -> b" the" (byte-level); ``▁the`` -> b" the", ``<0x0A>`` -> b"\\n"."""
+    """The bytes of one vocabulary entry: ``Ġthe`` -> b" the" (byte-level); ``▁the`` -> b" the", ``<0x0A>`` ->
+    b"\\n"."""
     if byte_level:
         if all(c in _CHAR_TO_BYTE for c in piece):
             return bytes(_CHAR_TO_BYTE[c] for c in piece)
@@ -361,7 +364,8 @@ def check_request(path: str, tokenizer: str, num_layers: int | None = None, keep
         raise ValueError(f"{prefix}num_layers={num_layers} must be at least 1 (null keeps all layers).")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
-    for key, value, what in ((f"{prefix}path", path, "the source model"), ("tokenizer", tokenizer, "the new tokenizer")):
+    checks = ((f"{prefix}path", path, "the source model"), ("tokenizer", tokenizer, "the new tokenizer"))
+    for key, value, what in checks:
         try:
             resolve_path(value)
         except ModelLoadError as err:
@@ -514,7 +518,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from prefkd.train import config_dir
+    from prefkd.utils.config import config_dir
 
     @hydra.main(config_path=config_dir(), config_name="transplant", version_base="1.3")
     def _main(cfg: DictConfig) -> None:

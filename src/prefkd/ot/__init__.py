@@ -1,4 +1,4 @@
-"""Optimal transport for KD (SPEC §8): batched log-stabilised Sinkhorn, transport costs, cost weights.
+"""Optimal transport for KD (docs/methods.md §8): batched log-stabilised Sinkhorn, transport costs, cost weights.
 
     from prefkd.ot import sinkhorn
     res = sinkhorn(cost, eps=0.1, mask_x=mask_t, mask_y=mask_s)   # cost B×m×n, masks B×m / B×n

@@ -40,6 +40,7 @@ def benchmark(B: int = 8, m: int = 256, n: int = 256, eps: float = 0.1, tol: flo
               device: str = "cpu", repeats: int = 5, max_iter: int = 10000) -> dict:
     """Times (seconds, best of ``repeats``) of the batched solver and of POT's per-example loop; prints them."""
     import numpy as np
+
     import ot
 
     cost = _problem(B, m, n).to(device)

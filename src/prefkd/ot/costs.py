@@ -1,6 +1,6 @@
-"""Transport costs between a teacher cloud (points j ≤ m) and a student cloud (points i ≤ n) (SPEC §8).
+"""Transport costs between a teacher cloud (points j ≤ m) and a student cloud (points i ≤ n) (docs/methods.md §8).
 
-Every cost is a B×m×n tensor C[b, j, i] (teacher along dim 1, student along dim 2, as SPEC §8 writes
+Every cost is a B×m×n tensor C[b, j, i] (teacher along dim 1, student along dim 2, as docs/methods.md §8 writes
 C[j, i]), computed in fp32 or wider (bf16/fp16 inputs are upcast; fp64 stays fp64). Entries that
 involve a padded point hold finite values that mean nothing: pass the point masks to :func:`sinkhorn`
 and :func:`scale_cost` (``pair_mask(mask_x, mask_y)``), which ignore them.

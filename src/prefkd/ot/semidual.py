@@ -1,4 +1,4 @@
-"""Semi-dual multi-cost entropic OT (SPEC §8, "Semi-dual variant" of MCW-KD).
+"""Semi-dual multi-cost entropic OT (docs/methods.md §8, "Semi-dual variant" of MCW-KD).
 
 Per problem (batch index dropped): teacher points x_j (j ≤ m, marginal μ), student points y_i (i ≤ n,
 marginal ν), K costs C_k (m×n, C_k[j, i] as everywhere in ``prefkd.ot``), weights α (K, e.g. softmax(β)),

@@ -1,4 +1,4 @@
-"""Batched entropic optimal transport: log-stabilised Sinkhorn over B padded problems (SPEC §8).
+"""Batched entropic optimal transport: log-stabilised Sinkhorn over B padded problems (docs/methods.md §8).
 
 For each problem b (dropped below), with cost C (m×n), marginals a (m), b (n) and ε > 0, the plan is
 
@@ -43,7 +43,7 @@ Gradients (``grad``):
 * ``"envelope"`` (default): iterations under ``no_grad``; ``cost = Σ P*·C`` and
   ``reg_value = Σ P*·C + ε Σ P* log P*`` with P* detached, so ∂cost/∂C = ∂reg_value/∂C = P*. For
   ``reg_value`` this is the exact derivative of the regularised OT value (envelope theorem); for ``cost``
-  it ignores ∂P*/∂C, as SPEC §8 prescribes.
+  it ignores ∂P*/∂C, as docs/methods.md §8 prescribes.
 * ``"unrolled"``: autograd through every iteration (memory grows with the iteration count); ``cost`` then
   has its full derivative ⟨∂P/∂C, C⟩ + P.
 """
@@ -216,6 +216,7 @@ def sinkhorn(
         v = torch.zeros(bsz, n, dtype=dtype, device=dev)
         u, v = _log_step(log_k, u, v, log_a, log_b, mask_x, mask_y, cut)
         it, force_log, last_exp = 1, False, False
+        saved = (u, v, it)  # the potentials before the last exp-domain block (set before each such block)
         kernel = None  # K̃ at the absorbed (u, v); the current plan is diag(α) K̃ diag(β)
         valid_x, valid_y = mask_x.to(dtype), mask_y.to(dtype)
         pad_x, pad_y = 1.0 - valid_x, 1.0 - valid_y

@@ -1,4 +1,4 @@
-"""Cost weights α for the multi-cost OT problem C = Σ_k α_k Ĉ_k (SPEC §8).
+"""Cost weights α for the multi-cost OT problem C = Σ_k α_k Ĉ_k (docs/methods.md §8).
 
 Modes of :class:`AdaptiveCostWeights`:
 
@@ -57,7 +57,7 @@ def project_to_capped_simplex(v: torch.Tensor, alpha_min: float = 0.0) -> torch.
 
 
 def adaptive_alpha(cost_means: torch.Tensor, sigma: float, alpha_min: float = 0.01) -> torch.Tensor:
-    """α = Π(1/K − c̄/(2σ)), the minimiser of c̄ᵀα + σ‖α − 1/K‖² over {Σα = 1, α ≥ α_min} (SPEC §8)."""
+    """α = Π(1/K − c̄/(2σ)), the minimiser of c̄ᵀα + σ‖α − 1/K‖² over {Σα = 1, α ≥ α_min} (docs/methods.md §8)."""
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     c = cost_means.detach()
@@ -153,7 +153,7 @@ every process computes the same α. Parameter: ``beta`` (learned only,
         """Adaptive mode: at ``step % update_interval == 0`` set α from the running means; True if updated."""
         if self.mode != "adaptive" or step % self.update_interval != 0:
             return False
-        self._all_reduce()  # every process must see the same c̄ (SPEC §2: 1×8 examples = 2×4 examples)
+        self._all_reduce()  # every process must see the same c̄ (docs/methods.md §2: 1×8 examples = 2×4 examples)
         if self.cost_count.item() == 0:
             return False
         means = self.cost_sum / self.cost_count

@@ -14,12 +14,19 @@ import logging
 import sys
 from pathlib import Path
 
-from prefkd.eval.report import atomic_write
 from prefkd.report.collect import NothingFound, collect
 from prefkd.report.groups import METRICS, ResultRow, auto_metric, nll_rows, result_rows, swept_keys
-from prefkd.report.tables import (nll_markdown, pooled_csv, report_markdown, results_csv, results_markdown,
-                                  training_csv, training_markdown, training_records)
-
+from prefkd.report.tables import (
+    nll_markdown,
+    pooled_csv,
+    report_markdown,
+    results_csv,
+    results_markdown,
+    training_csv,
+    training_markdown,
+    training_records,
+)
+from prefkd.utils.io import atomic_write
 
 EPILOG = """\
 outputs (in OUT):

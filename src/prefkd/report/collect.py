@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefkd.report.readers import read_json, read_metrics, read_yaml, warn
-from prefkd.run_info import parse_overrides
+from prefkd.training.run_info import parse_overrides
 
 SUMMARY, RESULTS, RUN_INFO, METRICS = "train_summary.json", "results.json", "run_info.json", "metrics.jsonl"
 SKIP_DIRS = {".git", ".hydra", "wandb", "__pycache__", ".cache"}
@@ -36,7 +36,7 @@ class Evaluation:
     data: dict
     kind: str
     target: str
-    run: "Run | None" = field(default=None, repr=False)
+    run: Run | None = field(default=None, repr=False)
     tag: str = ""  # the evaluated checkpoint relative to its run (e.g. "best"), "" when not inside the run
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 from pathlib import Path
 
@@ -27,8 +26,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from prefkd.report.collect import Collection  # noqa: E402
-from prefkd.report.groups import (SEED_KEY, ResultRow, SweepLine, by_pair, metric_label, natural,  # noqa: E402
-                                  run_labels, set_names, sweep_lines)
+from prefkd.report.groups import (  # noqa: E402
+    SEED_KEY,
+    ResultRow,
+    SweepLine,
+    by_pair,
+    metric_label,
+    natural,
+    run_labels,
+    set_names,
+    sweep_lines,
+)
+from prefkd.utils.io import atomic_write_bytes  # noqa: E402
 
 DPI = 100
 BY_SET = {"rougeL": ("ROUGE-L (×100)", "ROUGE-L"),  # figure -> (y axis, title and caption)
@@ -47,9 +56,7 @@ def save(fig, path: Path) -> None:
         fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _legend(ax, n: int) -> None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from prefkd.report.collect import Collection
-from prefkd.report.readers import finite
 from prefkd.report.groups import NLL_METRICS, ResultRow, by_pair, format_items, run_items, set_names
+from prefkd.report.readers import finite
 
 TRAINING_COLUMNS = ("run", "pair", "method", "swept", "steps", "final_loss", "best_metric", "best_value",
                     "tokens_per_s", "peak_mem_mb", "finished", "best_step", "dev_loss_final", "seed")

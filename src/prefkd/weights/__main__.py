@@ -1,5 +1,5 @@
 """`python -m prefkd.weights positive.path=DPO_TEACHER negative.path=REVERSE_DPO_TEACHER policy.path=STUDENT
-[dataset=hh] [weights.transform=rank_based] [output=FILE]`: one weight per parent for every pair (SPEC §10).
+[dataset=hh] [weights.transform=rank_based] [output=FILE]`: one weight per parent for every pair (docs/methods.md §10).
 
 See :mod:`prefkd.weights.calculator`. The output JSONL is a preference dataset: train with
 ``dataset=hh dataset.source.train=FILE``. Rerun the same command to resume an interrupted run.
@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prefkd.train import config_dir, load_env
+from prefkd.utils.config import config_dir, load_env
 
 log = logging.getLogger("prefkd.weights")
 

@@ -1,4 +1,4 @@
-"""Parent-token weights from two contrastive models (SPEC §10, TIS-DPO's weight estimation).
+"""Parent-token weights from two contrastive models (docs/methods.md §10, TIS-DPO's weight estimation).
 
 For each pair and each response, every parent p gets
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""Parent-weight formula and TIS-DPO's per-response transforms (SPEC §10).
+"""Parent-weight formula and TIS-DPO's per-response transforms (docs/methods.md §10).
 
 **Weights** (:func:`parent_weights`, :func:`transform_weights`): w_p = k·exp(μ·clamp(ℓ⁺_p − ℓ⁻_p, L, U)),
 then one of TIS-DPO's per-response transforms. Weights are data: every loss reads them detached.
@@ -7,9 +7,10 @@ then one of TIS-DPO's per-response transforms. Weights are data: every loss read
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
 
 # ----------------------------------------------------------------------------------------- public: weights
 def parent_weights(lp_pos: torch.Tensor, lp_neg: torch.Tensor, chosen: bool, k: float = 1.0,
@@ -18,7 +19,7 @@ def parent_weights(lp_pos: torch.Tensor, lp_neg: torch.Tensor, chosen: bool, k: 
 
     lp_pos, lp_neg: parent (or token) log-probs under π⁺ (DPO-trained) and π⁻ (trained on the reversed
     data), any equal shapes. The clamp is applied before the sign: on a rejected response the weights lie in
-    [k·e^{−U}, k·e^{−L}]. Defaults k = 1, L = −0.5, U = 1.5 (SPEC §10). Returns the same shape.
+    [k·e^{−U}, k·e^{−L}]. Defaults k = 1, L = −0.5, U = 1.5 (docs/methods.md §10). Returns the same shape.
     """
     if lower > upper:
         raise ValueError(f"lower must be <= upper, got {lower} > {upper}")
@@ -93,7 +94,7 @@ TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def transform_weights(w: torch.Tensor, kind: str, **params) -> torch.Tensor:
-    """One response's weights (1-D, n values) through a TIS-DPO transform (SPEC §10). Returns n floats
+    """One response's weights (1-D, n values) through a TIS-DPO transform (docs/methods.md §10). Returns n floats
     (the input's float dtype, else the default dtype); no gradient is meant to flow.
 
     - ``origin``: unchanged (a copy).
@@ -109,7 +110,7 @@ def transform_weights(w: torch.Tensor, kind: str, **params) -> torch.Tensor:
       (the largest weight gets s_max); **ties share the average of their ranks** (scipy's "average"), so
       equal weights stay equal (all equal: all (s_min+s_max)/2). A single element → 1; empty → empty.
 
-    TIS-DPO's public transform code was not available to check, so these follow the SPEC's words.
+    TIS-DPO's public transform code was not available to check, so these follow the words of docs/methods.md §10.
     """
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown weight transform {kind!r}; valid kinds: {', '.join(TRANSFORMS)}")

@@ -3,7 +3,8 @@
     {"run_name": "gpt2-mcw_kd", "experiment": "gpt2_multicost", "pair": "gpt2", "loss": "mcw_kd",
      "method": "multicost", "tokenizers": "different", "seed": 42,
      "overrides": {"experiment": "gpt2_multicost", "loss.lambda_logits": "10"},
-     "swept": {"loss.lambda_logits": "10"}, "multirun": true, "sweep_dir": "/abs/multirun/2026-11-23_18-00-00", "job_num": 1}
+     "swept": {"loss.lambda_logits": "10"}, "multirun": true, "sweep_dir": "/abs/multirun/2026-11-23_18-00-00",
+     "job_num": 1}
 
 ``overrides`` are the job's command-line overrides, values as typed; ``swept`` those of the keys its multirun
 sweeps (``sweep_keys``). ``method`` is ``cfg.method`` when set (the experiments set it), else

@@ -1,4 +1,4 @@
-"""AdamW with SPEC §2's parameter groups, and the learning-rate schedule."""
+"""AdamW with docs/methods.md §2's parameter groups, and the learning-rate schedule."""
 
 from __future__ import annotations
 

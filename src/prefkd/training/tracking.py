@@ -61,7 +61,8 @@ class Tracker:
             mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or (
                 "online" if os.environ.get("WANDB_API_KEY") else "offline")
             if mode == "offline" and not cfg.get("mode") and not os.environ.get("WANDB_MODE"):
-                log.info("wandb: no WANDB_API_KEY, logging offline into %s/wandb (sync later with `wandb sync`)", run_dir)
+                log.info("wandb: no WANDB_API_KEY, logging offline into %s/wandb (sync later with `wandb sync`)",
+                         run_dir)
             ids = {"id": resume["id"], "resume": "allow"} if resume else {}
             self.wandb = wandb.init(project=(resume or {}).get("project") or cfg.get("project"),
                                     entity=(resume or {}).get("entity") or cfg.get("entity"),

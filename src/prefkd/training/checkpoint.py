@@ -147,7 +147,8 @@ def load_model_weights(model, path: Path) -> None:
         name for name, p in model.named_parameters()}
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def load_checkpoint(path: Path, *, accelerator, model, loss_module, optimizer, scheduler) -> dict:

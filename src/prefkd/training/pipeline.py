@@ -1,0 +1,171 @@
+"""One training run from a composed config: config → models → data → trainer → checkpoint (→ final evaluation).
+
+``python -m prefkd.train`` calls :func:`run`; sweeps optimise :func:`objective` of its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prefkd.models.bundle import ModelBundle
+from prefkd.training.checkpoint import is_adapter
+from prefkd.training.datasets import build_datasets
+from prefkd.training.evaluation import check_final_eval, checkpoint_to_evaluate, evaluate_after_training
+from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_metadata
+from prefkd.training.teacher_cache import TeacherCache
+from prefkd.training.tracking import Tracker
+from prefkd.training.trainer import Trainer, higher_is_better, select_metric
+
+
+def has_target(node) -> bool:
+    return node is not None and isinstance(node, DictConfig) and node.get("_target_") is not None
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Every ``???`` (mandatory) value that is still unset is an error naming the key and how to set it."""
+    missing = []
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            full = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                missing.append(full)
+            elif isinstance(node[key], DictConfig):
+                walk(node[key], f"{full}.")
+
+    walk(cfg, "")
+    if missing:
+        hints = {"path": "a checkpoint directory, hub id or .gguf file", "train": "a JSONL file"}
+        items = "; ".join(f"{k}=<{hints.get(k.rsplit('.', 1)[-1], 'a value')}>" for k in missing)
+        raise ValueError(f"the configuration leaves {', '.join(missing)} unset (??? in config/): pass {items} on "
+                         f"the command line")
+
+
+def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict:
+    """Build everything from a composed config and train (then evaluate with ``final_eval.enabled``).
+
+    ``hydra_cfg`` (Hydra's runtime config under ``@hydra.main``) names the run in run_info.json and wandb.
+    Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
+    check_required(cfg)
+    check_final_eval(cfg)  # a wrong evaluation setting fails now, not after training
+
+    tcfg = cfg.trainer
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu")
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    set_seed(tcfg.seed)
+
+    loss = instantiate(cfg.loss)
+    student = instantiate(cfg.student)
+    teacher, cache = None, None
+    if tcfg.get("teacher_cache") and loss.needs.teacher:
+        if loss.needs.hidden_states or loss.needs.pairs or loss.needs.reference == "teacher":
+            raise ValueError(f"trainer.teacher_cache serves the logit-based losses (kd, uld, minedit, multilevel_ot); "
+                             f"loss {cfg.loss._target_} needs the teacher model itself: drop trainer.teacher_cache")
+        cache = TeacherCache(tcfg.teacher_cache)
+        teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
+    elif loss.needs.teacher or loss.needs.reference == "teacher":
+        if not has_target(cfg.get("teacher")):
+            raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
+                             f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
+        teacher = instantiate(cfg.teacher)
+    loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
+    loss.build(student.model, teacher.model if teacher else None)
+    splits = instantiate(cfg.dataset.source)
+    train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
+    if cache is not None:
+        for split, ds in (("train", train_set), ("dev", dev_set)):
+            if ds is not None:
+                cache.check(split, ds)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    info = describe_run(cfg, hydra_cfg, tokenizers=tokenizer_relation(
+        student.tokenizer, teacher.tokenizer if teacher is not None else None))
+    if accelerator.is_main_process:
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    tracker = Tracker(run_dir, dict(cfg.logger), config, enabled=accelerator.is_main_process,
+                      **wandb_metadata(info, dict(cfg.logger)))
+    try:
+        trainer = Trainer(tcfg, accelerator=accelerator, student=student, teacher=teacher, loss=loss,
+                          train_set=train_set, dev_set=dev_set, run_dir=run_dir, tracker=tracker, teacher_cache=cache)
+        summary = trainer.fit()
+        final_eval = cfg.get("final_eval")
+        if final_eval is not None and final_eval.get("enabled") and accelerator.is_main_process:
+            del trainer, teacher, student, loss  # the evaluation loads the best checkpoint afresh
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            summary["eval"] = evaluate_after_training(cfg, summary, run_dir, str(accelerator.device))
+            tracker.log_eval(summary["eval"])
+    finally:
+        tracker.close()
+    if accelerator.is_main_process:
+        before, after = summary["dev_loss_start"], summary["dev_loss_final"]
+        print(f"\ncheckpoint: {summary['checkpoints'].get('last')}")
+        if summary["best"]:
+            print(f"best checkpoint: {summary['checkpoints'].get('best')} ({summary['best']['metric']} "
+                  f"{summary['best']['value']:.4f} at step {summary['best']['step']})")
+        if before is not None and after is not None:
+            print(f"dev loss: {before:.4f} before training -> {after:.4f} after {summary['steps']} steps")
+        print(f"{summary['tokens']:.0f} tokens in {summary['wall_time_s']:.1f} s "
+              f"({summary['tokens_per_s']:.0f} tokens/s)")
+        print_next_steps(summary, run_dir)
+    return summary
+
+
+def print_next_steps(summary: dict, run_dir: Path) -> None:
+    """The commands that usually come next: evaluate the best checkpoint (unless final_eval did), then report."""
+    best = checkpoint_to_evaluate(summary)
+    if "eval" in summary:
+        results = run_dir / "eval" / "results.md"
+        print(f"evaluation: {results if results.is_file() else results.with_suffix('.json')}")
+    elif best:
+        key = "model.adapter" if is_adapter(best) else "model.path"
+        print(f"evaluate:   python -m prefkd.evaluate {key}={best} output_dir={run_dir / 'eval'}")
+    print(f"report:     python -m prefkd.report {run_dir} --out {run_dir / 'report'}")
+
+
+def check_sweep_direction(cfg: DictConfig, hydra_cfg) -> None:
+    """An Optuna sweep must optimise the objective the right way: maximise dev ROUGE-L or accuracies, minimise
+    losses. A mismatch would silently search for the worst settings, so it is an error before any training."""
+    direction = (hydra_cfg.sweeper.get("direction") if hydra_cfg is not None else None)
+    if not isinstance(direction, str):  # not Optuna (or a multi-objective list, which prefkd does not return)
+        return
+    metric = select_metric(cfg.trainer)
+    wanted = "maximize" if higher_is_better(metric) else "minimize"
+    if direction != wanted:
+        raise ValueError(f"hydra.sweeper.direction={direction} but each trial returns its best {metric}, which "
+                         f"should be {wanted}d: set hydra.sweeper.direction={wanted}, or change trainer.select_metric "
+                         f"(trainer.eval.rouge=true makes it dev/rougeL)")
+
+
+def objective(summary: dict) -> float | None:
+    """The number a sweeper optimises: the best ``trainer.select_metric`` value (dev/rougeL, or dev/loss), else
+    the final dev loss, else the last training loss. The Optuna example (config/hydra/sweeper/) names the direction."""
+    for value in ((summary.get("best") or {}).get("value"), summary.get("dev_loss_final"),
+                  summary.get("last_train_loss")):
+        if value is not None:
+            return float(value)
+    return None
+
+
+def pass_signal_on(stop) -> None:
+    """After a pre-emption checkpoint, call the handler that was installed for the signal before prefkd's own,
+    if any: a cluster launcher's (submitit requeues the job, which then resumes from that checkpoint)."""
+    handler = signal.getsignal(stop.signum)
+    if callable(handler):
+        print(f"{stop}: passing signal {stop.signum} on to {getattr(handler, '__qualname__', handler)}",
+              file=sys.stderr)
+        handler(stop.signum, None)

@@ -1,0 +1,459 @@
+"""The one training loop. It never looks at which loss it runs: the loss says what it needs (teacher,
+hidden states, reference) and the trainer provides exactly that.
+
+Batches (docs/methods.md §2): the sampler yields one *global* batch per optimizer step (batch_size × processes ×
+accumulation examples). It is cut into micro-batches and each process takes its slice, so one process
+with batch 8 and two processes with batch 4 (or one with batch 4 and accumulation 2) see the same
+examples. Loss sums are divided by the number of units (response tokens, or sequences) of the whole
+global batch, counted before the first backward.
+
+One step reads the host once: the loss, the token count and whether the loss and the gradient norm are finite come
+back together after the backward passes; every other metric stays on the device until a logging step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from prefkd.data.dataset import DistillDataset, collate
+from prefkd.data.sampler import GlobalBatchSampler, shard
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
+from prefkd.models.bundle import ModelBundle
+from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
+from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from prefkd.training.optim import build_optimizer, build_scheduler
+from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_signals
+from prefkd.training.state import TrainState
+from prefkd.training.tracking import Tracker, peak_memory_mb
+from prefkd.utils.labels import IGNORE_INDEX
+
+__all__ = ["PREEMPT_EXIT_CODE", "NonFiniteLossError", "Preempted", "StepResult", "Trainer", "higher_is_better",
+           "select_metric"]
+
+log = logging.getLogger(__name__)
+
+
+def select_metric(trainer_cfg) -> str:
+    """``trainer.select_metric``; ``auto``: dev ROUGE-L when it is computed (docs/methods.md §2), else the dev loss."""
+    metric = trainer_cfg.select_metric
+    if metric == "auto":
+        return "dev/rougeL" if trainer_cfg.eval.rouge else "dev/loss"
+    return metric
+
+
+def count_units(batch: dict, normalize_by: str) -> torch.Tensor:
+    """Response tokens (labels != -100) or sequences of a micro-batch, as a 0-dim float64 tensor on the batch's
+    device: the loss's normaliser."""
+    device = batch["input_ids"].device
+    if normalize_by == "sequences":
+        return torch.as_tensor(batch.get("num_sequences", batch["input_ids"].shape[0]), dtype=torch.float64,
+                               device=device)
+    return batch["labels"].ne(IGNORE_INDEX).sum().to(torch.float64)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: ``metrics`` (name → 0-dim tensor on the device, normalised over the global batch), the
+    host values the loop needs every step, and whether the optimizer stepped."""
+
+    metrics: dict[str, torch.Tensor]
+    loss: float
+    tokens: float
+    grad_norm: float | None
+    stepped: bool
+    skipped: dict[str, float] | None = None  # the non-finite guard's metrics of a skipped step
+
+
+class Trainer:
+    def __init__(self, cfg, *, accelerator, student: ModelBundle, teacher: ModelBundle | None,
+                 loss: DistillationLoss, train_set: DistillDataset, dev_set: DistillDataset | None,
+                 run_dir: Path, tracker: Tracker, teacher_cache=None):
+        self.cfg, self.acc, self.loss, self.run_dir, self.tracker = cfg, accelerator, loss, Path(run_dir), tracker
+        self.train_set, self.dev_set = train_set, dev_set
+        self.tokenizer = student.tokenizer
+        self.pad = student.tokenizer.pad_token_id
+        self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
+        world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+        self.micro = cfg.batch_size
+        self.sampler = GlobalBatchSampler(train_set.lengths, global_batch_size=cfg.batch_size * world * accum,
+                                          seed=cfg.seed, shuffle=True, group_by_length=cfg.group_by_length,
+                                          drop_last=True)
+        if len(self.sampler) == 0:
+            raise ValueError(f"the training set has {len(train_set)} examples, fewer than one optimizer step's "
+                             f"{cfg.batch_size * world * accum} (batch_size × processes × "
+                             f"gradient_accumulation_steps).")
+        self.total_steps = cfg.max_steps or cfg.max_epochs * len(self.sampler)
+
+        self.loss.to(accelerator.device)
+        model = torch.compile(student.model) if cfg.compile else student.model
+        optimizer = build_optimizer(model, loss, cfg)
+        # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
+        self.student, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
+        self.teacher = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
+        self.teacher_cache = teacher_cache  # prefkd.training.teacher_cache.TeacherCache: teacher log-probs from disk
+        self._build_reference(student, teacher)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator,
+                                             model=self.student, tokenizer=self.tokenizer, loss_module=self.loss,
+                                             optimizer=self.optimizer, scheduler=self.scheduler,
+                                             metric=select_metric(cfg), keep_best=cfg.keep_best)
+        self.guard = NonFiniteGuard(accelerator, self.optimizer, cfg.max_nonfinite_in_a_row)
+        self._window = {"tokens": 0.0, "seconds": 0.0}  # tokens and step time since the last train log
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, batch: dict) -> LossOutput:
+        needs = self.loss.needs
+        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=needs.hidden_states, use_cache=False)
+        student = ModelOutputs(out.logits, out.hidden_states[-1] if needs.hidden_states else None,
+                               self.acc.unwrap_model(self.student))
+        teacher = None
+        if needs.teacher and self.teacher_cache is not None:
+            logits = self.teacher_cache.logits(batch["cache_split"], batch["example_index"].tolist(),
+                                               batch["teacher_input_ids"].shape[1], self.acc.device)
+            teacher = ModelOutputs(logits)
+        elif needs.teacher:
+            with torch.no_grad():
+                t = self.teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                                 output_hidden_states=needs.hidden_states, use_cache=False)
+            teacher = ModelOutputs(t.logits, t.hidden_states[-1] if needs.hidden_states else None, self.teacher)
+        reference = self._reference_forward(batch) if needs.reference else None
+        return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference,
+                                    step=self.state.global_step, total_steps=self.total_steps))
+
+    # ---------------------------------------------------------------- reference model (preference losses)
+    def _build_reference(self, student, teacher: ModelBundle | None) -> None:
+        """Needs.reference: "initial" = the policy as it starts (a LoRA student: its base with the adapter disabled,
+        no copy; else a frozen copy made now, before any checkpoint is restored); "teacher" = the teacher model,
+        run on the student's rows (it must share the student's tokenizer)."""
+        kind = self.loss.needs.reference
+        self.reference, self.reference_disables_adapter = None, False
+        if kind is None:
+            return
+        if kind == "teacher":
+            if teacher is None:
+                raise ValueError("the loss uses the teacher as reference but there is no teacher: pick one")
+            if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+                raise ValueError(f"reference=teacher needs the student's tokenizer, but {teacher.name} has another; "
+                                 f"use reference=initial, or kd_tisdpo (which compares parents across tokenizers)")
+            self.reference = teacher.model.to(self.acc.device)
+        elif kind == "initial":
+            if hasattr(student.model, "disable_adapter"):  # peft: the base model is the initial policy
+                self.reference_disables_adapter = True
+            else:
+                import copy
+
+                self.reference = copy.deepcopy(student.model).eval().requires_grad_(False).to(self.acc.device)
+        else:
+            raise ValueError(f"Needs.reference={kind!r}: valid values are 'initial', 'teacher'")
+
+    @torch.no_grad()
+    def _reference_forward(self, batch: dict) -> ModelOutputs:
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if self.reference_disables_adapter:
+            model = self.acc.unwrap_model(self.student)
+            was_training = model.training
+            model.eval()
+            with model.disable_adapter():
+                logits = model(**kwargs).logits
+            model.train(was_training)
+            return ModelOutputs(logits)
+        return ModelOutputs(self.reference(**kwargs).logits, model=self.reference)
+
+    def _batch(self, indices: list[int], dataset) -> dict:
+        make = getattr(dataset, "collate", collate)  # a dataset may bring its own (preference pairs: 2B rows)
+        batch = make([dataset[i] for i in indices], self.pad, self.teacher_pad)
+        batch["example_index"] = torch.tensor(indices)  # the examples' positions in their dataset (teacher cache)
+        batch["cache_split"] = "train" if dataset is self.train_set else "dev"
+        return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a device collective; no host sync)."""
+        return self.acc.reduce(values, reduction="sum") if self.acc.num_processes > 1 else values
+
+    def _sum_metrics(self, sums: dict[str, torch.Tensor], out: LossOutput) -> None:
+        for name, v in {"loss": out.loss, **out.metrics}.items():
+            v = v.detach().to(torch.float64)
+            sums[name] = sums[name] + v if name in sums else v
+
+    def _reduce_metrics(self, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each process's metric sums → their sum over processes divided by the global units (one collective)."""
+        names = sorted(sums)
+        totals = self._all_reduce(torch.stack([sums[n] for n in names])) / units
+        return dict(zip(names, totals.unbind()))
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self, global_batch: list[int]) -> StepResult:
+        """Forward and backward over this process's micro-batches of ``global_batch``, then the optimizer step
+        unless the loss or the gradient norm is not finite."""
+        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
+        per_micro = self.micro * world
+        batches = [self._batch(shard(global_batch[k:k + per_micro], rank, world), self.train_set)
+                   for k in range(0, len(global_batch), per_micro)]
+        local = torch.stack([sum(count_units(b, self.loss.needs.normalize_by) for b in batches),
+                             sum(b["attention_mask"].sum().to(torch.float64) for b in batches)])
+        units, tokens = self._all_reduce(local).unbind()
+        units = units.clamp_min(1.0)
+        sums: dict[str, torch.Tensor] = {}
+        self.student.train()
+        self.loss.train()
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.student)
+            with ctx, acc.autocast():
+                out = self._forward(batch)
+                acc.backward(out.loss * (world / units).to(out.loss.dtype))
+            self._sum_metrics(sums, out)
+        metrics = self._reduce_metrics(sums, units)
+        self._sync_loss_grads()
+        return self._optimizer_step(metrics, tokens)
+
+    def _optimizer_step(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> StepResult:
+        """Clip and step, or skip through the non-finite guard. Two host reads: the loss (with the token count),
+        then the gradient norm. Both are global values (the loss is all-reduced, the gradients are synchronised), so
+        every process takes the same branch.
+
+        The norm is always measured (max_norm=inf clips nothing: the gradients are multiplied by exactly 1) so that
+        a non-finite gradient under a finite loss is caught too. None: DeepSpeed clips internally."""
+        loss, token_count = torch.stack([metrics["loss"], tokens]).tolist()
+        grad_norm = None
+        if math.isfinite(loss):
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
+            if norm is not None:
+                grad_norm = float(norm)
+                metrics["grad_norm"] = torch.tensor(grad_norm, dtype=torch.float64, device=metrics["loss"].device)
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss.on_optimizer_step(self.state.global_step + 1)
+            self.state.nonfinite_in_a_row = 0
+            return StepResult(metrics, loss, token_count, grad_norm, stepped=True)
+        skipped = self.guard.skip_step(self.state, math.isfinite(loss), loss, grad_norm)
+        return StepResult(metrics, loss, token_count, grad_norm, stepped=False, skipped=skipped)
+
+    def _sync_loss_grads(self) -> None:
+        """The loss's own modules are not wrapped in DDP: average their gradients across processes."""
+        if self.acc.num_processes == 1:
+            return
+        for p in self.loss.parameters():
+            if p.grad is not None:
+                p.grad.copy_(self.acc.reduce(p.grad, reduction="mean"))
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev loss (and the loss's metrics), normalised over the whole dev set like training."""
+        if self.dev_set is None or len(self.dev_set) == 0:
+            return {}
+        self.student.eval()
+        self.loss.eval()
+        n = len(self.dev_set) if self.cfg.dev_limit is None else min(self.cfg.dev_limit, len(self.dev_set))
+        mine = list(range(self.acc.process_index, n, self.acc.num_processes))
+        sums: dict[str, torch.Tensor] = {}
+        units = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        for start in range(0, len(mine), self.cfg.eval_batch_size):
+            batch = self._batch(mine[start:start + self.cfg.eval_batch_size], self.dev_set)
+            with self.acc.autocast():
+                out = self._forward(batch)
+            units = units + count_units(batch, self.loss.needs.normalize_by)
+            self._sum_metrics(sums, out)
+        dev = {}
+        if sums:
+            reduced = self._reduce_metrics(sums, self._all_reduce(units).clamp_min(1.0))
+            dev = dict(zip((f"dev/{k}" for k in reduced), torch.stack(list(reduced.values())).tolist()))
+        if self.cfg.eval.rouge:
+            dev["dev/rougeL"] = self._dev_rouge()
+        return dev
+
+    def _dev_rouge(self) -> float:
+        """Dev ROUGE-L of docs/methods.md §9 (sampled generations), on the main process, shared with the others."""
+        from accelerate.utils import broadcast_object_list
+
+        from prefkd.eval.dev_rouge import dev_rouge
+
+        value = [None]
+        if self.acc.is_main_process:
+            e = self.cfg.eval
+            records = self.dev_set.records[: e.rouge_limit] if e.rouge_limit else self.dev_set.records
+            value[0] = dev_rouge(self.acc.unwrap_model(self.student), self.tokenizer, records,
+                                 num_samples=e.rouge_samples, no_repeat_ngram_size=e.no_repeat_ngram_size,
+                                 batch_size=self.cfg.eval_batch_size, max_new_tokens=e.max_new_tokens,
+                                 seed=self.cfg.seed, progress=True)
+        return broadcast_object_list(value)[0] if self.acc.num_processes > 1 else value[0]
+
+    @property
+    def select_metric(self) -> str:
+        return select_metric(self.cfg)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        """Train to ``total_steps`` (resuming per ``trainer.resume``); returns the run summary."""
+        st = self.state = self.checkpoints.resume(self.cfg.resume, self.state)
+        with preemption_signals() as received, self._progress_bar() as bar:
+            self._evaluate_at_start()
+            while st.global_step < self.total_steps:
+                self.sampler.set_epoch(st.epoch)
+                batches = list(self.sampler)
+                for global_batch in batches[st.batches_in_epoch:]:
+                    self._record(self._timed_step(global_batch), bar)
+                    last = st.global_step >= self.total_steps
+                    signum = self._agreed_signal(received)
+                    stop = st.global_step == self.cfg.stop_at_step or signum != 0
+                    end_of_epoch = self._count_batch(len(batches))
+                    self._evaluate_or_save(bar, due=end_of_epoch or last, save=stop)
+                    if stop and not last:
+                        return self._interrupt(signum)
+                    if last or end_of_epoch:
+                        break
+        return self._finish()
+
+    def _progress_bar(self):
+        return tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.acc.is_main_process,
+                    desc="train", dynamic_ncols=True)
+
+    def _evaluate_at_start(self) -> None:
+        st = self.state
+        if st.global_step == 0 and self.cfg.eval_at_start and st.dev_loss_start is None:
+            dev = self.evaluate()
+            st.dev_loss_start = dev.get("dev/loss")
+            self.checkpoints.after_eval(st, dev)
+            self.tracker.log(dev, step=0)
+
+    def _timed_step(self, global_batch: list[int]) -> tuple[StepResult, float]:
+        t0 = time.perf_counter()
+        result = self.train_step(global_batch)
+        return result, time.perf_counter() - t0
+
+    def _record(self, timed: tuple[StepResult, float], bar) -> None:
+        """The step into the state, the progress bar and the log; the non-finite guard's stop."""
+        result, seconds = timed
+        st = self.state
+        st.global_step += 1
+        st.tokens_seen += result.tokens
+        st.train_seconds += seconds
+        st.first_train_loss = st.first_train_loss if st.first_train_loss is not None else result.loss
+        st.last_train_loss = result.loss
+        self._window["tokens"] += result.tokens
+        self._window["seconds"] += seconds
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / seconds:.0f}")
+        if st.global_step % self.cfg.log_every == 0 or st.global_step == self.total_steps:
+            self._log_train(result)
+        elif result.skipped:  # every skipped step is logged, not only those on a log_every step
+            record = {"train/loss": result.loss, **{f"train/{k}": v for k, v in result.skipped.items()}}
+            if result.grad_norm is not None:
+                record["train/grad_norm"] = result.grad_norm
+            self.tracker.log(record | self._nonfinite_counts(), step=st.global_step)
+        if self.guard.exceeded(st):
+            bar.close()
+            self._stop_nonfinite(result)
+
+    def _count_batch(self, batches_per_epoch: int) -> bool:
+        """One more global batch of this epoch; True (and the next epoch begins) when it was the last one."""
+        st = self.state
+        st.batches_in_epoch += 1
+        if st.batches_in_epoch < batches_per_epoch:
+            return False
+        st.epoch += 1
+        st.batches_in_epoch = 0
+        return True
+
+    def _agreed_signal(self, received: list[int]) -> int:
+        """The signal number every process should stop for (0 = none); agreed across processes."""
+        local = received[0] if received else 0
+        if self.acc.num_processes == 1:
+            return local
+        anyone = self._all_reduce(torch.tensor([float(local > 0)], device=self.acc.device)).item() > 0
+        return (local or int(signal.SIGTERM)) if anyone else 0
+
+    def _evaluate_or_save(self, bar, *, due: bool, save: bool) -> None:
+        """Evaluate (and checkpoint) every ``eval_every`` steps and when ``due``; else save when ``save_every`` says
+        so or when ``save`` (the run stops here)."""
+        cfg, step = self.cfg, self.state.global_step
+        if (cfg.eval_every and step % cfg.eval_every == 0) or due:
+            dev = self.evaluate()
+            self.tracker.log(dev, step=step)
+            if dev:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+            self.checkpoints.after_eval(self.state, dev)
+        elif (cfg.save_every and step % cfg.save_every == 0) or save:
+            self.checkpoints.save(f"step-{step}", self.state)
+
+    def _interrupt(self, signum: int) -> dict:
+        """Stopped before the end (``stop_at_step`` or a signal; the checkpoint is saved): the summary, or
+        :class:`Preempted` for a signal."""
+        log.info("stopped at step %d; resume with trainer.resume=auto", self.state.global_step)
+        summary = self._finish(interrupted=True)
+        if signum:
+            raise Preempted(summary, signum)
+        return summary
+
+    # ---------------------------------------------------------------- logging and the end
+    def _log_train(self, result: StepResult) -> None:
+        names = sorted(result.metrics)
+        values = torch.stack([result.metrics[n] for n in names]).tolist()
+        record = {f"train/{n}": v for n, v in zip(names, values)}
+        record.update({f"train/{k}": v for k, v in (result.skipped or {}).items()})
+        record.update(self._nonfinite_counts())
+        window = self._window
+        record.update({"train/lr": self.scheduler.get_last_lr()[0],
+                       "perf/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
+                       "perf/step_time_s": window["seconds"] / max(self.cfg.log_every, 1),
+                       "perf/peak_mem_mb": peak_memory_mb(self.acc.device), "train/epoch": self.state.epoch})
+        self.tracker.log(record, step=self.state.global_step)
+        self._window = {"tokens": 0.0, "seconds": 0.0}
+
+    def _nonfinite_counts(self) -> dict:
+        return {"train/nonfinite_steps": self.state.nonfinite_steps,
+                "train/nonfinite_in_a_row": self.state.nonfinite_in_a_row}
+
+    def _stop_nonfinite(self, result: StepResult) -> None:
+        """K skipped steps in a row: log, write the summary (finished: false, error), raise. No checkpoint."""
+        message = self.guard.message(self.state, result.loss, result.grad_norm, self.checkpoints.last_good())
+        log.error(message)
+        summary = self._summary(interrupted=True) | {"stopped": "nonfinite", "error": message}
+        self._write_summary(summary)
+        raise NonFiniteLossError(message, summary)
+
+    def _finish(self, interrupted: bool = False) -> dict:
+        self.checkpoints.finish(self.state)
+        summary = self._summary(interrupted)
+        self._write_summary(summary)
+        if self.acc.is_main_process:
+            st, best = self.state, self.state.best or {}
+            self.tracker.summary({f"best/{best.get('metric', 'dev').replace('/', '_')}": best.get("value"),
+                                  "best/step": best.get("step"), "final/train_loss": st.last_train_loss,
+                                  "final/dev_loss": summary["dev_loss_final"],
+                                  "perf/tokens_per_s": summary["tokens_per_s"],
+                                  "perf/peak_mem_mb": summary["peak_mem_mb"], "steps": st.global_step})
+        return summary
+
+    def _write_summary(self, summary: dict) -> None:
+        if self.acc.is_main_process:
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+    def _summary(self, interrupted: bool = False) -> dict:
+        st = self.state
+        final = st.dev_history[-1] if st.dev_history else {}
+        return {
+            "run_dir": str(self.run_dir), "finished": not interrupted, "steps": st.global_step, "epochs": st.epoch,
+            "tokens": st.tokens_seen, "wall_time_s": st.train_seconds,
+            "tokens_per_s": st.tokens_seen / max(st.train_seconds, 1e-9),
+            "first_train_loss": st.first_train_loss, "last_train_loss": st.last_train_loss,
+            "dev_loss_start": st.dev_loss_start, "dev_loss_final": final.get("dev/loss"),
+            "best": st.best, "nonfinite_steps": st.nonfinite_steps,
+            "peak_mem_mb": peak_memory_mb(self.acc.device),
+            "checkpoints": self.checkpoints.listing(),
+        }

@@ -1,0 +1,33 @@
+"""Config resolution shared by every entry point: the ``config/`` folder, the ``${repo_dir:}`` resolver and
+secrets from the environment or ``.env`` (never from a config, never logged)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def config_dir() -> str:
+    """The config/ folder: PREFKD_CONFIG_DIR, else the repository's (found from an editable install)."""
+    if os.environ.get("PREFKD_CONFIG_DIR"):
+        return os.environ["PREFKD_CONFIG_DIR"]
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "config" / "train.yaml").is_file():
+            return str(parent / "config")
+    raise FileNotFoundError("prefkd's config/ folder was not found: install with `pip install -e .` from a clone, "
+                            "or set PREFKD_CONFIG_DIR to the folder holding train.yaml.")
+
+
+# ${repo_dir:} in configs: the repository root (the folder holding config/), for paths such as ../shared.
+OmegaConf.register_new_resolver("repo_dir", lambda: str(Path(config_dir()).parent), replace=True)
+
+
+def load_env() -> None:
+    """Secrets come from the environment or a .env file (never from the config)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+    if os.environ.get("HUGGINGFACE_TOKEN") and not os.environ.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = os.environ["HUGGINGFACE_TOKEN"]
