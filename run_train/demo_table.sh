@@ -5,8 +5,8 @@
 #
 #   bash run_train/demo_table.sh OUTDIR [hydra overrides for every training run ...]
 #
-# Resumable: rerun with the same OUTDIR. A finished run (train_summary.json) or evaluation (results.json) is kept;
-# an interrupted run resumes from its newest checkpoint.
+# Resumable: rerun with the same OUTDIR. A finished run (train_summary.json with finished: true) and its evaluations
+# (results.json) are kept; an interrupted run resumes from its newest checkpoint and is evaluated again.
 #
 # Environment (defaults in brackets):
 #   METHODS        losses, one row each            [sft uld minedit dskd_cma multilevel_ot mcw_kd]
@@ -71,8 +71,10 @@ evaluate student_init "$INIT" model.path="$INIT/model"
 for method in $METHODS; do
   for seed in $SEEDS; do
     run="$OUT/runs/$method/seed$seed"
-    if [ ! -f "$run/train_summary.json" ]; then
+    if ! "$PYTHON" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
+        "$run/train_summary.json" 2>/dev/null; then  # not run, or stopped early (pre-emption): train / resume
       echo "== $method seed $seed: training"
+      rm -rf "$run/eval_nll" "$run/eval_rouge"  # evaluations of an unfinished run's checkpoint are stale
       "$PYTHON" -m prefkd.train experiment=demo_table loss="$method" method="$method" trainer.seed="$seed" \
         hydra.run.dir="$run" "$@"
     fi
