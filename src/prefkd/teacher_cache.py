@@ -7,18 +7,17 @@ from __future__ import annotations
 import json
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from prefkd.training.teacher_cache import build
 from prefkd.utils.config import config_dir, load_env
+from prefkd.utils.devices import set_num_threads
 
 
 @hydra.main(config_path=config_dir(), config_name="teacher_cache", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    set_num_threads(cfg.trainer.num_threads)
     out = build(cfg)
     size = json.loads((out / "manifest.json").read_text())["mb"]
     print(f"teacher cache: {out} ({size} MB, top_k={cfg.cache.top_k})")

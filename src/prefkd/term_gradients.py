@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefkd.training.datasets import build_datasets
 from prefkd.utils.config import config_dir, load_env
+from prefkd.utils.devices import set_num_threads
 
 
 def load_checkpoint(checkpoint: str, student, losses: dict) -> None:
@@ -96,8 +97,7 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
 @hydra.main(config_path=config_dir(), config_name="term_gradients", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    set_num_threads(cfg.trainer.num_threads)
     rows = term_gradients(cfg)
     first = next(iter(cfg.terms))
     print(f"\n| term | value per token | ‖∇ student‖ | cos with ∇{first} |\n|---|---|---|---|")

@@ -113,6 +113,11 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / STATE_DIR / "state.json").is_file()
 
 
+def read_state(path: Path) -> dict:
+    """The ``state.json`` of a complete checkpoint (its TrainState)."""
+    return json.loads((Path(path) / STATE_DIR / "state.json").read_text())
+
+
 def find_latest(checkpoint_dir: Path) -> Path | None:
     """The complete checkpoint with the highest global step under ``checkpoint_dir`` (or None)."""
     best, best_step = None, -1
@@ -121,7 +126,7 @@ def find_latest(checkpoint_dir: Path) -> Path | None:
     for child in Path(checkpoint_dir).iterdir():
         if child.name.startswith(".") or not is_complete(child):
             continue
-        step = json.loads((child / STATE_DIR / "state.json").read_text())["global_step"]
+        step = read_state(child)["global_step"]
         # prefer step-N over its `last`/`best` twins at equal step (same content)
         if step > best_step or (step == best_step and re.fullmatch(r"step-\d+", child.name)):
             best, best_step = child, step
@@ -167,4 +172,4 @@ def load_checkpoint(path: Path, *, accelerator, model, loss_module, optimizer, s
     rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / STATE_DIR / "state.json").read_text())
+    return read_state(path)

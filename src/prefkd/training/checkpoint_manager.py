@@ -8,7 +8,6 @@ mid-delete leaves nothing that resume would pick up.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -23,11 +22,6 @@ log = logging.getLogger("prefkd.training.trainer")
 def higher_is_better(metric: str) -> bool:
     """ROUGE, accuracies and exact match grow with quality; losses (everything else) shrink."""
     return any(k in metric for k in ("rouge", "acc", "match"))
-
-
-def saved_step(path: Path) -> int:
-    """The global step recorded in a complete checkpoint."""
-    return json.loads((Path(path) / ckpt.STATE_DIR / "state.json").read_text())["global_step"]
 
 
 class CheckpointManager:
@@ -93,7 +87,7 @@ class CheckpointManager:
         if not state.best or not self.acc.is_main_process:
             return
         link, src = self.dir / "best", self.dir / f"step-{state.best['step']}"
-        if ckpt.is_complete(link) and saved_step(link) == state.best["step"]:
+        if ckpt.is_complete(link) and ckpt.read_state(link)["global_step"] == state.best["step"]:
             return
         if ckpt.is_complete(src):
             ckpt.link_checkpoint(src, link)
@@ -117,7 +111,7 @@ class CheckpointManager:
             if child.name.startswith(".") or not ckpt.is_complete(child):
                 continue
             try:
-                saved = json.loads((child / ckpt.STATE_DIR / "state.json").read_text())
+                saved = ckpt.read_state(child)
             except (OSError, ValueError):
                 continue
             step = saved.get("global_step", -1)

@@ -18,13 +18,13 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.models.bundle import ModelBundle
 from prefkd.models.loading import adapter_base
 from prefkd.training.checkpoint import is_adapter
+from prefkd.utils.devices import set_num_threads
 
 log = logging.getLogger("prefkd.evaluate")
 
@@ -129,8 +129,7 @@ def log_results(cfg: DictConfig, results: dict, output_dir: Path) -> None:
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     """Load the model(s) named by a composed config and run its protocol; returns the results dict."""
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_num_threads(cfg.num_threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runners = {"instruct": run_instruct, "nll": run_nll, "preference": run_preference}

@@ -24,6 +24,7 @@ from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_met
 from prefkd.training.teacher_cache import TeacherCache
 from prefkd.training.tracking import Tracker
 from prefkd.training.trainer import Trainer, higher_is_better, select_metric
+from prefkd.utils.devices import set_num_threads
 
 
 def has_target(node) -> bool:
@@ -59,8 +60,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     check_final_eval(cfg)  # a wrong evaluation setting fails now, not after training
 
     tcfg = cfg.trainer
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
+    set_num_threads(tcfg.num_threads)
     accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu")
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
     if accelerator.is_main_process:

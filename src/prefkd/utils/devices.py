@@ -10,3 +10,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """``num_threads`` keys (``trainer.num_threads``, ``num_threads``): a number sets torch's intra-op threads for the
+    process; 0 or null leaves torch's default."""
+    if num_threads:
+        torch.set_num_threads(num_threads)

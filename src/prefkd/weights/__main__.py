@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.utils.config import config_dir, load_env
+from prefkd.utils.devices import set_num_threads
 
 log = logging.getLogger("prefkd.weights")
 
@@ -28,8 +28,7 @@ def main(cfg: DictConfig) -> None:
     from prefkd.weights.calculator import compute_weights
 
     load_env()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_num_threads(cfg.num_threads)
     src = cfg.dataset.source
     pairs = read_pairs(str(src.train), src.limit, skip_invalid=src.skip_invalid, split=src.split)
     positive, negative = instantiate(cfg.positive), instantiate(cfg.negative)
