@@ -113,9 +113,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
-        time.sleep(0.5)
+
+    def logged_train_steps() -> list[int]:  # the steps of the train/loss lines written so far
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        return [r["step"] for r in map(json.loads, filter(None, lines[:-1])) if "train/loss" in r]
+
+    deadline = time.time() + 120  # wait for a step count, not a time: the signal lands at step >= 10
+    while time.time() < deadline and max(logged_train_steps(), default=0) < 10:
+        time.sleep(0.2)
+    assert max(logged_train_steps(), default=0) >= 10, "the run logged no train/loss at step >= 10 in 120 s"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
