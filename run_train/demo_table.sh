@@ -17,6 +17,7 @@
 #   ROUGE_LIMIT    first N prompts of each set     [100]   (Dolly test's first 100, all 80 of Vicuna)
 #   ROUGE_SEEDS    sampling seeds                  [10,20]
 #   ROUGE_TOKENS   max_new_tokens                  [64]
+#   TEACHER_CACHE  1: train from one teacher cache (OUTDIR/teacher_cache); 0: run the teacher live   [1]
 #   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -68,6 +69,17 @@ PY
 fi
 evaluate student_init "$INIT" model.path="$INIT/model"
 
+# The teacher's last hidden states over the 900/100 records, once: every run reads its teacher outputs from them
+# (exact, prefkd.training.teacher_cache) instead of running the 30-layer teacher again. sft needs no teacher.
+CACHE="$OUT/teacher_cache"
+if [ "${TEACHER_CACHE:-1}" = 1 ] && [ ! -f "$CACHE/manifest.json" ]; then
+  echo "== teacher cache (last hidden states)"
+  "$PYTHON" -m prefkd.teacher_cache experiment=demo_table "$@" cache.dir="$CACHE" cache.store=hidden \
+    cache.progress=false
+fi
+CACHED=()
+[ "${TEACHER_CACHE:-1}" = 1 ] && CACHED=(trainer.teacher_cache="$CACHE")
+
 for method in $METHODS; do
   for seed in $SEEDS; do
     run="$OUT/runs/$method/seed$seed"
@@ -76,7 +88,7 @@ for method in $METHODS; do
       echo "== $method seed $seed: training"
       rm -rf "$run/eval_nll" "$run/eval_rouge"  # evaluations of an unfinished run's checkpoint are stale
       "$PYTHON" -m prefkd.train experiment=demo_table loss="$method" method="$method" trainer.seed="$seed" \
-        hydra.run.dir="$run" "$@"
+        hydra.run.dir="$run" "${CACHED[@]}" "$@"
     fi
     best=$("$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1]))['checkpoints']; print(c.get('best') or c['last'])" \
       "$run/train_summary.json")

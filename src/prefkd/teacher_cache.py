@@ -1,6 +1,7 @@
 """`python -m prefkd.teacher_cache model=... [teacher=...] [dataset=...] cache.dir=DIR cache.top_k=K`: run the
-teacher once over the train and dev splits and store its top-k log-probabilities (:mod:`prefkd.training.teacher_cache`
-describes the format), then train with ``trainer.teacher_cache=DIR`` and no teacher in memory."""
+teacher once over the train and dev splits and store its top-k log-probabilities (``cache.store=hidden``: its last
+hidden states; :mod:`prefkd.training.teacher_cache` describes the format), then train with
+``trainer.teacher_cache=DIR`` without running the teacher."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def main(cfg: DictConfig) -> None:
     load_env()
     set_num_threads(cfg.trainer.num_threads)
     out = build(cfg)
-    size = json.loads((out / "manifest.json").read_text())["mb"]
-    print(f"teacher cache: {out} ({size} MB, top_k={cfg.cache.top_k})")
+    manifest = json.loads((out / "manifest.json").read_text())
+    what = f"top_k={manifest['top_k']}" if manifest["store"] == "topk" else "last hidden states"
+    print(f"teacher cache: {out} ({manifest['mb']} MB, {what})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefkd.eval.nll import evaluate_nll
+from prefkd.eval.nll import evaluate_nll, nll_sums, score_set, takes_logits_to_keep
 from tests.helpers.shared import shared_dir
 
 RECORDS = [  # prompts of different lengths (padding), a non-ASCII answer, an S-NI-style list of references
@@ -99,6 +99,130 @@ def test_an_answer_cut_by_max_length_counts_its_kept_bytes(gpt2, tmp_path):
     assert (s["truncated"], s["tokens"], s["bytes"]) == (1, 3, len(tokenizer.decode(kept).encode("utf-8")))
     assert s["bytes"] == len("one two three")  # no EOS scored, only the three kept answer tokens
     assert s["nll"] == pytest.approx(score_ids(model, prompt + kept, prompt_len) / 3, rel=1e-5)
+
+
+MIXED = [  # very different prompt and answer lengths, not in length order (GPT-2: " word" is one token)
+    {"prompt": "Say hi.\n", "output": "Hi."},
+    {"prompt": "Read this:" + " word" * 150 + "\nSummarise it.\n", "output": "Words."},
+    {"prompt": "Write a long list.\n", "output": "Sure:" + " item" * 120},
+    {"prompt": "Context:" + " fact" * 60 + "\nQuestion?\n", "output": "An answer of" + " some" * 40 + " length."},
+    {"prompt": "Name a primary colour.\n", "output": "Red is a primary colour."},
+]
+
+
+def examples_of(records):
+    from prefkd.eval.sets import EvalExample
+
+    return [EvalExample(prompt=r["prompt"], references=(answer(r),)) for r in records]
+
+
+def full_logits_sums(model, tokenizer, records, batch_size: int) -> list[float]:
+    """The computation before length sorting and logits_to_keep: file-order batches, all (B, T, V) logits."""
+    from prefkd.data.dataset import collate
+    from prefkd.data.tokenize import tokenize_pair
+
+    tokenized = [tokenize_pair(r["prompt"], answer(r), tokenizer, 256, 1024) for r in records]
+    sums = []
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized[start:start + batch_size]],
+                        tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums += [torch.nn.functional.cross_entropy(logits[b], batch["labels"][b], reduction="sum").item()
+                 for b in range(len(logits))]
+    return sums
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_sorted_batches_with_kept_logits_equal_the_full_logits_computation_in_file_order(gpt2, batch_size):
+    model, tokenizer = gpt2
+    rows = score_set(model, tokenizer, examples_of(MIXED), batch_size=batch_size, max_prompt_length=256,
+                     max_length=1024)
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in MIXED]
+    old = full_logits_sums(model, tokenizer, MIXED, batch_size)
+    for row, record, before in zip(rows, MIXED, old):
+        total, tokens = direct(model, tokenizer, record)
+        assert row["tokens"] == tokens and row["nll_sum"] == pytest.approx(total, rel=1e-5)
+        assert row["nll_sum"] == pytest.approx(before, rel=1e-5)
+
+
+class Plain(torch.nn.Module):
+    """A model whose forward takes no ``logits_to_keep``: all logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+class Swallows(Plain):
+    """Takes any keyword and ignores it: all logits even when ``logits_to_keep`` is passed."""
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+class PassesOn(Plain):
+    """A peft-like wrapper: ``get_base_model`` and a forward that passes its keywords on."""
+
+    def get_base_model(self):
+        return self.inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("wrapper, takes", [(Plain, False), (Swallows, False), (PassesOn, True)])
+def test_a_model_without_logits_to_keep_gives_the_same_numbers(gpt2, tmp_path, wrapper, takes):
+    model, tokenizer = gpt2
+    wrapped = wrapper(model).eval()
+    assert takes_logits_to_keep(model) and takes_logits_to_keep(wrapped) == takes
+    data = write_set(tmp_path / "mixed.jsonl", MIXED)
+    kept = evaluate_nll(model, tokenizer, {"mixed": data}, tmp_path / "kept", batch_size=3, progress=False)
+    full = evaluate_nll(wrapped, tokenizer, {"mixed": data}, tmp_path / "full", batch_size=3, progress=False)
+    for key in ("nll", "bpb"):
+        assert full["sets"]["mixed"][key] == pytest.approx(kept["sets"]["mixed"][key], rel=1e-5)
+    kept_rows, full_rows = ([json.loads(x) for x in (tmp_path / d / "mixed/examples.jsonl").read_text().splitlines()]
+                            for d in ("kept", "full"))
+    assert [r["prompt"] for r in full_rows] == [r["prompt"] for r in kept_rows] == [r["prompt"] for r in MIXED]
+    assert [r["nll_sum"] for r in full_rows] == pytest.approx([r["nll_sum"] for r in kept_rows], rel=1e-5)
+
+
+def test_a_forced_logits_to_keep_that_the_model_ignores_is_sliced(gpt2):
+    model, tokenizer = gpt2
+    from prefkd.data.dataset import collate
+    from prefkd.data.tokenize import tokenize_pair
+
+    tokenized = [tokenize_pair(r["prompt"], answer(r), tokenizer, 256, 1024) for r in MIXED[:3]]
+    batch = collate([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized], tokenizer.pad_token_id)
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert nll_sums(Swallows(model), *args, keep=True) == pytest.approx(nll_sums(model, *args), rel=1e-5)
+
+
+def test_logits_are_built_only_from_the_first_answer_position(gpt2):
+    """One batch with long prompts: the output head sees B × (T − lo) positions, not B × T; batches go longest first."""
+    from prefkd.data.tokenize import tokenize_pair
+
+    model, tokenizer = gpt2
+    records = [MIXED[1], MIXED[3], MIXED[1], MIXED[0]]  # two of the longest-prompt records in the first batch
+    counted, lengths = [], []
+    hooks = [model.lm_head.register_forward_hook(lambda m, i, out: counted.append(out.shape[:-1].numel())),
+             model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)]
+    try:
+        score_set(model, tokenizer, examples_of(records), batch_size=2, max_prompt_length=256, max_length=1024)
+    finally:
+        for h in hooks:
+            h.remove()
+    tokenized = [tokenize_pair(r["prompt"], answer(r), tokenizer, 256, 1024) for r in records]
+    longest = sorted((len(t.input_ids) for t in tokenized), reverse=True)
+    assert lengths == [longest[0], longest[2]]  # longest first, padded to its batch's longest
+    first = [t for t in tokenized if t.prompt_length > 100]  # the two copies of MIXED[1]
+    T, lo = len(first[0].input_ids), first[0].prompt_length - 1
+    assert counted[0] == 2 * (T - lo) and counted[0] < 2 * T / 10
+    assert sum(counted) < sum(2 * n for n in lengths)
 
 
 def compose_eval(*overrides):

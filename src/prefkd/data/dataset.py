@@ -186,6 +186,9 @@ class DistillDataset(Dataset):
         self.precompute, self.precompute_version = precompute, str(precompute_version)
         self.key = cache_key(self.records, self.student_tokenizer, self.teacher_tokenizer, max_prompt_length,
                              max_length, precompute, self.precompute_version)
+        # the token ids alone, without the precompute hook's fields: what a teacher cache depends on (any loss)
+        self.token_key = cache_key(self.records, self.student_tokenizer, self.teacher_tokenizer, max_prompt_length,
+                                   max_length, None, "")
         self.cache_path = Path(cache_dir or default_cache_dir()).expanduser() / f"{self.key}.pt" if use_cache else None
         self.from_cache = False
         data = self._load_cache()

@@ -17,11 +17,15 @@ scores exactly one EOS per answer, so it does not favour any of them.
 ``output_dir`` receives ``results.json`` (``sets.<s>.{nll, bpb, tokens, bytes, n, truncated}``,
 ``average.{nll, bpb}``: the mean over sets), ``results.md``, ``results.csv``, ``settings.json`` and per set
 ``<s>/examples.jsonl`` (prompt, nll_sum, tokens, bytes, truncated). Nothing is resumed: a rerun recomputes.
+
+The examples of a set are batched longest first (little padding) and the rows are put back in file order; the
+model builds logits only from the first answer position of a batch to its last (``logits_to_keep``), not before.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
@@ -43,16 +47,70 @@ from prefkd.utils.labels import IGNORE_INDEX
 METRICS = ("nll", "bpb")
 
 
+def forward_has(module, name: str) -> bool:
+    """Whether ``module.forward`` has a parameter ``name`` (False when its signature cannot be read)."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether ``model`` can build only the logits ``logits_to_keep`` selects: its forward takes it (transformers'
+    causal LMs), or that of the model behind a peft wrapper (which passes its keyword arguments on) does."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return forward_has(model, "logits_to_keep") or forward_has(inner, "logits_to_keep")
+
+
+def scored_span(labels: torch.Tensor) -> tuple[int, int]:
+    """(B, T) labels -> (lo, hi): the first labelled position of any row and one past the last (hi = lo: none)."""
+    columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten().tolist()
+    return (columns[0], columns[-1] + 1) if columns else (0, 0)
+
+
+def span_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lo: int, hi: int,
+                keep: bool) -> torch.Tensor:
+    """(B, T) inputs -> the (B, hi − lo, V) logits at positions lo..hi−1.
+
+    With ``keep`` the model builds only those (``logits_to_keep`` as a 1-D position tensor: transformers'
+    ``slice_logits_to_keep`` applies it to every row before the output head); otherwise it builds all T and a view of
+    hi − lo of them is returned (also when the model ignored ``logits_to_keep``)."""
+    extra = {"logits_to_keep": torch.arange(lo, hi, device=input_ids.device)} if keep else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+    if logits.shape[1] == hi - lo:
+        return logits
+    if logits.shape[1] != input_ids.shape[1]:
+        raise ValueError(f"the model returned logits for {logits.shape[1]} positions; expected {hi - lo} "
+                         f"(logits_to_keep) or {input_ids.shape[1]} (all).")
+    return logits[:, lo:hi]
+
+
 @torch.no_grad()
-def nll_sums(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
+def nll_sums(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+             keep: bool | None = None) -> list[float]:
     """Σ −log p(label) over the non-ignored positions of each row: (B, T) tensors -> B sums (nats).
 
-    The (B, T, V) logits are scored one row at a time, so at most one (T, V) float32 temporary is added."""
+    The labels are already shifted (:mod:`prefkd.data.tokenize`: ``labels[:, i]`` is ``input_ids[:, i + 1]``, the
+    target of ``logits[:, i]``), so only the K = hi − lo positions of :func:`scored_span` need logits: the model
+    builds just those (B, K, V) when ``keep`` (default: :func:`takes_logits_to_keep`), not those of the prompts. The
+    rows are scored one at a time in float32, so at most one (K, V) float32 temporary is added to the model's logits.
+    """
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     labels = labels.to(device)
+    lo, hi = scored_span(labels)
+    if hi == lo:  # nothing scored
+        return [0.0] * labels.shape[0]
+    keep = takes_logits_to_keep(model) if keep is None else keep
+    logits = span_logits(model, input_ids.to(device), attention_mask.to(device), lo, hi, keep)
+    labels = labels[:, lo:hi]
     return [F.cross_entropy(logits[b].float(), labels[b], ignore_index=IGNORE_INDEX, reduction="sum").item()
             for b in range(logits.shape[0])]
+
+
+def longest_first(tokenized: Sequence[TokenizedExample]) -> list[int]:
+    """Indices of ``tokenized`` by decreasing length (ties in file order): a batch pads little, and the longest
+    batch comes first, so a memory problem shows at once."""
+    return sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].input_ids))
 
 
 def answer_bytes(example: TokenizedExample, answer: str, tokenizer) -> int:
@@ -64,14 +122,19 @@ def answer_bytes(example: TokenizedExample, answer: str, tokenizer) -> int:
 
 def score_set(model, tokenizer, examples: Sequence[EvalExample], *, batch_size: int, max_prompt_length: int,
               max_length: int, progress: bool = False, desc: str = "nll") -> list[dict]:
-    """One record per example: ``prompt``, ``nll_sum`` (nats), ``tokens`` and ``bytes`` scored, ``truncated``."""
+    """One record per example, in the order of ``examples``: ``prompt``, ``nll_sum`` (nats), ``tokens`` and ``bytes``
+    scored, ``truncated``. The examples are tokenised first and batched longest first (:func:`longest_first`)."""
     tokenized = [tokenize_pair(e.prompt, e.references[0], tokenizer, max_prompt_length, max_length,
                                where=f"{desc} example {i}") for i, e in enumerate(examples)]
-    sums: list[float] = []
-    for start in tqdm(range(0, len(tokenized), batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = collate([{"input_ids": t.input_ids, "labels": t.labels} for t in tokenized[start:start + batch_size]],
+    order, keep = longest_first(tokenized), takes_logits_to_keep(model)  # checked once, not per batch
+    sums = [0.0] * len(tokenized)  # in file order
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+        index = order[start:start + batch_size]
+        batch = collate([{"input_ids": tokenized[i].input_ids, "labels": tokenized[i].labels} for i in index],
                         tokenizer.pad_token_id)  # right-padded; labels -100 on padding
-        sums += nll_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        for i, s in zip(index, nll_sums(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        keep=keep)):
+            sums[i] = s
     return [{"prompt": e.prompt, "nll_sum": s, "tokens": len(t.response_ids),
              "bytes": answer_bytes(t, e.references[0], tokenizer), "truncated": t.sequence_truncated}
             for e, t, s in zip(examples, tokenized, sums)]

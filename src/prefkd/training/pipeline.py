@@ -27,6 +27,19 @@ from prefkd.training.trainer import Trainer, higher_is_better, select_metric
 from prefkd.utils.devices import set_num_threads
 
 
+def check_cache_serves(cache: TeacherCache, loss, target: str) -> None:
+    """A top-k cache serves the logit-based losses (kd, uld, minedit, multilevel_ot); a hidden-state cache also those
+    that read the teacher's hidden states. Neither serves preference pairs or a teacher used as reference."""
+    needs = loss.needs
+    if needs.pairs or needs.reference == "teacher":
+        raise ValueError(f"trainer.teacher_cache: loss {target} needs the teacher model itself: drop "
+                         f"trainer.teacher_cache")
+    if needs.hidden_states and cache.store != "hidden":
+        raise ValueError(f"trainer.teacher_cache: a top-k cache serves the logit-based losses (kd, uld, minedit, "
+                         f"multilevel_ot); loss {target} needs the teacher model itself (its hidden states): build "
+                         f"the cache with cache.store=hidden, or drop trainer.teacher_cache")
+
+
 def has_target(node) -> bool:
     return node is not None and isinstance(node, DictConfig) and node.get("_target_") is not None
 
@@ -72,11 +85,15 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     student = instantiate(cfg.student)
     teacher, cache = None, None
     if tcfg.get("teacher_cache") and loss.needs.teacher:
-        if loss.needs.hidden_states or loss.needs.pairs or loss.needs.reference == "teacher":
-            raise ValueError(f"trainer.teacher_cache serves the logit-based losses (kd, uld, minedit, multilevel_ot); "
-                             f"loss {cfg.loss._target_} needs the teacher model itself: drop trainer.teacher_cache")
         cache = TeacherCache(tcfg.teacher_cache)
-        teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
+        check_cache_serves(cache, loss, cfg.loss._target_)
+        if cache.store == "hidden":  # the teacher's head and embeddings are read, its body never runs
+            teacher = instantiate(cfg.teacher)
+            if teacher.name != cache.teacher:
+                raise ValueError(f"trainer.teacher_cache={tcfg.teacher_cache} holds {cache.teacher}'s hidden states, "
+                                 f"but this run's teacher is {teacher.name}: rebuild the cache or pick that teacher")
+        else:
+            teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
     elif loss.needs.teacher or loss.needs.reference == "teacher":
         if not has_target(cfg.get("teacher")):
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "

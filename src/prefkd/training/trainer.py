@@ -34,6 +34,7 @@ from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.optim import build_optimizer, build_scheduler
 from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_signals
 from prefkd.training.state import TrainState
+from prefkd.training.teacher_source import CachedTeacher, LiveTeacher
 from prefkd.training.tracking import Tracker, peak_memory_mb
 from prefkd.utils.labels import IGNORE_INDEX
 
@@ -100,8 +101,9 @@ class Trainer:
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
         self.student, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
-        self.teacher = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
-        self.teacher_cache = teacher_cache  # prefkd.training.teacher_cache.TeacherCache: teacher log-probs from disk
+        model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
+        # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
+        self.teacher = CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else LiveTeacher(model)
         self._build_reference(student, teacher)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator,
@@ -118,16 +120,7 @@ class Trainer:
                            output_hidden_states=needs.hidden_states, use_cache=False)
         student = ModelOutputs(out.logits, out.hidden_states[-1] if needs.hidden_states else None,
                                self.acc.unwrap_model(self.student))
-        teacher = None
-        if needs.teacher and self.teacher_cache is not None:
-            logits = self.teacher_cache.logits(batch["cache_split"], batch["example_index"].tolist(),
-                                               batch["teacher_input_ids"].shape[1], self.acc.device)
-            teacher = ModelOutputs(logits)
-        elif needs.teacher:
-            with torch.no_grad():
-                t = self.teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                                 output_hidden_states=needs.hidden_states, use_cache=False)
-            teacher = ModelOutputs(t.logits, t.hidden_states[-1] if needs.hidden_states else None, self.teacher)
+        teacher = self.teacher(batch, needs.hidden_states) if needs.teacher else None
         reference = self._reference_forward(batch) if needs.reference else None
         return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference,
                                     step=self.state.global_step, total_steps=self.total_steps))

@@ -1,0 +1,37 @@
+"""Where a loss's teacher outputs come from in a training step: the live teacher model, or the teacher cache.
+
+Both are called the same way, ``source(batch, hidden) -> ModelOutputs``, so the trainer does not branch on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefkd.losses.base import ModelOutputs
+
+
+class LiveTeacher:
+    """Runs the frozen teacher on the batch's teacher rows (``teacher_input_ids``, B×m), without gradients."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:
+        out = self.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                         output_hidden_states=hidden, use_cache=False)
+        return ModelOutputs(out.logits, out.hidden_states[-1] if hidden else None, self.model)
+
+
+class CachedTeacher:
+    """Reads the teacher's outputs for the batch's examples (``example_index`` of split ``cache_split``) from a
+    :class:`prefkd.training.teacher_cache.TeacherCache`; ``model`` (the teacher, never run) gives a hidden-state
+    cache its output head and embeddings."""
+
+    def __init__(self, cache, model=None, device: torch.device | str = "cpu"):
+        self.cache, self.model, self.device = cache, model, device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:
+        return self.cache.outputs(batch["cache_split"], batch["example_index"].tolist(),
+                                  batch["teacher_input_ids"].shape[1], self.device, self.model)
