@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from prefkd.utils.devices import resolve_device
+from prefkd.utils.labels import IGNORE_INDEX
 
 DEFAULT_LOSSES = ("sft", "kd", "uld", "minedit", "dskd_cma", "multilevel_ot", "mcw_kd")
 DEFAULT_SHAPE = {"batch": 4, "max_length": 256, "max_prompt_length": 128, "student_hidden": 256, "student_layers": 2,
@@ -121,7 +122,7 @@ def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.
     params = [p for p in student.model.parameters() if p.requires_grad]
     params += [p for m in loss.trainable_modules() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    n_units = max(int(batch["labels"].ne(-100).sum()), 1)
+    n_units = max(int(batch["labels"].ne(IGNORE_INDEX).sum()), 1)
 
     def forward_teacher():
         with torch.no_grad():

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefkd.training.datasets import build_datasets
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
+from prefkd.utils.labels import IGNORE_INDEX
 
 
 def load_checkpoint(checkpoint: str, student, losses: dict) -> None:
@@ -75,7 +76,7 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     with torch.no_grad():
         t = teacher.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                           output_hidden_states=True)
-    tokens = batch["labels"].ne(-100).sum()
+    tokens = batch["labels"].ne(IGNORE_INDEX).sum()
     grads, values = {}, {}
     for name, loss in losses.items():
         torch.manual_seed(cfg.seed)  # the same dropout masks for every variant

@@ -321,18 +321,3 @@ def collate(examples: Sequence[dict], student_pad_id: int | None,
             out[key] = pad_stack(values, pad_value(key))
     return out
 
-
-class Collator:
-    """``collate`` with the pad ids bound, for a ``torch.utils.data.DataLoader``'s ``collate_fn``."""
-
-    def __init__(self, student_pad_id: int, teacher_pad_id: int | None = None):
-        self.student_pad_id, self.teacher_pad_id = student_pad_id, teacher_pad_id
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.student_pad_id, self.teacher_pad_id)
-
-
-def num_tokens(batch: dict[str, torch.Tensor] | torch.Tensor, key: str = "labels") -> int:
-    """Number of target positions (labels != -100) of a batch (or of a labels tensor)."""
-    labels = batch if isinstance(batch, torch.Tensor) else batch[key]
-    return int(labels.ne(IGNORE_INDEX).sum())

@@ -44,8 +44,9 @@ class GlobalBatchSampler:
     last one shorter unless ``drop_last``).
 
     ``set_epoch(epoch)`` picks the epoch (the order is a function of ``(seed, epoch)`` only) and resets
-    ``start``; ``skip(k)`` (or ``set_epoch(epoch, start=k)``) makes the next iteration begin at global batch
-    k of the epoch, for resuming. ``len()`` is the number of global batches of a whole epoch.
+    ``start``; ``set_epoch(epoch, start=k)`` makes the next iteration begin at global batch k of the epoch, for
+    resuming. :func:`shard` splits a global batch among processes. ``len()`` is the number of global batches of a
+    whole epoch.
     """
 
     def __init__(self, lengths: Sequence[int], global_batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -62,22 +63,13 @@ class GlobalBatchSampler:
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch whose order the next iteration yields, beginning at global batch ``start``."""
+        if start < 0:
+            raise ValueError(f"cannot start an epoch at a negative global batch ({start})")
         self.epoch, self.start = int(epoch), int(start)
-
-    def skip(self, k: int) -> GlobalBatchSampler:
-        """Begin the next iteration at global batch ``k`` of the current epoch (resume). Returns self."""
-        if k < 0:
-            raise ValueError(f"cannot skip a negative number of batches ({k})")
-        self.start = int(k)
-        return self
 
     def __len__(self) -> int:
         n, b = len(self.lengths), self.global_batch_size
         return n // b if self.drop_last else -(-n // b)
-
-    def shard(self, global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:
-        """:func:`shard` with this sampler's global batch size."""
-        return shard(global_batch, rank, world_size, self.global_batch_size)
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """All global batches of ``epoch`` (default: the current one), ignoring ``start``."""

@@ -34,6 +34,7 @@ from prefkd.data.records import DataError
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.sets import resolve_data_path
 from prefkd.losses.preference import preference_metrics as pair_sums
+from prefkd.utils.labels import IGNORE_INDEX
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
@@ -50,7 +51,7 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 512,
     if len(p) + len(r) > max_length:
         p = p[-max_prompt_length:]
         r = r[:max(max_length - len(p), 1)]
-    return p + r, [-100] * len(p) + r
+    return p + r, [IGNORE_INDEX] * len(p) + r
 
 
 @torch.no_grad()
@@ -59,14 +60,14 @@ def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: i
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
     target = labels[:, 1:].to(device)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * target.ne(-100)).sum(-1).double().cpu()
+    return (logp * target.ne(IGNORE_INDEX)).sum(-1).double().cpu()
 
 
 def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_size: int, max_length: int,

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prefkd.utils.labels import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -124,4 +126,4 @@ def require_teacher(inputs: LossInputs, loss_name: str, *, check_labels: bool = 
 
 def response_mask(labels: torch.Tensor) -> torch.Tensor:
     """B×T bool: positions that carry a target."""
-    return labels.ne(-100)
+    return labels.ne(IGNORE_INDEX)

@@ -25,6 +25,7 @@ from functools import partial
 import torch
 
 from prefkd.losses.chunked import chunked_token_loss
+from prefkd.utils.labels import IGNORE_INDEX
 
 LOGP_FLOOR = -1e5
 
@@ -201,5 +202,5 @@ def cross_entropy_sum(
 ) -> torch.Tensor:
     """Σ_{labels ≠ −100} w · (−log softmax(logits)[label]), chunked. logits B×T×V; labels B×T (already
     shifted: labels[:, i] is the target of logits[:, i]). Returns a scalar sum (fp32)."""
-    mask = labels.ne(-100)
+    mask = labels.ne(IGNORE_INDEX)
     return chunked_token_loss(cross_entropy, logits, mask, labels, chunk_size=chunk_size, weights=weights)

@@ -43,6 +43,7 @@ from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, 
 from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import cross_model_attention, ensure_projectors, fp32_region, project, projector_shapes
+from prefkd.utils.labels import IGNORE_INDEX
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
 
@@ -147,12 +148,12 @@ class _DualSpaceLoss(DistillationLoss):
             return kd_tea * (0.0 if pretrain else rate)
 
         s_logits = student.logits.detach() if pretrain else student.logits
-        out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(-100), batch["labels"],
+        out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(IGNORE_INDEX), batch["labels"],
                                 chunk_size=self.chunk_size, features=features)
         loss, values = out if features is not None else (out, None)
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
-            loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(-100),
+            loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(IGNORE_INDEX),
                                             teacher.logits, chunk_size=self.chunk_size)
         sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
         metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}

@@ -67,6 +67,7 @@ from prefkd.ot import (
     scale_cost,
     sinkhorn,
 )
+from prefkd.utils.labels import IGNORE_INDEX
 
 LOGITS_COSTS = ("euclidean", "kl", "salience")
 HIDDEN_COSTS = ("lexical", "context_euclidean", "context_cosine", "euclidean")
@@ -193,7 +194,7 @@ class MCWKDLoss(DSKDCMALoss):
             s_pts = Clouds(batch["attention_mask"].bool())
             t_pts = Clouds(batch["teacher_attention_mask"].to(t_labels.device).bool())
         else:
-            s_pts, t_pts = Clouds(labels.ne(-100)), Clouds(t_labels.ne(-100))
+            s_pts, t_pts = Clouds(labels.ne(IGNORE_INDEX)), Clouds(t_labels.ne(IGNORE_INDEX))
         k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
         features = None
         dual_only = self.pretrain_projectors or self.warming_up(inputs)  # no OT terms (module docstring)
@@ -204,7 +205,7 @@ class MCWKDLoss(DSKDCMALoss):
         if dual_only:
             return LossOutput(loss=loss, metrics=metrics)
 
-        n_b = labels.ne(-100).sum(1).to(loss.dtype)  # student response tokens per example
+        n_b = labels.ne(IGNORE_INDEX).sum(1).to(loss.dtype)  # student response tokens per example
         tokens = n_b.sum()
         with fp32_region(loss.device):
             x_t = self.ot_projectors["hidden"](t_pts.pack(teacher.hidden.detach()).float())  # B×m×d_s

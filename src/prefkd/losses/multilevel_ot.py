@@ -49,6 +49,7 @@ from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy
 from prefkd.losses.uld import response_alignment
 from prefkd.ot import sinkhorn
+from prefkd.utils.labels import IGNORE_INDEX
 
 STD_FLOOR = 1e-6  # per-token std clamp (a constant row would divide by zero)
 
@@ -111,7 +112,7 @@ class MultiLevelOTLoss(DistillationLoss):
         teacher = require_teacher(inputs, "multilevel_ot", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
         s_logits = student.logits
-        mask = labels.ne(-100)
+        mask = labels.ne(IGNORE_INDEX)
         partner = response_alignment(labels, t_labels.to(labels.device))
         aligned = partner.ge(0)
         bsz, n = labels.shape

@@ -24,6 +24,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from prefkd.utils.labels import IGNORE_INDEX
+
 
 def hidden_size(model: nn.Module) -> int:
     """d: the input size of the model's output head (= its last hidden state's size)."""
@@ -119,7 +121,7 @@ def cross_model_attention(projectors: nn.ModuleDict, *, student_model: nn.Module
     M) gets a uniform softmax; it is never read by the losses. Rows of V outside M are zeroed.
     """
     labels, t_labels = batch["labels"], batch["teacher_labels"]
-    m_s, m_t = labels.ne(-100), t_labels.ne(-100)
+    m_s, m_t = labels.ne(IGNORE_INDEX), t_labels.ne(IGNORE_INDEX)
     t_rows = batch.get("teacher_attention_mask")
     t_rows = torch.ones_like(m_t) if t_rows is None else t_rows.bool()
     d_t = teacher_hidden.shape[-1]
