@@ -212,3 +212,56 @@ def test_chunked_rows_loss_features_share_the_sum_gradient(chunk_size):
     with torch.no_grad():
         nt, nv = chunked_rows_loss(cross_entropy, (x,), mask, y, chunk_size=chunk_size, features=feats)
     torch.testing.assert_close(nv, ref_values)
+
+
+def parts_fn(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """toy_fn's two parts as named terms: (their sum, {"mix": ..., "gold": ...})."""
+    mix = (t.float() * torch.log_softmax(s, -1)).sum(-1)
+    gold = s.gather(-1, y[:, None]).squeeze(-1) ** 2
+    return mix + gold, {"mix": mix, "gold": gold}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_named_terms_are_summed_beside_the_loss(chunk_size, weighted):
+    """terms=: the loss and its gradient are those without terms; each named term is Σ over the masked rows of its
+    per-row values (unweighted, detached), with and without grad."""
+    s, t, y, mask = make(B=3, T=6, V=5, seed=7)
+    weights = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)) if weighted else None
+    ref_v, ref_g = plain(s, t, y, mask, weights)
+    x = s.detach().clone().requires_grad_(True)
+    loss, terms = chunked_token_loss(parts_fn, x, mask, t, y, chunk_size=chunk_size, weights=weights,
+                                     terms=("mix", "gold"))
+    loss.backward()
+    torch.testing.assert_close(loss, ref_v)
+    torch.testing.assert_close(x.grad, ref_g)
+    mix, gold = parts_fn(s[mask], t[mask], y[mask])[1].values()
+    torch.testing.assert_close(terms["mix"], mix.sum())
+    torch.testing.assert_close(terms["gold"], gold.sum())
+    assert not terms["mix"].requires_grad and list(terms) == ["mix", "gold"]
+    with torch.no_grad():
+        loss_ng, terms_ng = chunked_token_loss(parts_fn, s, mask, t, y, chunk_size=chunk_size, weights=weights,
+                                               terms=("mix", "gold"))
+    torch.testing.assert_close(loss_ng, ref_v)
+    torch.testing.assert_close(terms_ng["gold"], gold.sum())
+    with pytest.raises(ValueError, match="missing"):
+        chunked_token_loss(parts_fn, x, mask, t, y, terms=("mix", "other"))
+
+
+def test_named_terms_with_features():
+    """terms= and features= together: (sum, feature values, {name: sum}), the features' gradient unchanged."""
+    from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
+
+    s, t, y, mask = make(B=2, T=4, V=6, seed=3)
+    index = torch.tensor([0, 3, 5])
+    feats = RowFeatures(index, select=lambda r: r.topk(2, -1).indices, value=lambda r, idx: r.gather(1, idx))
+    x = s.detach().clone().requires_grad_(True)
+    total, values, terms = chunked_rows_loss(parts_fn, (x,), mask, t, y, chunk_size=2, features=feats,
+                                             terms=("gold",))
+    (total + values.sum()).backward()
+    ref_x = s.detach().clone().requires_grad_(True)
+    ref_total = toy_fn(ref_x[mask], t[mask], y[mask]).sum()
+    (ref_total + ref_x.reshape(-1, 6)[index].topk(2, -1).values.sum()).backward()
+    torch.testing.assert_close(total, ref_total)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(terms["gold"], parts_fn(s[mask], t[mask], y[mask])[1]["gold"].sum())

@@ -36,7 +36,8 @@ def chunked_token_loss(
     *others: torch.Tensor,
     chunk_size: int = 1024,
     weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    terms: Sequence[str] = (),
+):
     """Σ_{(b,t): mask[b,t]} weights[b,t] · per_token_fn(student_logits[b,t], *others[b,t]), chunked.
 
     student_logits: B×T×V, any float dtype; the only tensor that gets a gradient.
@@ -46,6 +47,8 @@ def chunked_token_loss(
     weights: optional B×T per-token weights, read detached.
     per_token_fn(s [n×V, fp32 or fp64], *other_rows) -> n values; ordinary differentiable torch ops.
     chunk_size: at most this many masked tokens per chunk.
+    terms: named parts to sum for metrics (per_token_fn returns (values, {name: values})), as in
+        :func:`chunked_rows_loss`; the result is then (sum, {name: sum}). They are not weighted.
 
     Returns a scalar, the **sum** (fp32; fp64 for fp64 logits). Backward may run once per forward.
     """
@@ -63,13 +66,15 @@ def chunked_token_loss(
         raise ValueError(f"weights must be B×T = {tuple(bt)}, got {tuple(weights.shape)}")
 
     if weights is None:
-        return chunked_rows_loss(per_token_fn, (student_logits,), mask, *others, chunk_size=chunk_size)
+        return chunked_rows_loss(per_token_fn, (student_logits,), mask, *others, chunk_size=chunk_size, terms=terms)
 
-    def weighted(s: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:  # the weights ride along as an "other"
+    def weighted(s: torch.Tensor, *rest: torch.Tensor):  # the weights ride along as an "other"
         *rows, w = rest
-        return per_token_fn(s, *rows) * w.to(s.dtype)
+        out = per_token_fn(s, *rows)
+        values, named = out if terms else (out, None)
+        return (values * w.to(s.dtype), named) if terms else values * w.to(s.dtype)
 
-    return chunked_rows_loss(weighted, (student_logits,), mask, *others, weights, chunk_size=chunk_size)
+    return chunked_rows_loss(weighted, (student_logits,), mask, *others, weights, chunk_size=chunk_size, terms=terms)
 
 
 # ------------------------------------------------------------------------------------------ several inputs
@@ -92,17 +97,31 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(_compute_dtype(x.dtype))
 
 
-def _row_loop(fn, inputs, mask, others, chunk_size, buffers):
-    """Σ_masked fn(rows...) in chunks; fills ``buffers[k][r, c]`` with d(sum)/d(inputs[k][r, c]) where not None."""
+def _split_terms(out, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn's return: n values, or with ``terms`` (values, {name: n values}) -> (values, the named rows in order)."""
+    if not terms:
+        return out, []
+    values, named = out
+    missing = [t for t in terms if t not in named]
+    if missing:
+        raise ValueError(f"fn must return (values, {{name: values}}) with the terms {list(terms)}; missing {missing}")
+    return values, [named[t] for t in terms]
+
+
+def _row_loop(fn, inputs, mask, others, chunk_size, buffers, terms: Sequence[str] = ()):
+    """(Σ_masked fn(rows...), [Σ_masked of each named term, detached]) in chunks; fills ``buffers[k][r, c]`` with
+    d(sum)/d(inputs[k][r, c]) where not None."""
     rows, cols = mask.nonzero(as_tuple=True)
     total = None
+    term_sums = [torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device) for _ in terms]
     for start in range(0, rows.numel(), chunk_size):
         r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
         xs = [_upcast(x[r, c]) for x in inputs]
         rest = [o[r, c] for o in others]
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(b is not None) for x, b in zip(xs, buffers)]
-            values = fn(*leaves, *rest)
+            values, named = _split_terms(fn(*leaves, *rest), terms)
+            term_sums = [acc + v.detach().sum().to(acc.dtype) for acc, v in zip(term_sums, named)]
             if values.shape != (r.numel(),):
                 raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
             chunk = values.sum()
@@ -115,7 +134,7 @@ def _row_loop(fn, inputs, mask, others, chunk_size, buffers):
         total = chunk.detach() if total is None else total + chunk.detach()
     if total is None:
         total = torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device)
-    return total
+    return total, term_sums
 
 
 @torch.no_grad()
@@ -138,23 +157,25 @@ class _ChunkedRows(torch.autograd.Function):
     Backward: buffer·g, plus the features' gradient recomputed per chunk and added into the first buffer."""
 
     @staticmethod
-    def forward(ctx, fn, mask, chunk_size, n_inputs, features, *tensors):
+    def forward(ctx, fn, mask, chunk_size, n_inputs, features, terms, *tensors):
         inputs, others = tensors[:n_inputs], tensors[n_inputs:]
-        wants = ctx.needs_input_grad[5:5 + n_inputs]
+        wants = ctx.needs_input_grad[6:6 + n_inputs]
         buffers = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if w else None for x, w in zip(inputs, wants)]
-        total = _row_loop(fn, inputs, mask, others, chunk_size, buffers)
+        total, term_sums = _row_loop(fn, inputs, mask, others, chunk_size, buffers, terms)
+        ctx.mark_non_differentiable(*term_sums)
         ctx.wants, ctx.n_others, ctx.consumed, ctx.chunk_size = wants, len(others), False, chunk_size
         if features is None:
             ctx.save_for_backward(*[b for b in buffers if b is not None])
-            return total
+            return (total, *term_sums)
         values, idx = _feature_loop(inputs[0], features, chunk_size)
         ctx.features = features
         ctx.save_for_backward(*[b for b in buffers if b is not None], inputs[0], idx)
-        return total, values
+        return (total, values, *term_sums)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output, grad_values=None):
+    def backward(ctx, grad_output, *grad_rest):
+        grad_values = grad_rest[0] if getattr(ctx, "features", None) is not None else None
         if ctx.consumed:
             raise RuntimeError("chunked_rows_loss: backward can run only once per forward (buffers are scaled in "
                                "place); recompute the loss instead of retain_graph=True")
@@ -174,11 +195,12 @@ class _ChunkedRows(torch.autograd.Function):
                     leaf = _upcast(flat[index[sl]]).detach().requires_grad_(True)
                     (g,) = torch.autograd.grad(ctx.features.value(leaf, idx[sl]), leaf, grad_values[sl].to(leaf.dtype))
                 out.index_add_(0, index[sl], g.to(out.dtype))
-        return (None, None, None, None, None, *grads, *([None] * ctx.n_others))
+        return (None, None, None, None, None, None, *grads, *([None] * ctx.n_others))
 
 
 def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mask: torch.Tensor,
-                      *others: torch.Tensor, chunk_size: int = 1024, features: RowFeatures | None = None):
+                      *others: torch.Tensor, chunk_size: int = 1024, features: RowFeatures | None = None,
+                      terms: Sequence[str] = ()):
     """Σ_{(b,t): mask[b,t]} fn(inputs[0][b,t], ..., others[0][b,t], ...), chunked, with gradients w.r.t. every
     input that requires grad (one buffer shaped like each; others are read detached).
 
@@ -186,6 +208,8 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
     others: B×T×... tensors. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
     features: optional :class:`RowFeatures` of ``inputs[0]``; then returns (sum, N×k features), whose gradient
     lands in the same buffer as the sum's (one logits-sized tensor in all).
+    terms: names of per-row quantities to sum beside the loss (its parts, for metrics): fn then returns
+    (values, {name: n values}), and the result gets one more element, {name: Σ_masked, detached scalar}.
     Returns a scalar sum (fp32 at least). Backward may run once per forward.
     """
     if chunk_size < 1:
@@ -196,8 +220,15 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
             raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
     mask = mask.detach().bool()
     others = tuple(o.detach() for o in others)
+    terms = tuple(terms)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), features, *inputs, *others)
-    with torch.no_grad():
-        total = _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size, [None] * len(inputs))
-        return total if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])
+        out = _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), features, terms, *inputs, *others)
+    else:
+        with torch.no_grad():
+            total, term_sums = _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size,
+                                         [None] * len(inputs), terms)
+            head = (total,) if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])
+            out = (*head, *term_sums)
+    head, term_sums = out[:len(out) - len(terms)], out[len(out) - len(terms):]
+    result = (*head, dict(zip(terms, term_sums))) if terms else head
+    return result[0] if len(result) == 1 else result

@@ -46,6 +46,7 @@ from prefkd.losses.projectors import cross_model_attention, ensure_projectors, f
 from prefkd.utils.labels import IGNORE_INDEX
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
+STUDENT_SIDE = ("ce", "ce_t2s", "kd_stu", "t2s_acc")  # the metrics summed by the student-side pass
 
 
 def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -121,12 +122,8 @@ class _DualSpaceLoss(DistillationLoss):
         rate, pretrain, weighted = self.kd_rate, self.pretrain_projectors, self.accuracy_weighted
         warm = not pretrain and self.warming_up(inputs)
         w_ce = 1 - rate if ce_weight is None else ce_weight
-        sums = dict.fromkeys(METRICS, 0.0)
 
-        def add(name: str, values: torch.Tensor) -> None:
-            sums[name] = sums[name] + values.detach().sum()
-
-        def student_side(s: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def student_side(s: torch.Tensor, h: torch.Tensor, y: torch.Tensor):
             z = head_logits(h, head_s)  # z^{t→s} rows
             ce_t2s = cross_entropy(z, y)
             hit = z.detach().argmax(-1).eq(y)
@@ -136,28 +133,29 @@ class _DualSpaceLoss(DistillationLoss):
             else:
                 kd_stu = self._divergence(s, z)  # the teacher role is detached inside
             ce = cross_entropy(s, y)
-            for name, v in (("ce", ce), ("ce_t2s", ce_t2s), ("kd_stu", kd_stu), ("t2s_acc", hit)):
-                add(name, v)
+            parts = {"ce": ce, "ce_t2s": ce_t2s, "kd_stu": kd_stu, "t2s_acc": hit}
             if pretrain:
-                return ce_t2s
-            return w_ce * ce + rate * (ce_t2s if warm else ce_t2s + kd_stu)
+                return ce_t2s, parts
+            return w_ce * ce + rate * (ce_t2s if warm else ce_t2s + kd_stu), parts
 
-        def teacher_side(h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        def teacher_side(h: torch.Tensor, z_t: torch.Tensor):
             kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
-            add("kd_tea", kd_tea)
-            return kd_tea * (0.0 if pretrain else rate)
+            return kd_tea * (0.0 if pretrain else rate), {"kd_tea": kd_tea}
 
         s_logits = student.logits.detach() if pretrain else student.logits
         out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(IGNORE_INDEX), batch["labels"],
-                                chunk_size=self.chunk_size, features=features)
-        loss, values = out if features is not None else (out, None)
+                                chunk_size=self.chunk_size, features=features, terms=STUDENT_SIDE)
+        loss, values, metrics = out if features is not None else (out[0], None, out[1])
+        metrics["kd_tea"] = torch.zeros_like(loss.detach())
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
-            loss = loss + chunked_rows_loss(teacher_side, tea_inputs, batch["teacher_labels"].ne(IGNORE_INDEX),
-                                            teacher.logits, chunk_size=self.chunk_size)
-        sums["kd"] = sums["ce_t2s"] + sums["kd_stu"] + sums["kd_tea"]
-        metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
-        return loss, metrics, values
+            tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs,
+                                                      batch["teacher_labels"].ne(IGNORE_INDEX), teacher.logits,
+                                                      chunk_size=self.chunk_size, terms=("kd_tea",))
+            loss = loss + tea_loss
+            metrics["kd_tea"] = tea_metrics["kd_tea"].to(loss.dtype)
+        metrics["kd"] = metrics["ce_t2s"] + metrics["kd_stu"] + metrics["kd_tea"]
+        return loss, {k: metrics[k].to(loss.dtype) for k in METRICS}, values
 
 
 class DSKDLoss(_DualSpaceLoss):

@@ -72,20 +72,14 @@ class KDLoss(DistillationLoss):
             return self.cross_tokenizer(inputs)
         _check_same_tokens(batch, student.logits, inputs.teacher.logits)
         labels = batch["labels"]
-        sums = {"ce": 0.0, "kd": 0.0}
         rate = self.kd_rate
 
-        def per_token(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def per_token(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
             ce, kd = cross_entropy(s, y), self._divergence(s, t)
-            sums["ce"] = sums["ce"] + ce.detach().sum()
-            sums["kd"] = sums["kd"] + kd.detach().sum()
-            return (1 - rate) * ce + rate * kd
+            return (1 - rate) * ce + rate * kd, {"ce": ce, "kd": kd}
 
-        loss = chunked_token_loss(
-            per_token, student.logits, response_mask(labels), inputs.teacher.logits, labels,
-            chunk_size=self.chunk_size,
-        )
-        metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device) for k, v in sums.items()}
+        loss, metrics = chunked_token_loss(per_token, student.logits, response_mask(labels), inputs.teacher.logits,
+                                           labels, chunk_size=self.chunk_size, terms=("ce", "kd"))
         return LossOutput(loss=loss, metrics=metrics)
 
 

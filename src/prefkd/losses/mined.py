@@ -143,9 +143,8 @@ class MinEDLoss(DistillationLoss):
         vocab = self._map(v_s, v_t, student.logits.device)
         gather = self.merge == "lowest"
         rate, top_k = self.kd_rate, self.top_k
-        sums = {"ce": 0.0, "kd": 0.0, "aligned": 0.0}
 
-        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
             target = torch.full_like(s, -math.inf).detach()
             sel = idx.ge(0)
             if sel.any():
@@ -159,12 +158,8 @@ class MinEDLoss(DistillationLoss):
             gold = (~sel).nonzero().squeeze(1)
             target[gold, y[gold]] = 0.0
             ce, kd = cross_entropy(s, y), self._divergence(s, target)
-            sums["ce"] = sums["ce"] + ce.detach().sum()
-            sums["kd"] = sums["kd"] + kd.detach().sum()
-            sums["aligned"] = sums["aligned"] + sel.sum()
-            return (1 - rate) * ce + rate * kd
+            return (1 - rate) * ce + rate * kd, {"ce": ce, "kd": kd, "aligned": sel}
 
-        loss = chunked_token_loss(per_token, student.logits, response_mask(labels), labels, flat,
-                                  chunk_size=self.chunk_size)
-        metrics = {k: torch.as_tensor(v, device=loss.device).to(loss.dtype).detach() for k, v in sums.items()}
+        loss, metrics = chunked_token_loss(per_token, student.logits, response_mask(labels), labels, flat,
+                                           chunk_size=self.chunk_size, terms=("ce", "kd", "aligned"))
         return LossOutput(loss=loss, metrics=metrics)

@@ -123,21 +123,17 @@ class ULDLoss(DistillationLoss):
             ratio = mask.sum(1, keepdim=True) / aligned.sum(1, keepdim=True).clamp_min(1)
             weight = aligned * ratio.to(torch.float32)
         t_rows = teacher.logits.reshape(-1, teacher.logits.shape[-1])  # a view: rows gathered per chunk
-        sums = {"ce": 0.0, "uld": 0.0}
         tau, top_k = self.temperature, self.top_k
 
-        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
             ce = cross_entropy(s, y)
             sel = idx.ge(0)
             uld = torch.zeros_like(ce)
             if sel.any():
                 uld = uld.masked_scatter(sel, uld_distance(s[sel], t_rows[idx[sel]], tau, top_k))
-            sums["ce"] = sums["ce"] + ce.detach().sum()
-            sums["uld"] = sums["uld"] + uld.detach().sum()
-            return ce_coef * ce + kd_coef * w.to(ce.dtype) * uld
+            return ce_coef * ce + kd_coef * w.to(ce.dtype) * uld, {"ce": ce, "uld": uld}
 
-        loss = chunked_token_loss(per_token, student.logits, mask, labels, partner, weight,
-                                  chunk_size=self.chunk_size)
-        metrics = {k: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for k, v in sums.items()}
+        loss, metrics = chunked_token_loss(per_token, student.logits, mask, labels, partner, weight,
+                                           chunk_size=self.chunk_size, terms=("ce", "uld"))
         metrics["aligned"] = aligned.sum().to(loss.dtype)
         return LossOutput(loss=loss, metrics=metrics)
