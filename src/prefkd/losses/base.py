@@ -69,10 +69,13 @@ class LossInputs:
 @dataclass
 class LossOutput:
     """loss: scalar, the micro-batch **sum** (see module docstring). metrics: scalars to log, each also a
-    micro-batch sum over the same unit, so the trainer can normalise them like the loss."""
+    micro-batch sum over the same unit, so the trainer can normalise them like the loss. means: scalars to log that
+    are already per-micro-batch values, not sums (term weights, solver iterations, a schedule's position): the trainer
+    logs their mean over micro-batches weighted by each one's units (tokens or sequences), like the loss."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 PrecomputeHook = Callable[..., dict[str, Any]]

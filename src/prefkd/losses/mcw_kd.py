@@ -206,7 +206,7 @@ class MCWKDLoss(DSKDCMALoss):
             return LossOutput(loss=loss, metrics=metrics)
 
         n_b = labels.ne(IGNORE_INDEX).sum(1).to(loss.dtype)  # student response tokens per example
-        tokens = n_b.sum()
+        means: dict[str, torch.Tensor] = {}  # per-batch values (LossOutput.means), not sums
         with fp32_region(loss.device):
             x_t = self.ot_projectors["hidden"](t_pts.pack(teacher.hidden.detach()).float())  # B×m×d_s
             x_s = s_pts.pack(student.hidden).float()  # B×n×d_s
@@ -216,7 +216,7 @@ class MCWKDLoss(DSKDCMALoss):
                 branches.append(("logits", self.lambda_logits, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
                                                                                   x_s, k, mix)))
                 if self.interpolate:
-                    metrics["interpolation_t"] = mix * tokens
+                    means["interpolation_t"] = torch.as_tensor(mix)
             if self.active("hidden"):
                 branches.append(("hidden", self.lambda_hidden, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
             pairs = pair_mask(t_pts.valid, s_pts.valid)  # B×m×n valid (j, i), the same for both branches
@@ -230,11 +230,12 @@ class MCWKDLoss(DSKDCMALoss):
                 for name, cost, a in zip(self.costs[branch], costs, alpha):
                     mean_b = torch.where(pairs, cost.detach(), 0).sum((1, 2)) / count
                     metrics[f"{branch}_{name}"] = (n_b * mean_b).sum()
-                    metrics[f"alpha_{branch}_{name}"] = a * tokens
+                    means[f"alpha_{branch}_{name}"] = a
                 for name, value in diag.items():
-                    metrics[f"{name}_{branch}"] = value * tokens
+                    means[f"{name}_{branch}"] = value
         metrics = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in metrics.items()}
-        return LossOutput(loss=loss, metrics=metrics)
+        means = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in means.items()}
+        return LossOutput(loss=loss, metrics=metrics, means=means)
 
     def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k, mix: float = 1.0):
         """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch; ``mix`` < 1 interpolates the

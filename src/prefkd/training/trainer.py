@@ -175,9 +175,12 @@ class Trainer:
         """Sum over processes (a device collective; no host sync)."""
         return self.acc.reduce(values, reduction="sum") if self.acc.num_processes > 1 else values
 
-    def _sum_metrics(self, sums: dict[str, torch.Tensor], out: LossOutput) -> None:
-        for name, v in {"loss": out.loss, **out.metrics}.items():
-            v = v.detach().to(torch.float64)
+    def _sum_metrics(self, sums: dict[str, torch.Tensor], out: LossOutput, units: torch.Tensor) -> None:
+        """Add a micro-batch's sums, and its means weighted by its ``units``, to ``sums``."""
+        weighted = {name: v.detach().to(torch.float64) * units for name, v in out.means.items()}
+        for name, v in {"loss": out.loss.detach(), **out.metrics}.items():
+            weighted[name] = v.detach().to(torch.float64)
+        for name, v in weighted.items():
             sums[name] = sums[name] + v if name in sums else v
 
     def _reduce_metrics(self, sums: dict[str, torch.Tensor], units: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,8 +197,8 @@ class Trainer:
         per_micro = self.micro * world
         batches = [self._batch(shard(global_batch[k:k + per_micro], rank, world), self.train_set)
                    for k in range(0, len(global_batch), per_micro)]
-        local = torch.stack([sum(count_units(b, self.loss.needs.normalize_by) for b in batches),
-                             sum(b["attention_mask"].sum().to(torch.float64) for b in batches)])
+        batch_units = [count_units(b, self.loss.needs.normalize_by) for b in batches]
+        local = torch.stack([sum(batch_units), sum(b["attention_mask"].sum().to(torch.float64) for b in batches)])
         units, tokens = self._all_reduce(local).unbind()
         units = units.clamp_min(1.0)
         sums: dict[str, torch.Tensor] = {}
@@ -207,7 +210,7 @@ class Trainer:
             with ctx, acc.autocast():
                 out = self._forward(batch)
                 acc.backward(out.loss * (world / units).to(out.loss.dtype))
-            self._sum_metrics(sums, out)
+            self._sum_metrics(sums, out, batch_units[k])
         metrics = self._reduce_metrics(sums, units)
         self._sync_loss_grads()
         return self._optimizer_step(metrics, tokens)
@@ -260,8 +263,9 @@ class Trainer:
             batch = self._batch(mine[start:start + self.cfg.eval_batch_size], self.dev_set)
             with self.acc.autocast():
                 out = self._forward(batch)
-            units = units + count_units(batch, self.loss.needs.normalize_by)
-            self._sum_metrics(sums, out)
+            batch_units = count_units(batch, self.loss.needs.normalize_by)
+            units = units + batch_units
+            self._sum_metrics(sums, out, batch_units)
         dev = {}
         if sums:
             reduced = self._reduce_metrics(sums, self._all_reduce(units).clamp_min(1.0))
