@@ -131,6 +131,17 @@ def test_setup_with_one_vocabulary_changes_nothing(caplog):
         loss(inputs)
 
 
+def test_cross_tokenizer_error_refuses_different_tokenizers():
+    """loss.cross_tokenizer=error: two vocabularies fail at setup naming the key; an unknown mode at construction."""
+    from tests.helpers.pairs import tiny_pair
+
+    t, s, _ = tiny_pair()
+    with pytest.raises(ValueError, match="loss.cross_tokenizer=mined"):
+        KDLoss(cross_tokenizer="error").setup(s.tokenizer, t.tokenizer)
+    with pytest.raises(ValueError, match="valid values"):
+        KDLoss(cross_tokenizer="dtw")
+
+
 def test_different_tokenizers_use_mined_and_equal_loss_minedit(caplog):
     """loss=kd on the tiny cross-tokenizer pair = loss=minedit with the same divergence, τ and kd_rate: same
     precompute (hook and version), same loss, metrics and gradient on a batch. One info line says so."""

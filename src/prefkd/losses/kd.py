@@ -4,10 +4,11 @@ KD = Σ_{labels ≠ −100} D(p_T ‖ p_S) with the teacher's logits at the same
 D one of :data:`prefkd.losses.divergences.DIVERGENCES`. CE and KD share one chunked pass over the
 student logits (one gradient buffer, see :mod:`prefkd.losses.chunked`).
 
-Different tokenizers: when :meth:`KDLoss.setup` sees two different vocabularies (``get_vocab()``), it logs one
-line and from then on delegates to :class:`prefkd.losses.mined.MinEDLoss` with KDLoss's own divergence,
-temperatures and kd_rate (MinED's DTW alignment and vocabulary map, docs/methods.md §6; its precompute hook becomes
-KDLoss's). Same vocabulary, or no setup: unchanged, and the teacher must have read the student's tokens.
+Different tokenizers, chosen by ``cross_tokenizer``: with ``"mined"`` (the default), when :meth:`KDLoss.setup` sees
+two different vocabularies (``get_vocab()``) it logs one line and delegates to
+:class:`prefkd.losses.mined.MinEDLoss` with KDLoss's own divergence, temperatures and kd_rate (MinED's DTW alignment
+and vocabulary map, docs/methods.md §6; its precompute hook becomes KDLoss's); with ``"error"`` it refuses them.
+Same vocabulary, or no setup: unchanged, and the teacher must have read the student's tokens.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ class KDLoss(DistillationLoss):
         skew_lambda: float = 0.1,
         adaptive_alpha: float = 0.5,
         chunk_size: int = 1024,
+        cross_tokenizer: str = "mined",
     ):
         super().__init__()
+        if cross_tokenizer not in ("mined", "error"):
+            raise ValueError(f"loss.cross_tokenizer={cross_tokenizer!r}: valid values are 'mined' (align the two "
+                             f"tokenizers with MinED) and 'error' (refuse different tokenizers)")
+        self.cross_tokenizer_mode = cross_tokenizer
         self.divergence = divergence
         self.kd_rate = kd_rate
         self.chunk_size = chunk_size
@@ -55,10 +61,15 @@ class KDLoss(DistillationLoss):
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
 
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
-        """Different vocabularies: switch to MinED alignment (one info line); same vocabulary: nothing."""
+        """Different vocabularies: MinED alignment (one info line), or an error with ``cross_tokenizer="error"``;
+        same vocabulary: nothing."""
         self.cross_tokenizer, self.precompute, self.precompute_version = None, None, type(self).precompute_version
         if teacher_tokenizer is None or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
             return
+        if self.cross_tokenizer_mode == "error":
+            raise ValueError(f"loss=kd with loss.cross_tokenizer=error: the teacher's and the student's tokenizers "
+                             f"differ; set loss.cross_tokenizer=mined (MinED alignment) or use a cross-tokenizer "
+                             f"loss: {', '.join(CROSS_TOKENIZER_LOSSES)}")
         log.info(CROSS_TOKENIZER_NOTICE)
         self.cross_tokenizer = MinEDLoss(**self._options)
         self.cross_tokenizer.setup(student_tokenizer, teacher_tokenizer)

@@ -1,6 +1,7 @@
 """Where a loss's teacher outputs come from in a training step: the live teacher model, or the teacher cache.
 
-Both are called the same way, ``source(batch, hidden) -> ModelOutputs``, so the trainer does not branch on it.
+Both are called the same way, ``source(batch, hidden) -> ModelOutputs``, and say which fields a batch needs
+(``batch_fields``), so the trainer does not branch on it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ class LiveTeacher:
     def __init__(self, model):
         self.model = model
 
+    def batch_fields(self, split: str, indices: list[int]) -> dict:
+        """Fields a batch needs for this source: none (the teacher reads the batch's token ids)."""
+        return {}
+
     @torch.no_grad()
     def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:
         out = self.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
@@ -30,6 +35,10 @@ class CachedTeacher:
 
     def __init__(self, cache, model=None, device: torch.device | str = "cpu"):
         self.cache, self.model, self.device = cache, model, device
+
+    def batch_fields(self, split: str, indices: list[int]) -> dict:
+        """The examples' split and positions in their dataset, by which the cache is read."""
+        return {"cache_split": split, "example_index": torch.tensor(indices)}
 
     @torch.no_grad()
     def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:

@@ -167,8 +167,7 @@ class Trainer:
     def _batch(self, indices: list[int], dataset) -> dict:
         make = getattr(dataset, "collate", collate)  # a dataset may bring its own (preference pairs: 2B rows)
         batch = make([dataset[i] for i in indices], self.pad, self.teacher_pad)
-        batch["example_index"] = torch.tensor(indices)  # the examples' positions in their dataset (teacher cache)
-        batch["cache_split"] = "train" if dataset is self.train_set else "dev"
+        batch.update(self.teacher.batch_fields("train" if dataset is self.train_set else "dev", indices))
         return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
