@@ -265,3 +265,31 @@ def test_named_terms_with_features():
     torch.testing.assert_close(total, ref_total)
     torch.testing.assert_close(x.grad, ref_x.grad)
     torch.testing.assert_close(terms["gold"], parts_fn(s[mask], t[mask], y[mask])[1]["gold"].sum())
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_row_terms_give_per_row_values_and_their_vjp(chunk_size):
+    """chunked_row_terms: the B×T×K terms at the masked rows (0 elsewhere) and, for any incoming gradient, the
+    gradient plain autograd gives; a second backward is refused."""
+    from prefkd.losses.chunked import chunked_row_terms
+
+    s, t, y, mask = make(B=3, T=5, V=6, seed=9)
+
+    def two(rows, t_rows, y_rows):  # n×2: toy_fn and the label's log-prob
+        return torch.stack([toy_fn(rows, t_rows, y_rows),
+                            torch.log_softmax(rows, -1).gather(1, y_rows[:, None]).squeeze(1)], -1)
+
+    x = s.detach().clone().requires_grad_(True)
+    terms = chunked_row_terms(two, 2, x, mask, t, y, chunk_size=chunk_size)
+    g = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(0))
+    (terms * g).sum().backward()
+    ref_x = s.detach().clone().requires_grad_(True)
+    ref = torch.zeros(3, 5, 2)
+    ref[mask] = two(ref_x[mask], t[mask], y[mask])
+    (ref * g).sum().backward()
+    torch.testing.assert_close(terms, ref.detach())
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    again = chunked_row_terms(two, 2, x, mask, t, y, chunk_size=chunk_size).sum()
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        again.backward()

@@ -1,5 +1,9 @@
 """Memory-bounded token losses: Σ over masked tokens of f(rows of the inputs, other rows), in chunks.
 
+One engine, two strategies. Sums (the distillation losses): :func:`chunked_rows_loss` precomputes the gradient in
+the forward. Per-row terms that are not summed at once (the preference losses' log-probs): :func:`chunked_row_terms`
+recomputes each chunk in the backward. Both walk the masked positions in the same chunks (:func:`_chunks`).
+
 A per-token loss over B×T×V logits materialises several fp32 B×T×V tensors (softmax, log-softmax,
 products) plus the autograd graph that keeps them for backward. For a 150k vocabulary that is many GB.
 :func:`chunked_rows_loss` (and its one-input form :func:`chunked_token_loss`) instead walks the masked
@@ -97,6 +101,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(_compute_dtype(x.dtype))
 
 
+def _chunks(mask: torch.Tensor, chunk_size: int):
+    """The masked positions of a B×T ``mask``, as (rows, cols) index pairs of at most ``chunk_size`` each."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    for start in range(0, rows.numel(), chunk_size):
+        yield rows[start:start + chunk_size], cols[start:start + chunk_size]
+
+
 def _split_terms(out, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """fn's return: n values, or with ``terms`` (values, {name: n values}) -> (values, the named rows in order)."""
     if not terms:
@@ -111,11 +122,9 @@ def _split_terms(out, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Te
 def _row_loop(fn, inputs, mask, others, chunk_size, buffers, terms: Sequence[str] = ()):
     """(Σ_masked fn(rows...), [Σ_masked of each named term, detached]) in chunks; fills ``buffers[k][r, c]`` with
     d(sum)/d(inputs[k][r, c]) where not None."""
-    rows, cols = mask.nonzero(as_tuple=True)
     total = None
     term_sums = [torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device) for _ in terms]
-    for start in range(0, rows.numel(), chunk_size):
-        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
+    for r, c in _chunks(mask, chunk_size):
         xs = [_upcast(x[r, c]) for x in inputs]
         rest = [o[r, c] for o in others]
         with torch.enable_grad():
@@ -232,3 +241,67 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
     head, term_sums = out[:len(out) - len(terms)], out[len(out) - len(terms):]
     result = (*head, dict(zip(terms, term_sums))) if terms else head
     return result[0] if len(result) == 1 else result
+
+
+# ------------------------------------------------------------------------ per-row terms (no sum): recompute in backward
+RowTermsFn = Callable[..., torch.Tensor]  # (rows n×V, *other rows) -> n×K
+
+
+def _terms_loop(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.Tensor,
+                others: tuple[torch.Tensor, ...], chunk_size: int) -> torch.Tensor:
+    """B×T×K values of ``fn`` at the masked positions (0 elsewhere), chunked, no graph."""
+    dtype = _compute_dtype(logits.dtype)
+    out = torch.zeros(*mask.shape, k, dtype=dtype, device=logits.device)
+    for r, c in _chunks(mask, chunk_size):
+        out[r, c] = fn(logits[r, c].to(dtype), *[o[r, c] for o in others]).to(dtype)
+    return out
+
+
+class _ChunkedRowTerms(torch.autograd.Function):
+    """Forward: per-row terms B×T×K, chunked under no_grad. Backward: per chunk, recompute the rows with a graph and
+    write their vector-Jacobian product with the incoming B×T×K gradient into one logits-shaped buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, fn, k, mask, chunk_size, *others):
+        out = _terms_loop(fn, k, logits, mask, others, chunk_size)
+        ctx.fn, ctx.chunk_size, ctx.n_others, ctx.consumed = fn, chunk_size, len(others), False
+        ctx.save_for_backward(logits, mask, *others)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.consumed:
+            raise RuntimeError("chunked_row_terms: backward can run only once per forward (the gradient is "
+                               "recomputed into one buffer); recompute the terms instead of retain_graph=True")
+        ctx.consumed = True
+        logits, mask, *others = ctx.saved_tensors
+        dtype = _compute_dtype(logits.dtype)
+        buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        for r, c in _chunks(mask, ctx.chunk_size):
+            with torch.enable_grad():
+                leaf = logits[r, c].to(dtype).detach().requires_grad_(True)
+                values = ctx.fn(leaf, *[o[r, c] for o in others])
+                if not values.requires_grad:
+                    continue
+                (grad,) = torch.autograd.grad(values, leaf, grad_out[r, c].to(values.dtype), allow_unused=True)
+            if grad is not None:
+                buffer[r, c] = grad.to(buffer.dtype)
+        return (buffer, None, None, None, None) + (None,) * ctx.n_others
+
+
+def chunked_row_terms(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.Tensor, *others: torch.Tensor,
+                      chunk_size: int = 1024) -> torch.Tensor:
+    """B×T×K per-row terms fn(logits[b,t], others[b,t]...) at the masked positions (0 elsewhere), chunked.
+
+    The other strategy of this engine, for terms that are not summed at once (per-token log-probs whose per-sequence
+    sums then enter a nonlinearity, as in DPO): the forward keeps no graph, and the backward recomputes each chunk
+    and writes d(⟨grad_out, terms⟩)/d(logits) into one logits-shaped buffer. Under no_grad (or for logits that need
+    no gradient) it is a plain chunked computation. Backward may run once per forward.
+    """
+    mask = mask.detach().bool()
+    others = tuple(o.detach() for o in others)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ChunkedRowTerms.apply(logits, fn, k, mask, chunk_size, *others)
+    with torch.no_grad():
+        return _terms_loop(fn, k, logits.detach(), mask, others, chunk_size)

@@ -19,7 +19,7 @@ fp64), and the backward walks them again, recomputes each chunk and writes its g
 
 into ONE zero-initialised buffer shaped like the logits (logits dtype), which is the gradient handed back.
 Nothing logits-sized is kept between forward and backward except the logits themselves (and, for the KL,
-the reference logits). Backward may run once per forward, like :mod:`prefkd.losses.chunked`.
+the reference logits). Backward may run once per forward (:func:`prefkd.losses.chunked.chunked_row_terms`).
 
 **Parents** (:func:`parent_sums`): ℓ_p = Σ_{t: index[t] = p} token_logps[t], a differentiable scatter-add
 (:func:`prefkd.align.parent_tokens.parent_logprobs`) over the parent index map of
@@ -29,17 +29,12 @@ the reference logits). Backward may run once per forward, like :mod:`prefkd.loss
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch.autograd.function import once_differentiable
 
 from prefkd.align.parent_tokens import parent_logprobs
-from prefkd.losses.chunked import _compute_dtype
+from prefkd.losses.chunked import RowTermsFn, _compute_dtype, chunked_row_terms
 from prefkd.losses.divergences import reverse_kl
 from prefkd.utils.labels import IGNORE_INDEX
-
-RowTermsFn = Callable[..., torch.Tensor]  # (rows n×V, *other rows) -> n×K
 
 
 # ------------------------------------------------------------------------------------- per-row terms
@@ -62,54 +57,6 @@ def _logp_ref_kl_terms(rows: torch.Tensor, ref_rows: torch.Tensor, labels: torch
                         reverse_kl(rows, ref_rows).to(rows.dtype)], dim=-1)
 
 
-# ------------------------------------------------------------------------------ the chunked machinery
-def _terms_loop(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.Tensor,
-                others: tuple[torch.Tensor, ...], chunk_size: int) -> torch.Tensor:
-    """B×T×K values of ``fn`` at the masked positions (0 elsewhere), chunked, no graph."""
-    dtype = _compute_dtype(logits.dtype)
-    out = torch.zeros(*mask.shape, k, dtype=dtype, device=logits.device)
-    rows, cols = mask.nonzero(as_tuple=True)
-    for start in range(0, rows.numel(), chunk_size):
-        r, c = rows[start:start + chunk_size], cols[start:start + chunk_size]
-        out[r, c] = fn(logits[r, c].to(dtype), *[o[r, c] for o in others]).to(dtype)
-    return out
-
-
-class _ChunkedTokenTerms(torch.autograd.Function):
-    """Forward: per-token terms B×T×K, chunked under no_grad. Backward: per chunk, recompute the rows with
-    a graph and write their vector-Jacobian product with the incoming B×T×K gradient into one buffer."""
-
-    @staticmethod
-    def forward(ctx, logits, fn, k, mask, chunk_size, *others):
-        out = _terms_loop(fn, k, logits, mask, others, chunk_size)
-        ctx.fn, ctx.chunk_size, ctx.n_others, ctx.consumed = fn, chunk_size, len(others), False
-        ctx.save_for_backward(logits, mask, *others)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.consumed:
-            raise RuntimeError("preference log-probs: backward can run only once per forward (the gradient is "
-                               "recomputed into one buffer); recompute the log-probs instead of retain_graph=True")
-        ctx.consumed = True
-        logits, mask, *others = ctx.saved_tensors
-        dtype = _compute_dtype(logits.dtype)
-        buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        rows, cols = mask.nonzero(as_tuple=True)
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            r, c = rows[start:start + ctx.chunk_size], cols[start:start + ctx.chunk_size]
-            with torch.enable_grad():
-                leaf = logits[r, c].to(dtype).detach().requires_grad_(True)
-                values = ctx.fn(leaf, *[o[r, c] for o in others])
-                if not values.requires_grad:
-                    continue
-                (grad,) = torch.autograd.grad(values, leaf, grad_out[r, c].to(values.dtype), allow_unused=True)
-            if grad is not None:
-                buffer[r, c] = grad.to(buffer.dtype)
-        return (buffer, None, None, None, None) + (None,) * ctx.n_others
-
-
 def _check_bt(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, name: str = "logits") -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -121,12 +68,8 @@ def _check_bt(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, name:
 
 def _token_terms(fn: RowTermsFn, k: int, logits: torch.Tensor, labels: torch.Tensor,
                  others: tuple[torch.Tensor, ...], chunk_size: int) -> torch.Tensor:
-    mask = labels.detach().ne(IGNORE_INDEX)
-    others = tuple(o.detach() for o in others) + (labels.detach().long(),)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ChunkedTokenTerms.apply(logits, fn, k, mask, chunk_size, *others)
-    with torch.no_grad():
-        return _terms_loop(fn, k, logits.detach(), mask, others, chunk_size)
+    return chunked_row_terms(fn, k, logits, labels.ne(IGNORE_INDEX), *others, labels.detach().long(),
+                             chunk_size=chunk_size)
 
 
 # -------------------------------------------------------------------------------------- public: log-probs
