@@ -72,13 +72,15 @@ evaluate student_init "$INIT" model.path="$INIT/model"
 # The teacher's last hidden states over the 900/100 records, once: every run reads its teacher outputs from them
 # (exact, prefkd.training.teacher_cache) instead of running the 30-layer teacher again. sft needs no teacher.
 CACHE="$OUT/teacher_cache"
-if [ "${TEACHER_CACHE:-1}" = 1 ] && [ ! -f "$CACHE/manifest.json" ]; then
+USE_CACHE=${TEACHER_CACHE:-1}
+[ -z "$(echo "$METHODS" | tr ' ' '\n' | grep -vx sft)" ] && USE_CACHE=0  # sft alone never runs the teacher
+if [ "$USE_CACHE" = 1 ] && [ ! -f "$CACHE/manifest.json" ]; then
   echo "== teacher cache (last hidden states)"
   "$PYTHON" -m prefkd.teacher_cache experiment=demo_table "$@" cache.dir="$CACHE" cache.store=hidden \
     cache.progress=false
 fi
 CACHED=()
-[ "${TEACHER_CACHE:-1}" = 1 ] && CACHED=(trainer.teacher_cache="$CACHE")
+[ "$USE_CACHE" = 1 ] && CACHED=(trainer.teacher_cache="$CACHE")
 
 for method in $METHODS; do
   for seed in $SEEDS; do

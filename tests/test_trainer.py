@@ -34,6 +34,24 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert straight["last_train_loss"] == pytest.approx(second["last_train_loss"], rel=1e-6)
 
 
+def test_loader_workers_and_a_resume_across_epochs_change_nothing(tmp_path):
+    """Two DataLoader workers collating ahead train the very weights of collation in the training process, and a
+    run stopped at step 5 resumes onto them too, through the end of its epoch (the loader restarts at the epoch's
+    next batch, then at the next epoch's first)."""
+    common = ("loss=kd", "trainer.max_steps=7", "trainer.eval_every=1000", "dataset.source.n_train=24",
+              "trainer.dev_limit=8", "trainer.batch_size=2", "trainer.gradient_accumulation_steps=2")
+    inline = run(compose_cfg(*common), tmp_path / "inline")  # 24 examples / 4 per step: 6 steps an epoch
+    workers = run(compose_cfg(*common, "trainer.num_workers=2", "trainer.prefetch_factor=3"), tmp_path / "workers")
+    assert inline["epochs"] == workers["epochs"] == 1 and workers["steps"] == 7
+    assert_same_weights(weights(tmp_path / "inline"), weights(tmp_path / "workers"))
+    first = run(compose_cfg(*common, "trainer.num_workers=1", "trainer.stop_at_step=5"), tmp_path / "resumed")
+    assert first["steps"] == 5 and not first["finished"]
+    run(compose_cfg(*common, "trainer.num_workers=1"), tmp_path / "resumed")
+    assert_same_weights(weights(tmp_path / "inline"), weights(tmp_path / "resumed"))
+    with pytest.raises(ValueError, match="trainer.num_workers"):
+        run(compose_cfg(*common, "trainer.num_workers=-1"), tmp_path / "bad")
+
+
 def test_accumulation_equals_a_larger_batch(tmp_path):
     """docs/methods.md §2: loss sums are divided by the tokens of the whole optimizer step, not per micro-batch."""
     common = ("loss=kd", "trainer.max_steps=2", "dataset.source.n_train=32", "trainer.eval_every=1000",

@@ -41,8 +41,11 @@ NLL_METRICS = {"bpb": "bits per byte", "nll": "nats per token"}  # the NLL table
 EVAL_FOLDER = re.compile(r"eval([_-].*)?")  # an evaluation's own output folder: eval/, eval_nll/, eval-rouge/
 
 
+# bookkeeping: they do not split rows unless swept. trainer.teacher_cache: where the teacher's outputs come from,
+# exact with cache.store=hidden or k = V (sweep it to compare a top-k cache with the live teacher).
 NEUTRAL = ("logger", "trainer.num_threads", "trainer.log_every", "trainer.save_every", "trainer.keep_best",
-           "trainer.eval_batch_size", "trainer.stop_at_step")  # bookkeeping: they do not split rows unless swept
+           "trainer.eval_batch_size", "trainer.stop_at_step", "trainer.teacher_cache", "trainer.num_workers",
+           "trainer.prefetch_factor", "trainer.pin_memory")
 
 
 def neutral(key: str) -> bool:

@@ -4,8 +4,9 @@ hidden states, reference) and the trainer provides exactly that.
 Batches (docs/methods.md §2): the sampler yields one *global* batch per optimizer step (batch_size × processes ×
 accumulation examples). It is cut into micro-batches and each process takes its slice, so one process
 with batch 8 and two processes with batch 4 (or one with batch 4 and accumulation 2) see the same
-examples. Loss sums are divided by the number of units (response tokens, or sequences) of the whole
-global batch, counted before the first backward.
+examples. The DataLoader of :mod:`prefkd.training.loader` collates them (ahead, with workers). Loss sums are
+divided by the number of units (response tokens, or sequences) of the whole global batch, counted before the first
+backward.
 
 One step reads the host once: the loss, the token count and whether the loss and the gradient norm are finite come
 back together after the backward passes; every other metric stays on the device until a logging step.
@@ -25,11 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from prefkd.data.dataset import DistillDataset, collate
-from prefkd.data.sampler import GlobalBatchSampler, shard
+from prefkd.data.dataset import DistillDataset
+from prefkd.data.sampler import GlobalBatchSampler
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
+from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.optim import build_optimizer, build_scheduler
 from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_signals
@@ -105,6 +107,12 @@ class Trainer:
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
         self.teacher = CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else LiveTeacher(model)
         self._build_reference(student, teacher)
+        steps = StepSampler(self.sampler, self.micro, accelerator.process_index, world)
+        self.micro_per_step = steps.micro_per_step
+        self.loader = build_loader(train_set, steps, Collate(train_set, self.pad, self.teacher_pad,
+                                                             self.teacher.batch_fields, "train"),
+                                   num_workers=cfg.get("num_workers", 0), prefetch_factor=cfg.get("prefetch_factor", 2),
+                                   pin_memory=cfg.get("pin_memory", True))
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator,
                                              model=self.student, tokenizer=self.tokenizer, loss_module=self.loss,
@@ -165,10 +173,14 @@ class Trainer:
         return ModelOutputs(self.reference(**kwargs).logits, model=self.reference)
 
     def _batch(self, indices: list[int], dataset) -> dict:
-        make = getattr(dataset, "collate", collate)  # a dataset may bring its own (preference pairs: 2B rows)
-        batch = make([dataset[i] for i in indices], self.pad, self.teacher_pad)
-        batch.update(self.teacher.batch_fields("train" if dataset is self.train_set else "dev", indices))
-        return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """A dev micro-batch of ``indices``, on the device (training batches come from :attr:`loader`)."""
+        split = "train" if dataset is self.train_set else "dev"
+        return self._to_device(Collate(dataset, self.pad, self.teacher_pad, self.teacher.batch_fields, split)(
+            [(i, dataset[i]) for i in indices]))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over processes (a device collective; no host sync)."""
@@ -189,13 +201,11 @@ class Trainer:
         return dict(zip(names, totals.unbind()))
 
     # ---------------------------------------------------------------- one optimizer step
-    def train_step(self, global_batch: list[int]) -> StepResult:
-        """Forward and backward over this process's micro-batches of ``global_batch``, then the optimizer step
-        unless the loss or the gradient norm is not finite."""
-        acc, world, rank = self.acc, self.acc.num_processes, self.acc.process_index
-        per_micro = self.micro * world
-        batches = [self._batch(shard(global_batch[k:k + per_micro], rank, world), self.train_set)
-                   for k in range(0, len(global_batch), per_micro)]
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """Forward and backward over this process's micro-batches of one global batch (from :attr:`loader`), then
+        the optimizer step unless the loss or the gradient norm is not finite."""
+        acc, world = self.acc, self.acc.num_processes
+        batches = [self._to_device(b) for b in micro_batches]
         batch_units = [count_units(b, self.loss.needs.normalize_by) for b in batches]
         local = torch.stack([sum(batch_units), sum(b["attention_mask"].sum().to(torch.float64) for b in batches)])
         units, tokens = self._all_reduce(local).unbind()
@@ -300,14 +310,15 @@ class Trainer:
         with preemption_signals() as received, self._progress_bar() as bar:
             self._evaluate_at_start()
             while st.global_step < self.total_steps:
-                self.sampler.set_epoch(st.epoch)
-                batches = list(self.sampler)
-                for global_batch in batches[st.batches_in_epoch:]:
-                    self._record(self._timed_step(global_batch), bar)
+                self.sampler.set_epoch(st.epoch, start=st.batches_in_epoch)  # resume inside the epoch exactly
+                micro_batches = iter(self.loader)
+                for _ in range(st.batches_in_epoch, len(self.sampler)):
+                    step_batches = [next(micro_batches) for _ in range(self.micro_per_step)]
+                    self._record(self._timed_step(step_batches), bar)
                     last = st.global_step >= self.total_steps
                     signum = self._agreed_signal(received)
                     stop = st.global_step == self.cfg.stop_at_step or signum != 0
-                    end_of_epoch = self._count_batch(len(batches))
+                    end_of_epoch = self._count_batch(len(self.sampler))
                     self._evaluate_or_save(bar, due=end_of_epoch or last, save=stop)
                     if stop and not last:
                         return self._interrupt(signum)
@@ -327,9 +338,9 @@ class Trainer:
             self.checkpoints.after_eval(st, dev)
             self.tracker.log(dev, step=0)
 
-    def _timed_step(self, global_batch: list[int]) -> tuple[StepResult, float]:
+    def _timed_step(self, micro_batches: list[dict]) -> tuple[StepResult, float]:
         t0 = time.perf_counter()
-        result = self.train_step(global_batch)
+        result = self.train_step(micro_batches)
         return result, time.perf_counter() - t0
 
     def _record(self, timed: tuple[StepResult, float], bar) -> None:
