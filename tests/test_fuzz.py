@@ -34,7 +34,7 @@ from prefkd.align.parent_tokens import (
     response_parents,
     token_offsets,
 )
-from prefkd.data.dataset import DistillDataset, collate
+from prefkd.data.dataset import DistillDataset
 from prefkd.data.records import DataError
 from prefkd.data.tokenize import encode, tokenize_pair
 from prefkd.models.tiny import tiny_tokenizer
@@ -194,7 +194,7 @@ def test_distill_dataset_with_mined(pair, records, lim):
                                ex["teacher_labels"].tolist(), al)
         assert all(again[k][key].tolist() == ex[key].tolist() for key in ex)
     event("some positions aligned" if aligned else "nothing aligned")
-    batch = collate(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
+    batch = ds.collate(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
     assert batch["mined_teacher_index"].shape == batch["labels"].shape
     assert batch["input_ids"].shape[1] <= ml - 1 and batch["teacher_input_ids"].shape[1] <= ml - 1
 

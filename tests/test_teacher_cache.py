@@ -66,7 +66,6 @@ def test_hidden_rows_are_the_teacher_last_hidden_states(tmp_path):
     model whose logits are not head(h) is refused when the cache is built."""
     from hydra.utils import instantiate
 
-    from prefkd.data.dataset import collate
     from prefkd.training.datasets import build_datasets
 
     common = ("model=tiny", "loss=dskd_cma", *DATA)
@@ -75,7 +74,8 @@ def test_hidden_rows_are_the_teacher_last_hidden_states(tmp_path):
     loss, student, teacher = instantiate(cfg.loss), instantiate(cfg.student), instantiate(cfg.teacher)
     loss.setup(student.tokenizer, teacher.tokenizer)
     train, _ = build_datasets(cfg, instantiate(cfg.dataset.source), student, teacher, loss)
-    batch = collate([train[i] for i in (2, 5)], student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id)
+    batch = train.collate([train[i] for i in (2, 5)], student.tokenizer.pad_token_id,
+                          teacher.tokenizer.pad_token_id)
     m = batch["teacher_input_ids"].shape[1]
     with torch.no_grad():
         live = teacher.model.eval()(input_ids=batch["teacher_input_ids"],

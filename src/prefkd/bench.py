@@ -106,7 +106,7 @@ def _median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:
 def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.device, warmup: int,
                repeats: int, loss_overrides: list[str]) -> dict:
     """Times of one loss (see the module docstring)."""
-    from prefkd.data.dataset import DistillDataset, collate
+    from prefkd.data.dataset import DistillDataset
     from prefkd.losses.base import LossInputs, ModelOutputs
 
     loss = make_loss(name, loss_overrides)
@@ -117,7 +117,7 @@ def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.
                         max_length=shape["max_length"], precompute=loss.precompute,
                         precompute_version=loss.precompute_version, use_cache=False)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in
-             collate(list(ds), student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id).items()}
+             ds.collate(list(ds), student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id).items()}
     hidden = loss.needs.hidden_states
     params = [p for p in student.model.parameters() if p.requires_grad]
     params += [p for m in loss.trainable_modules() for p in m.parameters()]

@@ -46,7 +46,6 @@ def load_checkpoint(checkpoint: str, student, losses: dict) -> None:
 
 def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """name -> {value, norm, cos} for every term and difference of ``cfg.terms`` / ``cfg.differences``."""
-    from prefkd.data.dataset import collate
     from prefkd.losses.base import LossInputs, ModelOutputs
 
     if not cfg.get("terms"):
@@ -69,7 +68,7 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     _, dev = build_datasets(cfg, splits, student, teacher, data_loss)
     if dev is None:
         raise ValueError("the dataset has no dev split: set dataset.source.dev_size (or a dev file)")
-    batch = collate([dev[i] for i in range(min(cfg.examples, len(dev)))], student.tokenizer.pad_token_id,
+    batch = dev.collate([dev[i] for i in range(min(cfg.examples, len(dev)))], student.tokenizer.pad_token_id,
                     teacher.tokenizer.pad_token_id)
     model = student.model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ import torch
 from rapidfuzz.distance import Levenshtein
 
 from prefkd.align import MinEDAligner, alignment_rate, build_vocab_map, strip_marker, word_start_marker
-from prefkd.data.dataset import DistillDataset, collate
+from prefkd.data.dataset import DistillDataset
 from prefkd.data.records import read_jsonl
 from prefkd.data.tokenize import TokenizedExample
 from prefkd.utils.labels import IGNORE_INDEX
@@ -96,7 +96,7 @@ def test_alignment_rate_is_high_for_the_real_pairs(aligned):
     rate = alignment_rate(ds)
     assert rate > 0.7
     assert rate == pytest.approx(aligner.alignment_rate)
-    assert alignment_rate(collate(list(ds)[:8], 0, 0)) == pytest.approx(alignment_rate(list(ds)[:8]))
+    assert alignment_rate(ds.collate(list(ds)[:8], 0, 0)) == pytest.approx(alignment_rate(list(ds)[:8]))
 
 
 def test_equals_the_naive_reference_of_the_spec(aligned):
@@ -109,7 +109,7 @@ def test_equals_the_naive_reference_of_the_spec(aligned):
 
 def test_collate_pads_with_ignore_index(aligned):
     *_, ds = aligned
-    batch = collate([ds[0], ds[1], ds[2]], 0, 0)
+    batch = ds.collate([ds[0], ds[1], ds[2]], 0, 0)
     idx = batch["mined_teacher_index"]
     assert idx.shape == batch["labels"].shape
     assert (idx[batch["attention_mask"] == 0] == IGNORE_INDEX).all()

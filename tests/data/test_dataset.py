@@ -153,11 +153,13 @@ def test_precompute_fields_are_cached_and_padded(real_tokenizer, records, tmp_pa
                 "cost": torch.rand(n, len(teacher.input_ids)),  # a dense 2-D field
                 "weight": [0.5] * n, "prompt_len": student.prompt_length}
 
+    align.pad_values = {"teacher_index": -100, "span_idx": -100}  # declared; "weight" and "cost" pad with 0
+
     ds = build(records[:4], gpt2, qwen, tmp_path, precompute=align)
     assert ds[0]["span_idx"].shape == (ds.lengths[0], 3) and ds[0]["span_idx"][0].tolist() == [0, -100, -100]
     cached = build(records[:4], gpt2, qwen, tmp_path, precompute=align)
     assert cached.from_cache and torch.equal(cached[2]["cost"], ds[2]["cost"])
-    batch = collate([ds[i] for i in range(4)], gpt2.pad_token_id, qwen.pad_token_id)
+    batch = ds.collate([ds[i] for i in range(4)], gpt2.pad_token_id, qwen.pad_token_id)
     n, m = batch["input_ids"].shape[1], batch["teacher_input_ids"].shape[1]
     assert batch["teacher_index"].shape == (4, n) and batch["span_idx"].shape == (4, n, 3)
     assert batch["cost"].shape == (4, n, m) and batch["cost"].dtype == torch.float32
@@ -166,7 +168,10 @@ def test_precompute_fields_are_cached_and_padded(real_tokenizer, records, tmp_pa
     k = ds.lengths[short]
     assert batch["teacher_index"][short, k:].eq(-100).all() and batch["span_idx"][short, k:].eq(-100).all()
     assert batch["weight"][short, k:].eq(0).all() and batch["cost"][short, k:].eq(0).all()
-    assert pad_value("labels") == pad_value("x_labels") == pad_value("x_idx") == -100 and pad_value("x_mask") == 0
+    assert pad_value("labels") == pad_value("teacher_labels") == -100 and pad_value("x_idx") == 0  # no name rule
+    assert pad_value("x_idx", {"x_idx": -1}) == -1 and pad_value("labels", {"labels": 5}) == -100
+    with pytest.raises(ValueError, match="dataset.collate"):  # a precompute field needs its declared padding
+        collate([ds[i] for i in range(4)], gpt2.pad_token_id, qwen.pad_token_id)
 
     with pytest.raises(ValueError, match="reserved"):
         build(records[:2], gpt2, qwen, tmp_path, precompute=lambda *a: {"labels": [1]})

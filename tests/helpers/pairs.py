@@ -9,7 +9,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from prefkd.data.dataset import DistillDataset, collate
+from prefkd.data.dataset import DistillDataset
 from prefkd.data.embedded import generate_records
 from prefkd.data.records import read_jsonl
 from prefkd.losses.base import LossInputs, ModelOutputs
@@ -66,7 +66,7 @@ def pair_batch(bundles, precompute=None, version="1", max_prompt_length=24, max_
     t, s, records = bundles
     ds = DistillDataset(records, s.tokenizer, t.tokenizer, max_prompt_length=max_prompt_length,
                         max_length=max_length, precompute=precompute, precompute_version=version, use_cache=False)
-    batch = collate(list(ds), s.tokenizer.pad_token_id, t.tokenizer.pad_token_id)
+    batch = ds.collate(list(ds), s.tokenizer.pad_token_id, t.tokenizer.pad_token_id)
     with torch.no_grad():
         t_logits = t.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
         s_logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -119,12 +119,13 @@ def model_inputs(student, teacher, records, max_prompt_length=24, max_length=48,
                  precompute_version="1") -> LossInputs:
     """Both models' real forward passes on a collated batch (built with a loss's ``precompute`` hook, if given);
     the student's logits and hidden states become fresh leaves."""
-    from prefkd.data.dataset import DistillDataset, collate
+    from prefkd.data.dataset import DistillDataset
 
     ds = DistillDataset(records, student.tokenizer, teacher.tokenizer, max_prompt_length=max_prompt_length,
                         max_length=max_length, precompute=precompute, precompute_version=precompute_version,
                         use_cache=False)
-    batch = collate([ds[i] for i in range(len(ds))], student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id)
+    batch = ds.collate([ds[i] for i in range(len(ds))], student.tokenizer.pad_token_id,
+                       teacher.tokenizer.pad_token_id)
     with torch.no_grad():
         so = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            output_hidden_states=True)

@@ -341,12 +341,12 @@ def predicted_tokens(batch, e: int, side: str, include_prompt: bool) -> list[int
 
 
 def real_batch(loss: MCWKDLoss, t_tok, s_tok, records, max_prompt_length=24, max_length=48):
-    from prefkd.data.dataset import DistillDataset, collate
+    from prefkd.data.dataset import DistillDataset
 
     loss.setup(s_tok, t_tok)
     ds = DistillDataset(records, s_tok, t_tok, max_prompt_length=max_prompt_length, max_length=max_length,
                         precompute=loss.precompute, precompute_version=loss.precompute_version, use_cache=False)
-    return collate(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
+    return ds.collate(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
 
 
 MARKERS = {"gpt2": "Ġ", "qwen1.5": "Ġ", "mistral": "▁", "tinyllama": "▁"}

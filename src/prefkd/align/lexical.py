@@ -37,6 +37,8 @@ def point_tokens(example, include_prompt: bool) -> list[int]:
 class LexicalCost:
     """Precompute hook (:class:`prefkd.data.dataset.DistillDataset`): ``{"lex_cost": m_pts × n_pts fp16}``."""
 
+    pad_values = {FIELD: 0.0}  # padded rows and columns cost 0 (the OT terms mask them)
+
     def __init__(self, teacher_tokenizer, student_tokenizer, include_prompt: bool = False):
         from prefkd.ot.costs import normalized_edit_distance_matrix  # needs rapidfuzz (the align extra)
 

@@ -47,6 +47,7 @@ VERSION = "mined-align-1"  # bump when the alignment rule changes
 
 class MinEDAligner:
     """Precompute hook: ``aligner(record, student_ex, teacher_ex, student_tok, teacher_tok) -> dict``.
+    Its field pads with -100 (``pad_values``: no alignment).
 
     ``vocab_map`` ``{teacher_id: student_id}``; default: :func:`load_or_build_vocab_map` (cached on disk).
     A partial map is allowed (unmapped teacher tokens are never aligned). Attributes: ``t2s`` (dict),
@@ -55,6 +56,8 @@ class MinEDAligner:
     seen and aligned by this instance; a dataset loaded from its cache runs no hook, so use
     :func:`alignment_rate` on the data for the rate).
     """
+
+    pad_values = {FIELD: IGNORE_INDEX}  # collate pads mined_teacher_index with "no teacher position"
 
     def __init__(self, teacher_tok, student_tok, vocab_map: Mapping[int, int] | None = None,
                  top_k: int | None = None):

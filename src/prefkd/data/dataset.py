@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +117,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- padding
-def pad_value(key: str) -> int:
-    """The padding rule of precompute fields: ``*labels`` and ``*_index`` / ``*_idx`` pad with -100, else 0."""
-    return IGNORE_INDEX if key == "labels" or key.endswith(("_labels", "_index", "_idx")) else 0
+BUILTIN_PADS = {"labels": IGNORE_INDEX, "teacher_labels": IGNORE_INDEX}  # and the pad ids for the *input_ids
+
+
+def pad_value(key: str, declared: Mapping[str, float] | None = None) -> float:
+    """The padding value of a field: the labels' -100, else what the precompute hook declares for it
+    (``hook.pad_values = {field: value}``), else 0."""
+    if key in BUILTIN_PADS:
+        return BUILTIN_PADS[key]
+    return (declared or {}).get(key, 0)
 
 
 def pad_stack(values: Sequence, value: float) -> torch.Tensor:
@@ -140,14 +146,14 @@ def pad_stack(values: Sequence, value: float) -> torch.Tensor:
     return out
 
 
-def _to_tensor(value: Any, key: str) -> torch.Tensor:
-    """A precompute value as a tensor: scalars 0-d, lists 1-D, lists of lists 2-D (ragged rows padded)."""
+def _to_tensor(value: Any, pad: float = 0) -> torch.Tensor:
+    """A precompute value as a tensor: scalars 0-d, lists 1-D, lists of lists 2-D (ragged rows padded with ``pad``)."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if hasattr(value, "__array__") and not isinstance(value, (list, tuple)):
         return torch.as_tensor(value)
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor)):
-        return pad_stack([_to_tensor(v, key) for v in value], pad_value(key))
+        return pad_stack([_to_tensor(v, pad) for v in value], pad)
     t = torch.tensor(value)
     return t.long() if t.numel() == 0 else t
 
@@ -167,7 +173,8 @@ class DistillDataset(Dataset):
     ``precompute(record, student, teacher, student_tokenizer, teacher_tokenizer) -> dict`` gets the two
     :class:`~prefkd.data.tokenize.TokenizedExample` s (``teacher`` is None without a teacher tokenizer;
     ``.input_ids``, ``.labels``, ``.full_ids``, ``.prompt_length``, ``.response_ids``) and returns extra
-    fields (tensors, lists or lists of lists); :func:`collate` pads them by :func:`pad_value`.
+    fields (tensors, lists or lists of lists). The hook declares how they pad (``hook.pad_values = {field:
+    value}``, 0 when not declared); :meth:`collate` pads them so.
 
     Cache: ``cache_dir`` (default :func:`default_cache_dir`) / ``<key>.pt`` with the key of
     :func:`cache_key`; ``use_cache=False`` neither reads nor writes it. ``from_cache`` says whether this
@@ -184,6 +191,7 @@ class DistillDataset(Dataset):
         self.teacher_tokenizer = ensure_pad_token(teacher_tokenizer) if teacher_tokenizer is not None else None
         self.max_prompt_length, self.max_length = max_prompt_length, max_length
         self.precompute, self.precompute_version = precompute, str(precompute_version)
+        self.pad_values = dict(getattr(precompute, "pad_values", None) or {})  # the hook's fields' padding values
         self.key = cache_key(self.records, self.student_tokenizer, self.teacher_tokenizer, max_prompt_length,
                              max_length, precompute, self.precompute_version)
         # the token ids alone, without the precompute hook's fields: what a teacher cache depends on (any loss)
@@ -259,7 +267,7 @@ class DistillDataset(Dataset):
         if clash:
             raise ValueError(f"precompute hook {hook_name(self.precompute)} returned reserved field(s) {clash}; "
                              f"rename them (reserved: {', '.join(RESERVED)}).")
-        return {key: _to_tensor(value, key) for key, value in extra.items()}
+        return {key: _to_tensor(value, pad_value(key, self.pad_values)) for key, value in extra.items()}
 
     def _warn_truncation(self) -> None:
         s = self.stats
@@ -279,6 +287,11 @@ class DistillDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.examples[index]
 
+    def collate(self, examples: Sequence[dict], student_pad_id: int | None,
+                teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
+        """:func:`collate` with this dataset's precompute hook's padding values."""
+        return collate(examples, student_pad_id, teacher_pad_id, self.pad_values)
+
     @property
     def lengths(self) -> list[int]:
         """Student sequence length (``len(input_ids)``) per example, for length grouping."""
@@ -291,13 +304,14 @@ class DistillDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- batching
-def collate(examples: Sequence[dict], student_pad_id: int | None,
-            teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[dict], student_pad_id: int | None, teacher_pad_id: int | None = None,
+            pad_values: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples to the longest of the batch.
 
     Returns B×n ``input_ids`` (pad id), ``attention_mask`` (1 on tokens), ``labels`` (-100 on padding);
     with teacher fields B×m ``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``; every
-    other field stacked and padded on all dims by :func:`pad_value` of its name.
+    other field stacked and padded on all dims with :func:`pad_value` (``pad_values``: the precompute hook's; a
+    precompute field without ``pad_values`` is an error, so that no index pads with a valid position by mistake).
     """
     if not examples:
         raise ValueError("collate got an empty list of examples")
@@ -318,6 +332,9 @@ def collate(examples: Sequence[dict], student_pad_id: int | None,
             mask = pad_stack([torch.ones(len(v), dtype=torch.long) for v in values], 0)
             out["attention_mask" if key == "input_ids" else "teacher_attention_mask"] = mask
         elif key not in ("attention_mask", "teacher_attention_mask"):
-            out[key] = pad_stack(values, pad_value(key))
+            if pad_values is None and key not in BUILTIN_PADS:
+                raise ValueError(f"collate: field {key!r} comes from a precompute hook, which declares its padding "
+                                 f"value; batch with the dataset's own dataset.collate(...) or pass pad_values")
+            out[key] = pad_stack(values, pad_value(key, pad_values))
     return out
 

@@ -75,7 +75,6 @@ def write_split(dataset, teacher_model, out_dir: Path, split: str, top_k: int, b
                 shard_size: int = 1000, progress: bool = True, store: str = "topk") -> dict:
     """Run ``teacher_model`` over ``dataset`` (a DistillDataset with teacher fields) and write the split's shards:
     top-k log-probs (``store="topk"``) or last hidden states (``store="hidden"``). Returns the manifest entry."""
-    from prefkd.data.dataset import collate
 
     device = next(teacher_model.parameters()).device
     teacher_model.eval()
@@ -87,7 +86,7 @@ def write_split(dataset, teacher_model, out_dir: Path, split: str, top_k: int, b
         tensors, lengths = {}, []
         for b0 in range(s0, min(s0 + shard_size, n), batch_size):
             ids = list(range(b0, min(b0 + batch_size, s0 + shard_size, n)))
-            batch = collate([dataset[i] for i in ids], dataset.student_tokenizer.pad_token_id, t_pad)
+            batch = dataset.collate([dataset[i] for i in ids], dataset.student_tokenizer.pad_token_id, t_pad)
             mask = batch["teacher_attention_mask"].bool().to(device)
             out = teacher_model(input_ids=batch["teacher_input_ids"].to(device), attention_mask=mask.long(),
                                 output_hidden_states=store == "hidden", use_cache=False)
