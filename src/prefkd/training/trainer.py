@@ -86,17 +86,8 @@ class Trainer:
         self.tokenizer = student.tokenizer
         self.pad = student.tokenizer.pad_token_id
         self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
-        world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
         self.micro = cfg.batch_size
-        self.sampler = GlobalBatchSampler(train_set.lengths, global_batch_size=cfg.batch_size * world * accum,
-                                          seed=cfg.seed, shuffle=True, group_by_length=cfg.group_by_length,
-                                          drop_last=True)
-        if len(self.sampler) == 0:
-            raise ValueError(f"the training set has {len(train_set)} examples, fewer than one optimizer step's "
-                             f"{cfg.batch_size * world * accum} (batch_size × processes × "
-                             f"gradient_accumulation_steps).")
-        self.total_steps = cfg.max_steps or cfg.max_epochs * len(self.sampler)
-
+        self._build_sampler()
         self.loss.to(accelerator.device)
         model = torch.compile(student.model) if cfg.compile else student.model
         optimizer = build_optimizer(model, loss, cfg)
@@ -107,12 +98,7 @@ class Trainer:
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
         self.teacher = CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else LiveTeacher(model)
         self._build_reference(student, teacher)
-        steps = StepSampler(self.sampler, self.micro, accelerator.process_index, world)
-        self.micro_per_step = steps.micro_per_step
-        self.loader = build_loader(train_set, steps, Collate(train_set, self.pad, self.teacher_pad,
-                                                             self.teacher.batch_fields, "train"),
-                                   num_workers=cfg.get("num_workers", 0), prefetch_factor=cfg.get("prefetch_factor", 2),
-                                   pin_memory=cfg.get("pin_memory", True))
+        self._build_loader()
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator,
                                              model=self.student, tokenizer=self.tokenizer, loss_module=self.loss,
@@ -120,6 +106,27 @@ class Trainer:
                                              metric=select_metric(cfg), keep_best=cfg.keep_best)
         self.guard = NonFiniteGuard(accelerator, self.optimizer, cfg.max_nonfinite_in_a_row)
         self._window = {"tokens": 0.0, "seconds": 0.0}  # tokens and step time since the last train log
+
+    def _build_sampler(self) -> None:
+        """The global batches (:class:`GlobalBatchSampler`) and the optimizer steps of the run."""
+        cfg, world = self.cfg, self.acc.num_processes
+        size = cfg.batch_size * world * cfg.gradient_accumulation_steps
+        self.sampler = GlobalBatchSampler(self.train_set.lengths, global_batch_size=size, seed=cfg.seed, shuffle=True,
+                                          group_by_length=cfg.group_by_length, drop_last=True)
+        if len(self.sampler) == 0:
+            raise ValueError(f"the training set has {len(self.train_set)} examples, fewer than one optimizer step's "
+                             f"{size} (batch_size × processes × gradient_accumulation_steps).")
+        self.total_steps = cfg.max_steps or cfg.max_epochs * len(self.sampler)
+
+    def _build_loader(self) -> None:
+        """The DataLoader of this process's micro-batches (:mod:`prefkd.training.loader`)."""
+        cfg = self.cfg
+        steps = StepSampler(self.sampler, self.micro, self.acc.process_index, self.acc.num_processes)
+        self.micro_per_step = steps.micro_per_step
+        collate_fn = Collate(self.train_set, self.pad, self.teacher_pad, self.teacher.batch_fields, "train")
+        self.loader = build_loader(self.train_set, steps, collate_fn, num_workers=cfg.get("num_workers", 0),
+                                   prefetch_factor=cfg.get("prefetch_factor", 2),
+                                   pin_memory=cfg.get("pin_memory", True))
 
     # ---------------------------------------------------------------- forward
     def _forward(self, batch: dict) -> LossOutput:
