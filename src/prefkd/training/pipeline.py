@@ -82,23 +82,22 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     set_seed(tcfg.seed)
 
     loss = instantiate(cfg.loss)
-    student = instantiate(cfg.student)
-    teacher, cache = None, None
+    cache = None  # a teacher cache is read and checked against the loss before any model loads
     if tcfg.get("teacher_cache") and loss.needs.teacher:
         cache = TeacherCache(tcfg.teacher_cache)
         check_cache_serves(cache, loss, cfg.loss._target_)
-        if cache.store == "hidden":  # the teacher's head and embeddings are read, its body never runs
-            teacher = instantiate(cfg.teacher)
-            if teacher.name != cache.teacher:
-                raise ValueError(f"trainer.teacher_cache={tcfg.teacher_cache} holds {cache.teacher}'s hidden states, "
-                                 f"but this run's teacher is {teacher.name}: rebuild the cache or pick that teacher")
-        else:
-            teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
-    elif loss.needs.teacher or loss.needs.reference == "teacher":
+    student = instantiate(cfg.student)
+    teacher = None
+    if cache is not None and cache.store == "topk":
+        teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
+    elif loss.needs.teacher or loss.needs.reference == "teacher":  # live, or a hidden-state cache (head, embeddings)
         if not has_target(cfg.get("teacher")):
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
         teacher = instantiate(cfg.teacher)
+        if cache is not None and teacher.name != cache.teacher:
+            raise ValueError(f"trainer.teacher_cache={tcfg.teacher_cache} holds {cache.teacher}'s hidden states, "
+                             f"but this run's teacher is {teacher.name}: rebuild the cache or pick that teacher")
     loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
     loss.build(student.model, teacher.model if teacher else None)
     splits = instantiate(cfg.dataset.source)

@@ -124,9 +124,8 @@ class Trainer:
         steps = StepSampler(self.sampler, self.micro, self.acc.process_index, self.acc.num_processes)
         self.micro_per_step = steps.micro_per_step
         collate_fn = Collate(self.train_set, self.pad, self.teacher_pad, self.teacher.batch_fields, "train")
-        self.loader = build_loader(self.train_set, steps, collate_fn, num_workers=cfg.get("num_workers", 0),
-                                   prefetch_factor=cfg.get("prefetch_factor", 2),
-                                   pin_memory=cfg.get("pin_memory", True))
+        self.loader = build_loader(self.train_set, steps, collate_fn, num_workers=cfg.num_workers,
+                                   prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory)
 
     # ---------------------------------------------------------------- forward
     def _forward(self, batch: dict) -> LossOutput:
