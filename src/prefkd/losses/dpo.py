@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.logps import (
     parent_mask,
     parent_sums,
@@ -29,7 +29,6 @@ from prefkd.losses.logps import (
     weighted_sums,
 )
 from prefkd.losses.preference import dpo_loss, dpo_margin, ipo_loss, kd_tisdpo_loss, preference_metrics, tisdpo_loss
-from prefkd.utils.labels import IGNORE_INDEX
 
 REFERENCES = ("initial", "teacher", "precomputed")
 
@@ -111,7 +110,7 @@ class TISDPOLoss(DistillationLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch = inputs.batch
-        labels, mask = batch["labels"], batch["labels"].ne(IGNORE_INDEX)
+        labels, mask = batch["labels"], response_mask(batch["labels"])
         ref = _reference(inputs, self.name)
         weights = tokens_from_parents(batch["parent_weight"], batch["parent_index"])
         if self.token_kl:
@@ -207,7 +206,7 @@ class TISDPOKDAlignLoss(KDTISDPOLoss):
             student=ModelOutputs(inputs.student.logits[:b], inputs.student.hidden[:b], inputs.student.model),
             teacher=ModelOutputs(inputs.teacher.logits[:b], inputs.teacher.hidden[:b], inputs.teacher.model))
         out = self.cma(chosen)
-        scale = b / chosen.batch["labels"].ne(IGNORE_INDEX).sum().clamp_min(1)
+        scale = b / response_mask(chosen.batch["labels"]).sum().clamp_min(1)
         loss = loss + self.alpha * scale * out.loss
         metrics.update({f"cma/{k}": (v * scale).to(loss.dtype) for k, v in out.metrics.items()})
         return LossOutput(loss, metrics)

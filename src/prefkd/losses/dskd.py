@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import cross_model_attention, ensure_projectors, fp32_region, project, projector_shapes
-from prefkd.utils.labels import IGNORE_INDEX
 
 METRICS = ("ce", "kd", "ce_t2s", "kd_stu", "kd_tea", "t2s_acc")
 STUDENT_SIDE = ("ce", "ce_t2s", "kd_stu", "t2s_acc")  # the metrics summed by the student-side pass
@@ -143,14 +142,14 @@ class _DualSpaceLoss(DistillationLoss):
             return kd_tea * (0.0 if pretrain else rate), {"kd_tea": kd_tea}
 
         s_logits = student.logits.detach() if pretrain else student.logits
-        out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), batch["labels"].ne(IGNORE_INDEX), batch["labels"],
+        out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), response_mask(batch["labels"]), batch["labels"],
                                 chunk_size=self.chunk_size, features=features, terms=STUDENT_SIDE)
         loss, values, metrics = out if features is not None else (out[0], None, out[1])
         metrics["kd_tea"] = torch.zeros_like(loss.detach())
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
             tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs,
-                                                      batch["teacher_labels"].ne(IGNORE_INDEX), teacher.logits,
+                                                      response_mask(batch["teacher_labels"]), teacher.logits,
                                                       chunk_size=self.chunk_size, terms=("kd_tea",))
             loss = loss + tea_loss
             metrics["kd_tea"] = tea_metrics["kd_tea"].to(loss.dtype)

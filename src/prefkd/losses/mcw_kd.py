@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prefkd.losses.base import LossInputs, LossOutput
+from prefkd.losses.base import LossInputs, LossOutput, response_mask
 from prefkd.losses.chunked import RowFeatures
 from prefkd.losses.dskd import DSKDCMALoss
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
@@ -67,7 +67,6 @@ from prefkd.ot import (
     scale_cost,
     sinkhorn,
 )
-from prefkd.utils.labels import IGNORE_INDEX
 
 LOGITS_COSTS = ("euclidean", "kl", "salience")
 HIDDEN_COSTS = ("lexical", "context_euclidean", "context_cosine", "euclidean")
@@ -194,7 +193,7 @@ class MCWKDLoss(DSKDCMALoss):
             s_pts = Clouds(batch["attention_mask"].bool())
             t_pts = Clouds(batch["teacher_attention_mask"].to(t_labels.device).bool())
         else:
-            s_pts, t_pts = Clouds(labels.ne(IGNORE_INDEX)), Clouds(t_labels.ne(IGNORE_INDEX))
+            s_pts, t_pts = Clouds(response_mask(labels)), Clouds(response_mask(t_labels))
         k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
         features = None
         dual_only = self.pretrain_projectors or self.warming_up(inputs)  # no OT terms (module docstring)
@@ -205,7 +204,7 @@ class MCWKDLoss(DSKDCMALoss):
         if dual_only:
             return LossOutput(loss=loss, metrics=metrics)
 
-        n_b = labels.ne(IGNORE_INDEX).sum(1).to(loss.dtype)  # student response tokens per example
+        n_b = response_mask(labels).sum(1).to(loss.dtype)  # student response tokens per example
         means: dict[str, torch.Tensor] = {}  # per-batch values (LossOutput.means), not sums
         with fp32_region(loss.device):
             x_t = self.ot_projectors["hidden"](t_pts.pack(teacher.hidden.detach()).float())  # B×m×d_s

@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import torch
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import cross_entropy
 from prefkd.losses.uld import response_alignment
 from prefkd.ot import sinkhorn
-from prefkd.utils.labels import IGNORE_INDEX
 
 STD_FLOOR = 1e-6  # per-token std clamp (a constant row would divide by zero)
 
@@ -112,7 +111,7 @@ class MultiLevelOTLoss(DistillationLoss):
         teacher = require_teacher(inputs, "multilevel_ot", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
         s_logits = student.logits
-        mask = labels.ne(IGNORE_INDEX)
+        mask = response_mask(labels)
         partner = response_alignment(labels, t_labels.to(labels.device))
         aligned = partner.ge(0)
         bsz, n = labels.shape

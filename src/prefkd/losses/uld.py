@@ -37,10 +37,9 @@ from typing import Literal
 
 import torch
 
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
 from prefkd.losses.chunked import chunked_token_loss
 from prefkd.losses.divergences import cross_entropy
-from prefkd.utils.labels import IGNORE_INDEX
 
 MIXES = ("dskd", "paper")
 
@@ -51,7 +50,7 @@ def response_alignment(labels: torch.Tensor, teacher_labels: torch.Tensor) -> to
 
     labels B×n, teacher_labels B×m (−100 = no target). Vectorised: ranks are ``cumsum(mask) − 1``.
     """
-    mask_s, mask_t = labels.ne(IGNORE_INDEX), teacher_labels.ne(IGNORE_INDEX)
+    mask_s, mask_t = response_mask(labels), response_mask(teacher_labels)
     b, m = teacher_labels.shape
     rank_s, rank_t = mask_s.long().cumsum(1) - 1, mask_t.long().cumsum(1) - 1
     n_t = mask_t.sum(1, keepdim=True)
@@ -112,7 +111,7 @@ class ULDLoss(DistillationLoss):
         batch, student = inputs.batch, inputs.student
         teacher = require_teacher(inputs, "uld", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
-        mask = labels.ne(IGNORE_INDEX)
+        mask = response_mask(labels)
         partner = response_alignment(labels, t_labels.to(labels.device))
         aligned = partner.ge(0)
         if self.mix == "dskd":
