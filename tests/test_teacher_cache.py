@@ -118,3 +118,5 @@ def test_mismatched_data_and_model_losses_are_refused(tmp_path):
         quick_run(compose_cfg("model=tiny", "loss=dskd_cma", *DATA, f"trainer.teacher_cache={cache}"), tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="prefkd.teacher_cache"):
         TeacherCache(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="cache.store='logits'"):  # before any model loads
+        make_cache(tmp_path / "bad", "model=tiny_same", "loss=kd", *DATA, "cache.store=logits")

@@ -69,8 +69,6 @@ class Collate:
 def build_loader(dataset, steps: StepSampler, collate_fn: Collate, *, num_workers: int = 0,
                  prefetch_factor: int | None = 2, pin_memory: bool = False) -> DataLoader:
     """The DataLoader of :mod:`prefkd.training.loader`; ``pin_memory`` only takes effect with a GPU."""
-    if num_workers < 0:
-        raise ValueError(f"trainer.num_workers={num_workers}: use 0 (collate in the training process) or more")
     return DataLoader(_Indexed(dataset), batch_sampler=steps, collate_fn=collate_fn, num_workers=num_workers,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None,
                       pin_memory=pin_memory and torch.cuda.is_available())

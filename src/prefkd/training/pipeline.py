@@ -71,6 +71,9 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
     check_required(cfg)
     check_final_eval(cfg)  # a wrong evaluation setting fails now, not after training
+    if cfg.trainer.num_workers < 0:
+        raise ValueError(f"trainer.num_workers={cfg.trainer.num_workers}: use 0 (collate in the training process) "
+                         f"or more")
 
     tcfg = cfg.trainer
     set_num_threads(tcfg.num_threads)

@@ -202,6 +202,9 @@ def build(cfg) -> Path:
 
     from prefkd.training.datasets import build_datasets
 
+    store = cfg.cache.get("store", "topk")
+    if store not in ("topk", "hidden"):  # before any model loads
+        raise ValueError(f"cache.store={store!r}: valid values are 'topk' (log-probs) and 'hidden' (hidden states)")
     out = Path(cfg.cache.dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     loss = instantiate(cfg.loss)
@@ -210,9 +213,6 @@ def build(cfg) -> Path:
     train, dev = build_datasets(cfg, instantiate(cfg.dataset.source), student, teacher, loss)
     teacher.model.to(resolve_device(cfg.cache.device))
     splits = {}
-    store = cfg.cache.get("store", "topk")
-    if store not in ("topk", "hidden"):
-        raise ValueError(f"cache.store={store!r}: valid values are 'topk' (log-probs) and 'hidden' (hidden states)")
     for split, ds in (("train", train), ("dev", dev)):
         if ds is not None:
             splits[split] = write_split(ds, teacher.model, out, split, int(cfg.cache.top_k),
