@@ -6,6 +6,9 @@ EXTRAS ?= dev,eval,gguf,align,sweep
 PYTEST_WORKERS ?= auto
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The configs' ${shared_dir:} (evaluation sets, the demo table's data, real tokenizers): the project's shared/ folder
+# beside the clone when PREFKD_SHARED is unset and that folder exists (else ~/.cache/prefkd).
+export PREFKD_SHARED ?= $(if $(wildcard ../shared/.),$(abspath ../shared),)
 
 .PHONY: setup lint test test-fast demo clean
 

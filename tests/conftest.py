@@ -20,6 +20,9 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["PREFKD_CACHE"] = tempfile.mkdtemp(prefix="prefkd-test-cache-")
+    beside = Path(__file__).resolve().parents[2] / "shared"  # a clone with the project's shared/ folder beside it
+    if not os.environ.get("PREFKD_SHARED") and beside.is_dir():
+        os.environ["PREFKD_SHARED"] = str(beside)  # what ${shared_dir:} in the configs resolves to
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -86,8 +86,8 @@ def test_kd_on_different_tokenizers_runs_with_mined(tmp_path):
 
 def test_two_processes_equal_one_process(tmp_path):
     """docs/methods.md §2: two processes with batch 4 (gloo on CPU) = one process with batch 8: same loss, same
-    weights."""
-    common = ("model=tiny_same", "loss=kd", "trainer.max_steps=3", "logger=none", "trainer.device=cpu",
+    weights, the loss's projectors included (they sit inside the module DDP wraps, with the student)."""
+    common = ("model=tiny_same", "loss=dskd", "trainer.max_steps=3", "logger=none", "trainer.device=cpu",
               "trainer.eval_every=1000", "trainer.eval_at_start=false")
     two = train(*common, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path,
                 launcher=[str(TORCHRUN), "--nproc_per_node", "2", "--master_port", free_port()])
@@ -97,10 +97,12 @@ def test_two_processes_equal_one_process(tmp_path):
     s1, s2 = (json.loads((tmp_path / d / "train_summary.json").read_text()) for d in ("one", "two"))
     assert s1["first_train_loss"] == pytest.approx(s2["first_train_loss"], rel=1e-6)
     assert s1["last_train_loss"] == pytest.approx(s2["last_train_loss"], rel=1e-6)
-    a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    for name in ("model.safetensors", "projectors.safetensors"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / name))
+        b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / name))
+        assert a.keys() == b.keys() and a, name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):

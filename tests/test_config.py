@@ -89,3 +89,15 @@ def test_every_pair_with_every_dataset(preset, dataset):
 
     params = inspect.signature(target).parameters
     assert all(k in params for k in cfg.dataset.source if k != "_target_"), (preset, dataset)
+
+
+def test_nothing_in_src_config_or_the_readme_points_outside_the_repository():
+    """A user's clone has no folder beside it: data and tokenizers come from ${shared_dir:} (PREFKD_SHARED), and
+    formulas are cited from docs/methods.md, not from a spec outside the repository."""
+    root = Path(config_dir()).parent
+    outside = re.compile(r"\.\./shared|repo_dir:\}/\.\.|SPEC\.md|SPEC §|SPEC's")
+    files = [*root.glob("src/prefkd/**/*.py"), *root.glob("config/**/*.yaml"), root / "README.md"]
+    assert len(files) > 50
+    offenders = [f"{path.relative_to(root)}: {m.group(0)}" for path in files
+                 for m in [outside.search(path.read_text(encoding="utf-8"))] if m]
+    assert not offenders

@@ -37,3 +37,24 @@ def test_the_default_loss_is_the_weighted_sum_of_its_terms():
 def test_an_empty_term_list_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match="terms"):
         term_gradients(compose_cfg("~terms", "~differences"))
+
+
+def test_dskd_cma_projectors_load_from_an_mcw_kd_checkpoint_and_back():
+    """An MCW-KD checkpoint keeps DSKD-CMA's projectors under ``dual_space.``; the dskd_cma variants of a term-gradient
+    comparison read them, and the other way round. A checkpoint with nothing of the loss's is refused."""
+    from prefkd.losses.dskd import DSKDCMALoss
+    from prefkd.losses.mcw_kd import MCWKDLoss
+    from prefkd.term_gradients import shared_modules
+    from tests.helpers.memory import prepared
+
+    cma, _ = prepared(DSKDCMALoss(), same_tokenizer=False, n_records=2)
+    mcw, _ = prepared(MCWKDLoss(top_k=8, hidden_costs=["euclidean"], hidden_alpha=None), same_tokenizer=False,
+                      n_records=2)
+    from_mcw = shared_modules(mcw.state_dict(), cma, "cma")
+    assert from_mcw.keys() == cma.state_dict().keys()
+    assert all(v is mcw.state_dict()[f"dual_space.{k}"] or v.equal(mcw.state_dict()[f"dual_space.{k}"])
+               for k, v in from_mcw.items())
+    from_cma = shared_modules(cma.state_dict(), mcw, "mcw")
+    assert from_cma.keys() == {f"dual_space.{k}" for k in cma.state_dict()}
+    with pytest.raises(ValueError, match="terms.cma"):
+        shared_modules({"ot_projectors.hidden.weight": from_mcw["projectors.t2s.weight"]}, cma, "cma")

@@ -1,7 +1,7 @@
 """`python -m prefkd.bench [--losses a,b,c] [--shape k=v,...] [--json FILE]`: one optimizer step per loss, timed.
 
 Each loss runs on the same batch of real Dolly dev records, tokenised by a real tokenizer pair (``--pair``, default
-Qwen1.5 → GPT-2 from ``../shared/tokenizers`` or ``$PREFKD_SHARED``), with random models of the real vocabulary sizes
+Qwen1.5 → GPT-2 from ``$PREFKD_SHARED/tokenizers``), with random models of the real vocabulary sizes
 and the hidden sizes / depths of ``--shape``. A step is: teacher forward (no grad; run for EVERY loss, sft included,
 so ratios compare the loss work), student forward and backward, the loss, AdamW. Reported per loss, after
 ``warmup`` untimed steps, over ``repeats`` steps:
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import weakref
@@ -65,9 +64,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def shared_dir() -> Path:
-    from prefkd.utils.config import config_dir
+    from prefkd.utils.config import shared_dir as configured
 
-    path = Path(os.environ.get("PREFKD_SHARED", Path(config_dir()).parent.parent / "shared"))
+    path = Path(configured())
     if not (path / "tokenizers").is_dir():
         raise FileNotFoundError(f"{path}/tokenizers not found: set PREFKD_SHARED to the folder holding tokenizers/ "
                                 f"and data/")

@@ -40,8 +40,24 @@ def load_checkpoint(checkpoint: str, student, losses: dict) -> None:
     modules = Path(checkpoint) / "projectors.safetensors"
     if modules.is_file():
         state = load_file(str(modules))
-        for loss in losses.values():
-            loss.load_state_dict(state, strict=False)
+        for name, loss in losses.items():
+            loss.load_state_dict(shared_modules(state, loss, name), strict=False)
+
+
+def shared_modules(state: dict, loss, name: str) -> dict:
+    """The entries of a checkpoint's loss state that ``loss`` has too, by key. DSKD-CMA's projectors are
+    ``projectors.*`` in ``dskd_cma`` and ``dual_space.projectors.*`` in MCW-KD: either loads into the other."""
+    own = loss.state_dict().keys()
+    fitted = {}
+    for key, value in state.items():
+        for candidate in (key, key.removeprefix("dual_space."), f"dual_space.{key}"):
+            if candidate in own:
+                fitted[candidate] = value
+                break
+    if state and own and not fitted:
+        raise ValueError(f"terms.{name}: none of the checkpoint's loss modules ({sorted(state)[:4]} ...) belongs to "
+                         f"this loss ({sorted(own)[:4]} ...): is it the checkpoint of another method?")
+    return fitted
 
 
 def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:

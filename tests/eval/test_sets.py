@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,22 @@ def test_real_sets_load(shared):
     for name, n in [("dolly_test", 500), ("self_inst_test", 242), ("vicuna_test", 80)]:
         examples = load_eval_set(shared / f"data/instruct/{name}.jsonl")
         assert len(examples) == n and examples[0].prompt.startswith("Below is an instruction")
+
+
+def test_configured_sets_resolve_under_prefkd_shared_and_a_missing_one_says_so(tmp_path, monkeypatch):
+    """The configs' ${shared_dir:} is PREFKD_SHARED (else ~/.cache/prefkd), never a folder beside the clone; a set
+    missing there names the variable to set."""
+    from hydra import compose, initialize_config_dir
+
+    from prefkd.utils.config import config_dir
+
+    monkeypatch.setenv("PREFKD_SHARED", str(tmp_path))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval=nll"])
+    assert cfg.eval.sets.dolly == f"{tmp_path}/data/instruct/dolly_test.jsonl"
+    with pytest.raises(FileNotFoundError, match="set PREFKD_SHARED"):
+        load_eval_set(cfg.eval.sets.dolly)
+    monkeypatch.delenv("PREFKD_SHARED")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval=nll"])
+    assert cfg.eval.sets.dolly.startswith(str(Path("~/.cache/prefkd").expanduser()))

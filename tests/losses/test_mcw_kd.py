@@ -87,7 +87,7 @@ def reference_ot(inputs: LossInputs, loss: MCWKDLoss, c: dict):
             leaves[f"beta.{branch}"] = leaf(init.log())
             alpha[branch] = torch.softmax(leaves[f"beta.{branch}"], 0)
         elif c["alpha_mode"] == "adaptive":
-            alpha[branch] = loss.cost_weights[branch].alpha.double()  # the α in force (checked elsewhere)
+            alpha[branch] = cost_weights(loss)[branch].alpha.double()  # the α in force (checked elsewhere)
         else:
             alpha[branch] = init
     W, bias = leaves["ot.hidden.weight"], leaves["ot.hidden.bias"]
@@ -161,8 +161,8 @@ def reference_ot(inputs: LossInputs, loss: MCWKDLoss, c: dict):
 def reference(inputs: LossInputs, loss: MCWKDLoss, c: dict):
     """(values, grads) of the whole MCW-KD loss: w_ce·ΣCE + kd_rate·KD_CMA (reference_cma) + the OT terms."""
     tau = c["temperature"]
-    ce_only, g_ce = reference_cma(inputs, loss, "forward_kl", tau, 1.0, kd_rate=0.0)
-    kd_only, g_kd = reference_cma(inputs, loss, "forward_kl", tau, 1.0, kd_rate=1.0)
+    ce_only, g_ce = reference_cma(inputs, loss.dual_space, "forward_kl", tau, 1.0, kd_rate=0.0)
+    kd_only, g_kd = reference_cma(inputs, loss.dual_space, "forward_kl", tau, 1.0, kd_rate=1.0)
     ot_total, leaves, values = reference_ot(inputs, loss, c)
     g_ot = dict(zip(leaves, torch.autograd.grad(ot_total, list(leaves.values()), allow_unused=True)))
 
@@ -182,9 +182,9 @@ def reference(inputs: LossInputs, loss: MCWKDLoss, c: dict):
 
 def module_grads(inputs: LossInputs, loss: MCWKDLoss) -> dict:
     got = {"student_logits": inputs.student.logits.grad, "student_hidden": inputs.student.hidden.grad}
-    got |= {n: p.grad for n, p in loss.projectors.named_parameters()}
+    got |= {n: p.grad for n, p in loss.dual_space.projectors.named_parameters()}
     got |= {f"ot.{n}": p.grad for n, p in loss.ot_projectors.named_parameters()}
-    got |= {f"beta.{br}": w.beta.grad for br, w in loss.cost_weights.items() if w.beta is not None}
+    got |= {f"beta.{br}": w.beta.grad for br, w in cost_weights(loss).items() if w.beta is not None}
     return got
 
 
@@ -246,6 +246,11 @@ def mcw_inputs(seed: int = 1, include_prompt: bool = False, lexical: bool = True
     return inputs
 
 
+def cost_weights(loss: MCWKDLoss) -> dict:
+    """branch -> the OT term's AdaptiveCostWeights."""
+    return {term.branch: term.weights for term in loss.terms}
+
+
 def built(inputs: LossInputs, **kw) -> MCWKDLoss:
     torch.manual_seed(0)  # the projectors' initialisation
     loss = MCWKDLoss(**kw)
@@ -295,7 +300,7 @@ def test_synthetic_equals_the_spec_reference(kw):
     out, _ = check(inputs, loss, c)
     for branch in BRANCHES:
         if c[f"lambda_{branch}"]:  # LossOutput.means: α as it is
-            alpha = loss.cost_weights[branch]().detach()
+            alpha = cost_weights(loss)[branch]().detach()
             for name, a in zip(c[f"{branch}_costs"], alpha):
                 assert float(out.means[f"alpha_{branch}_{name}"]) == pytest.approx(float(a), rel=1e-6)
     assert inputs.teacher.logits.grad is None and inputs.teacher.hidden.grad is None
@@ -453,13 +458,13 @@ def test_adaptive_alpha_is_the_closed_form_of_the_mean_transport_values(sigma):
     kw = {"alpha_mode": "adaptive", "update_interval": 2, "sigma": sigma, "alpha_min": 0.01}
     batches = [mcw_inputs(seed=1), mcw_inputs(seed=2)]
     loss = built(batches[0], **TIGHT, **kw)
-    start = {br: w.alpha.clone() for br, w in loss.cost_weights.items()}
+    start = {br: w.alpha.clone() for br, w in cost_weights(loss).items()}
     torch.testing.assert_close(start["logits"], torch.tensor([0.2, 0.5, 0.3]))
     with torch.no_grad():  # dev evaluation: observes nothing, so moves nothing
         loss(batches[1])
-    assert all(float(w.cost_count) == 0 and float(w.cost_sum.abs().sum()) == 0 for w in loss.cost_weights.values())
+    assert all(float(w.cost_count) == 0 and float(w.cost_sum.abs().sum()) == 0 for w in cost_weights(loss).values())
     loss.on_optimizer_step(2)
-    assert all(torch.equal(w.alpha, start[br]) for br, w in loss.cost_weights.items())
+    assert all(torch.equal(w.alpha, start[br]) for br, w in cost_weights(loss).items())
 
     per_batch = {br: [] for br in BRANCHES}
     for inputs in batches:
@@ -469,10 +474,10 @@ def test_adaptive_alpha_is_the_closed_form_of_the_mean_transport_values(sigma):
             per_batch[br].append(rows.mean(0))
         loss(inputs)  # grad enabled: one observation per branch
     loss.on_optimizer_step(1)  # 1 % 2 != 0: no update yet
-    assert all(torch.equal(w.alpha, start[br]) and float(w.cost_count) == 2 for br, w in loss.cost_weights.items())
+    assert all(torch.equal(w.alpha, start[br]) and float(w.cost_count) == 2 for br, w in cost_weights(loss).items())
     loss.on_optimizer_step(2)
     clamped = 0
-    for br, w in loss.cost_weights.items():
+    for br, w in cost_weights(loss).items():
         c_bar = torch.stack(per_batch[br]).mean(0)
         want = capped_simplex_projection((1 / len(c_bar) - c_bar / (2 * sigma)).tolist(), 0.01)
         torch.testing.assert_close(w.alpha.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
@@ -482,11 +487,11 @@ def test_adaptive_alpha_is_the_closed_form_of_the_mean_transport_values(sigma):
         clamped += sum(a == pytest.approx(0.01, abs=1e-6) for a in w.alpha.tolist())
     assert (clamped > 0) == (sigma < 0.1)  # the floor binds only for the small σ: both branches of Π checked
     # the new α is the one the next forward uses (and a no_grad forward still moves nothing)
-    alpha = {br: w.alpha.clone() for br, w in loss.cost_weights.items()}
+    alpha = {br: w.alpha.clone() for br, w in cost_weights(loss).items()}
     with torch.no_grad():
         out = loss(batches[0])
     loss.on_optimizer_step(4)
-    for br, w in loss.cost_weights.items():
+    for br, w in cost_weights(loss).items():
         assert torch.equal(w.alpha, alpha[br])
         for name, a in zip(settings(kw)[f"{br}_costs"], alpha[br]):
             assert float(out.means[f"alpha_{br}_{name}"]) == pytest.approx(float(a), rel=1e-6)
@@ -532,8 +537,8 @@ def test_needs_and_pretrain_mode():
     assert not any(k.startswith(("ot_", "alpha_", "iters_")) for k in {**out.metrics, **out.means})
     assert all(p.grad is None for p in loss.ot_projectors.parameters())
     assert inputs.student.logits.grad is None or float(inputs.student.logits.grad.abs().max()) == 0
-    assert all(float(w.cost_count) == 0 for w in loss.cost_weights.values())
-    assert float(loss.projectors["t2s"].weight.grad.abs().max()) > 0
+    assert all(float(w.cost_count) == 0 for w in cost_weights(loss).values())
+    assert float(loss.dual_space.projectors["t2s"].weight.grad.abs().max()) > 0
 
 
 def test_projector_warmup_is_the_dual_space_warmup_without_ot_then_the_full_loss():
@@ -545,7 +550,7 @@ def test_projector_warmup_is_the_dual_space_warmup_without_ot_then_the_full_loss
     loss = built(inputs, projector_warmup_steps=2, ce_weight=2.0)
     dual = DSKDCMALoss(projector_warmup_steps=2)
     dual.build(inputs.student.model, inputs.teacher.model)
-    dual.projectors.load_state_dict(loss.projectors.state_dict())
+    dual.projectors.load_state_dict(loss.dual_space.projectors.state_dict())
     inputs.step = 1
     out = loss(inputs)
     out.loss.backward()
@@ -578,8 +583,8 @@ def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_
     resumed = quick_run(compose_cfg(*common), tmp_path / "resumed")
     assert resumed["steps"] == 8 and resumed["last_train_loss"] == pytest.approx(summary["last_train_loss"], rel=1e-5)
     a, b = (load_file(str(tmp_path / d / "checkpoints/last/projectors.safetensors")) for d in ("straight", "resumed"))
-    weights_keys = {f"cost_weights.{br}.{k}" for br in BRANCHES for k in ("alpha", "cost_sum", "cost_count", "updates")}
-    assert weights_keys | {f"cost_weights.{br}.beta" for br in BRANCHES if mode == "learned"} <= a.keys()
+    weights_keys = {f"ot_{br}.weights.{k}" for br in BRANCHES for k in ("alpha", "cost_sum", "cost_count", "updates")}
+    assert weights_keys | {f"ot_{br}.weights.beta" for br in BRANCHES if mode == "learned"} <= a.keys()
     assert {f"ot_projectors.{p}.{w}" for p in ("hidden", "salience") for w in ("weight", "bias")} <= a.keys()
     assert a.keys() == b.keys()
     for k in a:
@@ -587,11 +592,11 @@ def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"), atol=1e-6)
     initial = {"logits": torch.tensor([0.2, 0.5, 0.3]), "hidden": torch.tensor([0.3, 0.5, 0.2])}
     for br in BRANCHES:
-        assert not torch.allclose(a[f"cost_weights.{br}.alpha"], initial[br], atol=1e-4), br  # α moved
+        assert not torch.allclose(a[f"ot_{br}.weights.alpha"], initial[br], atol=1e-4), br  # α moved
         if mode == "adaptive":
-            assert int(a[f"cost_weights.{br}.updates"]) == 2  # steps 3 and 6
-            assert float(a[f"cost_weights.{br}.cost_count"]) == 2  # steps 7 and 8
-            assert float(stopped[f"cost_weights.{br}.cost_count"]) == 1  # step 4, kept across the stop
+            assert int(a[f"ot_{br}.weights.updates"]) == 2  # steps 3 and 6
+            assert float(a[f"ot_{br}.weights.cost_count"]) == 2  # steps 7 and 8
+            assert float(stopped[f"ot_{br}.weights.cost_count"]) == 1  # step 4, kept across the stop
 
 
 def test_real_vocabulary_pair_trains(tmp_path):

@@ -8,11 +8,11 @@ distance (unit costs, on Unicode code points), ties going to the lowest student 
 
     t2s[t] = argmin_{s = 0 .. V_s − 1} lev(x'_t, y_s)      (first minimum = lowest id)
 
-This is FuseLLM's construction, and it reproduces the published maps in
-``shared/data/vocab_alignment/``: special tokens get no special treatment (Qwen's ``<|im_start|>`` maps to
-GPT-2's nearest string), exact matches include ``<|endoftext|>`` and byte tokens. The distances come from
-``rapidfuzz.process.cdist`` in chunks of teacher strings × all student strings (uint8, both cores), and
-``numpy.argmin`` returns the first minimum, i.e. the lowest student id.
+This is FuseLLM's construction, and it reproduces the published maps (``$PREFKD_SHARED/data/vocab_alignment/``):
+special tokens get no special treatment (Qwen's ``<|im_start|>`` maps to GPT-2's nearest string), exact matches
+include ``<|endoftext|>`` and byte tokens. The distances come from ``rapidfuzz.process.cdist`` in chunks of teacher
+strings × all student strings (uint8, both cores), and ``numpy.argmin`` returns the first minimum, i.e. the lowest
+student id.
 
 Files (:func:`save_vocab_map`) are JSON objects ``{"teacher_id": student_id}`` in teacher-id order, like
 the published ones. :func:`load_or_build_vocab_map` caches them under

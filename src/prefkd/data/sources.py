@@ -139,7 +139,7 @@ def dolly_splits(path: str = DOLLY_HUB_ID, dev_size: int = 1000, test_size: int 
     deterministically: a ``random.Random(seed)`` permutation, the first ``test_size`` (500) rows → test, the
     next ``dev_size`` (1000) → dev, the rest → train (MiniLLM's split sizes; its exact rows came from a
     pre-shuffled file it distributes, so the rows differ). ``dev`` / ``test`` JSONL files (e.g. the published
-    splits in shared/data/instruct) replace the carved ones; their records are removed before carving, so
+    splits in $PREFKD_SHARED/data/instruct) replace the carved ones; their records are removed before carving, so
     they never leak into training (nor into a carved split). MiniLLM also dropped examples whose prompt
     exceeded 256 tokens; prefkd truncates instead (docs/methods.md §1) and keeps them.
     """

@@ -1,4 +1,4 @@
-"""Evaluation sets: named instruction sets of ``../shared/data/instruct`` or any local JSONL.
+"""Evaluation sets: named instruction sets of ``$PREFKD_SHARED/data/instruct`` or any local JSONL.
 
 A set file holds one JSON object per line with ``prompt`` (or ``instruction``/``input``, templated as in
 docs/methods.md §1) and ``output``: a reference string or a list of references (S-NI). Reading and validation are
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefkd.data.records import DataError, read_jsonl
+from prefkd.utils.config import shared_dir
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -27,7 +28,7 @@ class EvalExample:
 
 def resolve_data_path(path: str | Path) -> Path:
     """``path`` as given when it exists (relative to the working directory), else relative to the repository
-    root (so ``../shared/...`` defaults work from any directory of a clone). Returns the first candidate
+    root (so paths relative to a clone work from any of its directories). Returns the first candidate
     when neither exists, so that the caller's error names the path as written."""
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
@@ -38,7 +39,12 @@ def resolve_data_path(path: str | Path) -> Path:
 
 def load_eval_set(path: str | Path, limit: int | None = None) -> list[EvalExample]:
     """Read a set file; ``limit`` keeps the first N examples (the whole file is still validated)."""
-    records = read_jsonl(resolve_data_path(path))
+    path = resolve_data_path(path)
+    if not path.exists() and path.is_relative_to(shared_dir()):
+        raise FileNotFoundError(f"{path}: not found. It is one of the files under {shared_dir()} (the configs' "
+                                "${shared_dir:}): set PREFKD_SHARED to the folder holding data/instruct/, or give "
+                                "the set's file with eval.sets.NAME=PATH.")
+    records = read_jsonl(path)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit={limit} must be a positive number of examples (or null for all).")

@@ -3,8 +3,9 @@
 A loss is an ``nn.Module`` built from ``config/loss/*.yaml`` by Hydra's ``_target_``. It says what it
 needs through :class:`Needs`; the trainer runs exactly those forward passes and hands the results over
 in a :class:`LossInputs`. Its own parameters (projectors, salience heads, learned cost weights) are the
-"trainable modules": the trainer puts them in their own optimizer group with ``projector_lr`` and saves
-them with every checkpoint.
+"trainable modules": they train inside the same prepared module as the student
+(:class:`prefkd.training.distill_module.DistillModule`, so DDP/FSDP synchronise them), in their own optimizer group
+with ``projector_lr``, and every checkpoint saves them.
 
 Normalisation (docs/methods.md §2): ``forward`` returns the **sum** of its per-token terms over the micro-batch.
 The trainer divides by the number of student response tokens in the *global* batch (all micro-batches of

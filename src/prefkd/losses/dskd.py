@@ -15,7 +15,7 @@ D is a divergence of :mod:`prefkd.losses.divergences` with z^{t→s} in the teac
 teacher side also / τ_t). Teacher-side sums are plain sums too: the trainer divides everything by the student
 response tokens. ``pretrain_projectors``: loss = L_ce^{t→s} only (docs/methods.md §4's projector pre-training).
 
-Two switches that are not in docs/methods.md §4 (both off by default, so the loss is SPEC's):
+Two switches that are not in docs/methods.md §4 (both off by default, so the loss is the one of docs/methods.md §4):
 
 - ``teacher_space=False``: KD = L_ce^{t→s} + L_kd^{stu}, without L_kd^{tea} (the DSKD authors' ``only_stu_kd``).
 - ``projector_warmup_steps=N``: for the first N optimizer steps of training the loss is
@@ -94,7 +94,7 @@ class _DualSpaceLoss(DistillationLoss):
         evaluation (the loss in eval mode) always computes the full loss, so dev losses stay comparable."""
         return self.training and inputs.step < self.projector_warmup_steps
 
-    def _check(self, inputs: LossInputs) -> None:
+    def check_inputs(self, inputs: LossInputs) -> None:
         require_teacher(inputs, self.name)
         for side in (inputs.student, inputs.teacher):
             if side.hidden is None or side.model is None:
@@ -113,7 +113,7 @@ class _DualSpaceLoss(DistillationLoss):
         """(loss, metrics, student features) of the dual-space KD: ce_weight·CE + kd_rate·KD (ce_weight None:
         1 − kd_rate, docs/methods.md §4). ``features``: :class:`RowFeatures` of the student logits, computed in the same
         chunked pass (one gradient buffer), returned third (else None)."""
-        self._check(inputs)
+        self.check_inputs(inputs)
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
         t2s_hidden, s2t_hidden = self.projected(inputs)
         head_s = student.model.get_output_embeddings().weight.detach()

@@ -30,7 +30,12 @@ Each cost is scaled to a comparable range (``cost_scale``: its mean or max over 
 detached), C = Σ_k α_k Ĉ_k, and OT_b = ⟨P*(C), C⟩ with P* from :func:`prefkd.ot.sinkhorn` (ε = ``eps``, masks,
 gradient ``sinkhorn_grad``: envelope by default). α per branch: :class:`prefkd.ot.AdaptiveCostWeights` (fixed,
 adaptive from the running transport values ⟨P*, Ĉ_k⟩, or learned softmax(β)); its state is in the loss's
-state_dict, so checkpoints keep it.
+state_dict, so checkpoints keep it. ``transport=semidual`` (``loss=mcw_kd_dual``) solves the same terms through the
+semi-dual instead (:class:`prefkd.ot.transport.SemiDualTransport`, α learned).
+
+Structure. :class:`MCWKDLoss` is composed, not derived: ``dual_space`` (a :class:`DSKDCMALoss`, its projectors and
+CE/KD terms), ``ot_logits`` and ``ot_hidden`` (two :class:`OTTerm`, each λ, its costs and its α), ``ot_projectors``
+(P_ot and the salience layer, shared by both terms' clouds) and ``transport`` (:mod:`prefkd.ot.transport`, shared).
 
 Memory. The student's top-k logits come out of DSKD-CMA's chunked pass (:class:`prefkd.losses.chunked.RowFeatures`),
 so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad.
@@ -42,8 +47,8 @@ start learning when it ends.
 
 Metrics (sums, normalised per token by the trainer like the loss): DSKD-CMA's, ``ot_logits``, ``ot_hidden``
 (Σ_b n_b·OT_b), ``<branch>_<cost>`` (Σ_b n_b·mean raw cost over valid pairs), ``alpha_<branch>_<cost>``,
-``iters_<branch>`` and ``marginal_err_<branch>`` (scaled by the micro-batch's token count so that the trainer's
-division returns α, the Sinkhorn iterations and the mean marginal error).
+``iters_<branch>`` and ``marginal_err_<branch>`` (the last three are :attr:`LossOutput.means`: α, the Sinkhorn
+iterations and the mean marginal error).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prefkd.losses.base import LossInputs, LossOutput, response_mask
+from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
 from prefkd.losses.chunked import RowFeatures
 from prefkd.losses.dskd import DSKDCMALoss
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
@@ -65,8 +70,8 @@ from prefkd.ot import (
     pair_mask,
     salience_cost,
     scale_cost,
-    sinkhorn,
 )
+from prefkd.ot.transport import SemiDualTransport, SinkhornTransport
 
 LOGITS_COSTS = ("euclidean", "kl", "salience")
 HIDDEN_COSTS = ("lexical", "context_euclidean", "context_cosine", "euclidean")
@@ -105,10 +110,60 @@ def _check_costs(names, allowed, branch) -> tuple[str, ...]:
     return names
 
 
-class MCWKDLoss(DSKDCMALoss):
-    """MCW-KD (module docstring). Every number of docs/methods.md §8 is an argument (config/loss/mcw_kd.yaml comments
-    each)."""
+class OTTerm(nn.Module):
+    """One branch's OT term, λ·Σ_b n_b·OT_b: its costs Ĉ_k (each scaled by ``cost_scale``) in one transport problem
+    per example with weights α (``weights``, an :class:`AdaptiveCostWeights`), solved by the loss's transport.
 
+    Returns (the term, metrics as sums: ``ot_<branch>`` = Σ_b n_b·OT_b and ``<branch>_<cost>`` = Σ_b n_b·mean raw cost
+    over the valid pairs, means: ``alpha_<branch>_<cost>`` and the transport's diagnostics ``<name>_<branch>``)."""
+
+    def __init__(self, branch: str, costs: tuple[str, ...], weight: float, alpha, *, alpha_mode: str, sigma: float,
+                 alpha_min: float, update_interval: int, cost_scale: str | None):
+        super().__init__()
+        if alpha is not None and len(alpha) != len(costs):
+            raise ValueError(f"{branch}_alpha has {len(alpha)} weights for {len(costs)} costs {list(costs)}: give "
+                             "one weight per cost (or null for uniform)")
+        self.branch, self.costs, self.weight, self.cost_scale = branch, costs, weight, cost_scale
+        self.weights = AdaptiveCostWeights(len(costs), mode=alpha_mode, alpha=alpha, sigma=sigma, alpha_min=alpha_min,
+                                           update_interval=update_interval)
+
+    @property
+    def active(self) -> bool:
+        return self.weight != 0
+
+    def forward(self, points: torch.Tensor, costs: list[torch.Tensor], valid_t: torch.Tensor, valid_s: torch.Tensor,
+                pairs: torch.Tensor, n_b: torch.Tensor, transport: nn.Module) -> tuple[torch.Tensor, dict, dict]:
+        """``points`` B×m×p (the teacher cloud), ``costs`` [C_k B×m×n], ``valid_t`` B×m, ``valid_s`` B×n, ``pairs``
+        B×m×n, ``n_b`` (B) student response tokens per example."""
+        branch = self.branch
+        scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
+        ot_b, diagnostics = transport(branch, points, scaled, self.weights, valid_t, valid_s, pairs)
+        weighted = (n_b * ot_b).sum()
+        metrics, means = {f"ot_{branch}": weighted.detach()}, {}
+        count = pairs.sum((1, 2)).clamp_min(1)
+        for name, cost, a in zip(self.costs, costs, self.weights().detach()):
+            metrics[f"{branch}_{name}"] = (n_b * (torch.where(pairs, cost.detach(), 0).sum((1, 2)) / count)).sum()
+            means[f"alpha_{branch}_{name}"] = a
+        means |= {f"{name}_{branch}": value for name, value in diagnostics.items()}
+        return self.weight * weighted, metrics, means
+
+    def on_optimizer_step(self, step: int) -> None:
+        self.weights.on_optimizer_step(step)
+
+
+TRANSPORTS = ("sinkhorn", "semidual")
+RENAMED = (("projectors.", "dual_space.projectors."), ("cost_weights.logits.", "ot_logits.weights."),
+           ("cost_weights.hidden.", "ot_hidden.weights."), ("potentials.", "transport.potentials."))
+
+
+class MCWKDLoss(DistillationLoss):
+    """MCW-KD (module docstring): a DSKD-CMA term (``dual_space``, a :class:`DSKDCMALoss` with ``ce_weight``) plus two
+    :class:`OTTerm` (``ot_logits``, ``ot_hidden``) over the clouds, solved by ``transport``: ``sinkhorn``
+    (:class:`SinkhornTransport`, the paper's) or ``semidual`` (:class:`SemiDualTransport`, α learned by default; see
+    :func:`MCWKDDualLoss`). Every number of docs/methods.md §8 is an argument (config/loss/mcw_kd.yaml comments each).
+    """
+
+    needs = Needs(teacher=True, hidden_states=True)
     name = "mcw_kd"
 
     def __init__(self, ce_weight: float = 1.0, kd_rate: float = 0.5, divergence: str = "forward_kl",
@@ -121,43 +176,50 @@ class MCWKDLoss(DSKDCMALoss):
                  cost_scale: str | None = "mean", eps: float = 0.1, max_iter: int = 1000, tol: float = 1e-6,
                  sinkhorn_grad: str = "envelope", pretrain_projectors: bool = False, chunk_size: int = 1024,
                  interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None,
-                 projector_warmup_steps: int = 0, teacher_space: bool = True):
-        super().__init__(divergence, kd_rate, temperature, teacher_temperature, skew_lambda, adaptive_alpha,
-                         pretrain_projectors, chunk_size, projector_warmup_steps, teacher_space)
+                 projector_warmup_steps: int = 0, teacher_space: bool = True, transport: str = "sinkhorn",
+                 potential_hidden: int = 64, potential_bound: float = 10.0, inner_steps: int = 5,
+                 inner_lr: float = 1e-2):
+        super().__init__()
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: choose one of {list(TRANSPORTS)}")
         if top_k < 1 or ot_temperature <= 0 or window < 0 or eps <= 0:
             raise ValueError(f"need top_k >= 1, ot_temperature > 0, window >= 0, eps > 0; got {top_k}, "
                              f"{ot_temperature}, {window}, {eps}")
         if not 0 <= interpolate_start <= 1 or (interpolate_steps is not None and interpolate_steps < 1):
             raise ValueError(f"need 0 <= interpolate_start <= 1 and interpolate_steps >= 1 (or null); got "
                              f"{interpolate_start}, {interpolate_steps}")
-        if sinkhorn_grad not in ("envelope", "unrolled"):
-            raise ValueError(f"sinkhorn_grad must be 'envelope' or 'unrolled', got {sinkhorn_grad!r}")
-        self.ce_weight, self.lambda_logits, self.lambda_hidden = ce_weight, lambda_logits, lambda_hidden
-        self.top_k, self.ot_temperature, self.window = int(top_k), ot_temperature, int(window)
-        self.include_prompt, self.cost_scale = bool(include_prompt), cost_scale
-        self.eps, self.max_iter, self.tol, self.sinkhorn_grad = eps, int(max_iter), tol, sinkhorn_grad
+        if transport == "semidual":
+            if alpha_mode == "adaptive":
+                raise ValueError("loss=mcw_kd_dual (transport=semidual): alpha_mode=adaptive needs Sinkhorn's plan; "
+                                 "use learned or fixed")
+            self.name = "mcw_kd_dual"
+        self.dual_space = DSKDCMALoss(divergence, kd_rate, temperature, teacher_temperature, skew_lambda,
+                                      adaptive_alpha, pretrain_projectors, chunk_size, projector_warmup_steps,
+                                      teacher_space)
+        self.dual_space.name = self.name  # its errors name this loss
+        self.ce_weight, self.top_k, self.ot_temperature = ce_weight, int(top_k), ot_temperature
+        self.window, self.include_prompt, self.chunk_size = int(window), bool(include_prompt), chunk_size
         self.interpolate, self.interpolate_start, self.interpolate_steps = bool(interpolate), interpolate_start, \
             interpolate_steps
-        self.costs = {"logits": _check_costs(logits_costs, LOGITS_COSTS, "logits"),
-                      "hidden": _check_costs(hidden_costs, HIDDEN_COSTS, "hidden")}
-        alphas = {"logits": logits_alpha, "hidden": hidden_alpha}
-        for branch, names in self.costs.items():
-            if alphas[branch] is not None and len(alphas[branch]) != len(names):
-                raise ValueError(f"{branch}_alpha has {len(alphas[branch])} weights for {len(names)} costs "
-                                 f"{list(names)}: give one weight per cost (or null for uniform)")
-        self.cost_weights = nn.ModuleDict({
-            branch: AdaptiveCostWeights(len(names), mode=alpha_mode, alpha=alphas[branch], sigma=sigma,
-                                        alpha_min=alpha_min, update_interval=update_interval)
-            for branch, names in self.costs.items()})
+        shared = dict(alpha_mode=alpha_mode, sigma=sigma, alpha_min=alpha_min, update_interval=update_interval,
+                      cost_scale=cost_scale)
+        self.ot_logits = OTTerm("logits", _check_costs(logits_costs, LOGITS_COSTS, "logits"), lambda_logits,
+                                logits_alpha, **shared)
+        self.ot_hidden = OTTerm("hidden", _check_costs(hidden_costs, HIDDEN_COSTS, "hidden"), lambda_hidden,
+                                hidden_alpha, **shared)
         self.ot_projectors = nn.ModuleDict()  # hidden: P_ot (d_t → d_s), salience: w, b (d_s → 1); from build()
+        self.transport = (SinkhornTransport(eps, max_iter, tol, sinkhorn_grad) if transport == "sinkhorn" else
+                          SemiDualTransport(eps, potential_hidden, potential_bound, inner_steps, inner_lr))
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     # ------------------------------------------------------------------------------------------ life cycle
-    def active(self, branch: str) -> bool:
-        return (self.lambda_logits if branch == "logits" else self.lambda_hidden) != 0
+    @property
+    def terms(self) -> tuple[OTTerm, OTTerm]:
+        return self.ot_logits, self.ot_hidden
 
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
         """Install the lexical-cost precompute hook when the hidden branch uses it."""
-        if self.active("hidden") and "lexical" in self.costs["hidden"]:
+        if self.ot_hidden.active and "lexical" in self.ot_hidden.costs:
             if teacher_tokenizer is None:
                 raise ValueError(f"loss={self.name} needs a teacher tokenizer (pick a teacher, not teacher=none)")
             from prefkd.align.lexical import LexicalCost
@@ -166,14 +228,26 @@ class MCWKDLoss(DSKDCMALoss):
             self.precompute_version = self.precompute.version
 
     def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
-        super().build(student_model, teacher_model)
+        """DSKD-CMA's projectors, P_ot and the salience layer, and the transport's own modules (idempotent)."""
+        self.dual_space.build(student_model, teacher_model)
         d_s, d_t = hidden_size(student_model), hidden_size(teacher_model)
         ensure_projectors(self.ot_projectors, {"hidden": (d_t, d_s), "salience": (d_s, 1)}, student_model,
                           f"loss={self.name}: OT projectors")
+        k = min(self.top_k, student_model.get_output_embeddings().weight.shape[0],
+                teacher_model.get_output_embeddings().weight.shape[0])
+        device = student_model.get_output_embeddings().weight.device
+        self.transport.build({t.branch: {"logits": k, "hidden": d_s}[t.branch] for t in self.terms if t.active},
+                             None if device.type == "meta" else device)
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Projectors (DSKD-CMA's, P_ot, salience) and β; never the transport's potentials (they are maximised by
+        their own inner steps)."""
+        return [m for name, m in self.named_children()
+                if name != "transport" and any(p.requires_grad for p in m.parameters())]
 
     def on_optimizer_step(self, step: int) -> None:
-        for weights in self.cost_weights.values():
-            weights.on_optimizer_step(step)
+        for term in self.terms:
+            term.on_optimizer_step(step)
 
     def interpolation_weight(self, step: int, total_steps: int | None) -> float:
         """t of the index-wise interpolation at ``step`` (1.0 = the student's own points, also when it is off)."""
@@ -186,21 +260,18 @@ class MCWKDLoss(DSKDCMALoss):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, inputs: LossInputs) -> LossOutput:
-        self._check(inputs)
+        """DSKD-CMA's terms (with the student's top-k logits from the same chunked pass), then the two OT terms."""
+        self.dual_space.check_inputs(inputs)
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
-        labels, t_labels = batch["labels"], batch["teacher_labels"]
-        if self.include_prompt:
-            s_pts = Clouds(batch["attention_mask"].bool())
-            t_pts = Clouds(batch["teacher_attention_mask"].to(t_labels.device).bool())
-        else:
-            s_pts, t_pts = Clouds(response_mask(labels)), Clouds(response_mask(t_labels))
+        labels = batch["labels"]
+        t_pts, s_pts = self.clouds(batch)
         k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
+        dual_only = self.dual_space.pretrain_projectors or self.dual_space.warming_up(inputs)  # no OT terms
         features = None
-        dual_only = self.pretrain_projectors or self.warming_up(inputs)  # no OT terms (module docstring)
-        if self.active("logits") and not dual_only:
+        if self.ot_logits.active and not dual_only:
             features = RowFeatures(s_pts.rows * labels.shape[1] + s_pts.cols,
                                    select=lambda r: r.topk(k, dim=-1).indices, value=lambda r, idx: r.gather(1, idx))
-        loss, metrics, top_s = self.dual_space_terms(inputs, features, ce_weight=self.ce_weight)
+        loss, metrics, top_s = self.dual_space.dual_space_terms(inputs, features, ce_weight=self.ce_weight)
         if dual_only:
             return LossOutput(loss=loss, metrics=metrics)
 
@@ -209,32 +280,33 @@ class MCWKDLoss(DSKDCMALoss):
         with fp32_region(loss.device):
             x_t = self.ot_projectors["hidden"](t_pts.pack(teacher.hidden.detach()).float())  # B×m×d_s
             x_s = s_pts.pack(student.hidden).float()  # B×n×d_s
-            branches = []
-            if self.active("logits"):
+            inputs_of = {}
+            if self.ot_logits.active:
                 mix = self.interpolation_weight(inputs.step, inputs.total_steps)
-                branches.append(("logits", self.lambda_logits, *self.logits_costs(top_s, teacher, t_pts, s_pts, x_t,
-                                                                                  x_s, k, mix)))
+                inputs_of["logits"] = self.logits_costs(top_s, teacher, t_pts, s_pts, x_t, x_s, k, mix)
                 if self.interpolate:
                     means["interpolation_t"] = torch.as_tensor(mix)
-            if self.active("hidden"):
-                branches.append(("hidden", self.lambda_hidden, *self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)))
-            pairs = pair_mask(t_pts.valid, s_pts.valid)  # B×m×n valid (j, i), the same for both branches
-            count = pairs.sum((1, 2)).clamp_min(1)
-            for branch, weight, points, costs in branches:
-                scaled = [scale_cost(c, pairs, self.cost_scale) for c in costs]
-                ot_b, diag = self.transport(branch, points, scaled, t_pts.valid, s_pts.valid, pairs)
-                loss = loss + weight * (n_b * ot_b).sum()
-                metrics[f"ot_{branch}"] = (n_b * ot_b).sum().detach()
-                alpha = self.cost_weights[branch]().detach()
-                for name, cost, a in zip(self.costs[branch], costs, alpha):
-                    mean_b = torch.where(pairs, cost.detach(), 0).sum((1, 2)) / count
-                    metrics[f"{branch}_{name}"] = (n_b * mean_b).sum()
-                    means[f"alpha_{branch}_{name}"] = a
-                for name, value in diag.items():
-                    means[f"{name}_{branch}"] = value
+            if self.ot_hidden.active:
+                inputs_of["hidden"] = self.hidden_costs(batch, t_pts, s_pts, x_t, x_s)
+            pairs = pair_mask(t_pts.valid, s_pts.valid)  # B×m×n valid (j, i), the same for both terms
+            for term in self.terms:
+                if term.branch in inputs_of:
+                    points, costs = inputs_of[term.branch]
+                    value, term_metrics, term_means = term(points, costs, t_pts.valid, s_pts.valid, pairs, n_b,
+                                                           self.transport)
+                    loss = loss + value
+                    metrics |= term_metrics
+                    means |= term_means
         metrics = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in metrics.items()}
         means = {key: torch.as_tensor(v, dtype=loss.dtype, device=loss.device).detach() for key, v in means.items()}
         return LossOutput(loss=loss, metrics=metrics, means=means)
+
+    def clouds(self, batch: dict) -> tuple[Clouds, Clouds]:
+        """(teacher points, student points): the response positions, or every non-padding one (``include_prompt``)."""
+        if self.include_prompt:
+            t_mask = batch["teacher_attention_mask"].to(batch["teacher_labels"].device)
+            return Clouds(t_mask.bool()), Clouds(batch["attention_mask"].bool())
+        return Clouds(response_mask(batch["teacher_labels"])), Clouds(response_mask(batch["labels"]))
 
     def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k, mix: float = 1.0):
         """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch; ``mix`` < 1 interpolates the
@@ -253,7 +325,7 @@ class MCWKDLoss(DSKDCMALoss):
         log_q = torch.log_softmax(sorted_t / self.ot_temperature, -1)
         log_p = torch.log_softmax(sorted_s / self.ot_temperature, -1)
         costs = []
-        for name in self.costs["logits"]:
+        for name in self.ot_logits.costs:
             if name == "euclidean":
                 costs.append(euclidean_cost(log_q.exp(), log_p.exp()))
             elif name == "kl":
@@ -267,9 +339,9 @@ class MCWKDLoss(DSKDCMALoss):
         """(teacher points P_ot h^t B×m×d_s, [cost B×m×n per name]) of the hidden-state branch."""
         costs = []
         c_t = c_s = None
-        if {"context_euclidean", "context_cosine"} & set(self.costs["hidden"]):
+        if {"context_euclidean", "context_cosine"} & set(self.ot_hidden.costs):
             c_t, c_s = context_vectors(x_t, t_pts.valid, self.window), context_vectors(x_s, s_pts.valid, self.window)
-        for name in self.costs["hidden"]:
+        for name in self.ot_hidden.costs:
             if name == "lexical":
                 costs.append(self.lexical(batch, t_pts, s_pts))
             elif name == "context_euclidean":
@@ -293,74 +365,19 @@ class MCWKDLoss(DSKDCMALoss):
                              "include_prompt?")
         return lex.to(t_pts.valid.device, torch.float32)
 
-    def transport(self, branch: str, points: torch.Tensor, scaled: list[torch.Tensor], valid_t: torch.Tensor,
-                  valid_s: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(OT_b = ⟨P*, Σ α_k Ĉ_k⟩ per example (B), diagnostics) for the scaled costs Ĉ_k (B×m×n each); ``pairs``:
-        their valid entries (B×m×n). ``points``: the teacher cloud (unused here, used by the semi-dual)."""
-        weights = self.cost_weights[branch]
-        res = sinkhorn(weights.combine(scaled), self.eps, mask_x=valid_t, mask_y=valid_s, max_iter=self.max_iter,
-                       tol=self.tol, grad=self.sinkhorn_grad)
-        active = valid_t.any(1) & valid_s.any(1)  # problems with points on both sides
-        if weights.mode == "adaptive" and torch.is_grad_enabled():  # training only: dev batches do not move α
-            plan = res.plan.detach()
-            per_cost = torch.stack([(plan * torch.where(pairs, c.detach(), 0)).sum((1, 2)) for c in scaled], -1)
-            on = active.to(per_cost.dtype)
-            weights.observe((per_cost * on[:, None]).sum(0) / on.sum().clamp_min(1))
-        error = res.marginal_error[active].mean() if active.any() else res.marginal_error.new_zeros(())
-        return res.cost, {"iters": torch.as_tensor(float(res.iterations)), "marginal_err": error.detach()}
+
+def _rename_old_keys(module, state_dict, prefix, *args) -> None:
+    """Load hook: a state dict saved before MCW-KD was composed of terms (keys ``projectors.*``, ``cost_weights.*``,
+    ``potentials.*``) loads into today's layout."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in RENAMED:
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
-class MCWKDDualLoss(MCWKDLoss):
-    """MCW-KD with the semi-dual OT of docs/methods.md §8 instead of Sinkhorn, per branch:
-
-        OT_b = max_φ Σ_j μ_j φ(x_j) + Σ_i ν_i Σ_k α_k φ^{c_k}(y_i),  φ^{c_k}(y_i) = −ε log Σ_j μ_j e^{(φ(x_j) −
-        Ĉ_k[j,i])/ε}
-
-    φ is a small tanh-bounded network on the teacher points x_j (the logits branch: q_j, B×m×k; the hidden branch:
-    P_ot h^t_j), one per branch (:class:`prefkd.ot.semidual.SemiDualOT`). Each training forward first runs
-    ``inner_steps`` ascent steps on φ (its own Adam, lr ``inner_lr``; costs and points detached), then the objective
-    at the current φ is the OT value, with gradients to the student, the projectors and β but never to φ (φ is not
-    among :meth:`trainable_modules`; its weights and inner optimizer state are in the loss's state_dict).
-    α = softmax(β) (``alpha_mode: learned``) by default; ``adaptive`` is refused (it needs a plan).
-    """
-
-    name = "mcw_kd_dual"
-
-    def __init__(self, *args, alpha_mode: str = "learned", potential_hidden: int = 64, potential_bound: float = 10.0,
-                 inner_steps: int = 5, inner_lr: float = 1e-2, **kwargs):
-        if alpha_mode == "adaptive":
-            raise ValueError("loss=mcw_kd_dual: alpha_mode=adaptive needs Sinkhorn's plan; use learned or fixed")
-        super().__init__(*args, alpha_mode=alpha_mode, **kwargs)
-        self.potential_hidden, self.potential_bound = int(potential_hidden), float(potential_bound)
-        self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
-        self.potentials = nn.ModuleDict()  # per branch, from build()
-
-    def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
-        from prefkd.ot.semidual import SemiDualOT
-
-        super().build(student_model, teacher_model)
-        if len(self.potentials):
-            return
-        dims = {"logits": min(self.top_k, student_model.get_output_embeddings().weight.shape[0],
-                              teacher_model.get_output_embeddings().weight.shape[0]),
-                "hidden": hidden_size(student_model)}
-        device = student_model.get_output_embeddings().weight.device
-        self.potentials.update({
-            branch: SemiDualOT(dims[branch], eps=self.eps, hidden=self.potential_hidden, bound=self.potential_bound,
-                               inner_steps=self.inner_steps, inner_lr=self.inner_lr).to(
-                None if device.type == "meta" else device)
-            for branch in self.costs if self.active(branch)})
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """Projectors and β; never the potentials (they are maximised by their own inner steps)."""
-        return [m for name, m in self.named_children()
-                if name != "potentials" and any(p.requires_grad for p in m.parameters())]
-
-    def transport(self, branch, points, scaled, valid_t, valid_s, pairs):
-        if branch not in self.potentials:
-            raise RuntimeError(f"loss={self.name}: call loss.build(student_model, teacher_model) first")
-        alpha = self.cost_weights[branch]()
-        potential = self.potentials[branch]
-        if torch.is_grad_enabled() and self.training:
-            potential.fit(points, scaled, alpha, valid_t, valid_s)
-        return potential(points, scaled, alpha, valid_t, valid_s), {}
+def MCWKDDualLoss(**kwargs) -> MCWKDLoss:  # noqa: N802 - the `_target_` of config/loss/mcw_kd_dual.yaml since v0
+    """MCW-KD with the semi-dual transport (docs/methods.md §8): ``MCWKDLoss(transport="semidual")``, α learned
+    (softmax(β)) unless ``alpha_mode`` says otherwise; ``adaptive`` is refused (it needs Sinkhorn's plan)."""
+    return MCWKDLoss(**{"alpha_mode": "learned", **kwargs, "transport": "semidual"})

@@ -18,7 +18,7 @@ uniform marginals 1/a_b (a_b = aligned pairs of b). All examples are solved in o
 they get zero mass and no gradient. Gradient: the envelope one (``grad="envelope"``): P* is held fixed and only
 C carries a gradient.
 
-Normalisation (docs/methods.md §2 and §7). The SPEC's loss is per example, CE + λ·(mean_i HAD + sl_weight·mean_i SL +
+Normalisation (docs/methods.md §2 and §7). The method's loss is per example, CE + λ·(mean_i HAD + sl_weight·mean_i SL +
 sd_weight·SD_b). The trainer divides the returned sum by the student response tokens of the global batch, so, as
 ULD's ``mix: paper``, each sequence's value is multiplied by its student response-token count n_b:
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefkd.training.distill_module import part
+
 STATE_DIR = "trainer_state"
 PROJECTORS = "projectors.safetensors"
 LOSS_EXTRA = "loss_extra.pt"  # non-tensor loss-module state (torch.save, loaded weights_only)
@@ -60,21 +62,22 @@ def split_loss_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
 
 
-def save_checkpoint(dest: Path, *, accelerator, model, tokenizer, loss_module, optimizer, scheduler,
-                    state: dict) -> Path:
-    """Save everything needed to continue training into ``dest`` (atomically). Collective: all ranks call."""
+def save_checkpoint(dest: Path, *, accelerator, module, tokenizer, optimizer, scheduler, state: dict) -> Path:
+    """Save everything needed to continue training into ``dest`` (atomically). Collective: all ranks call.
+    ``module``: the prepared :class:`~prefkd.training.distill_module.DistillModule`; the student's weights go to
+    ``save_pretrained``'s files and the loss's to ``projectors.safetensors``, each with its own keys."""
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / STATE_DIR).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    model_state = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed
+    full_state = accelerator.get_state_dict(module)  # collective under FSDP / DeepSpeed
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+        student = accelerator.unwrap_model(module).student
+        student.save_pretrained(tmp, state_dict=part(full_state, "student"), safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        loss_state, loss_extra = split_loss_state(loss_module.state_dict())
+        loss_state, loss_extra = split_loss_state(part(full_state, "loss"))
         if loss_state:
             save_file(loss_state, str(tmp / PROJECTORS))
         if loss_extra:  # non-tensor module state (get_extra_state: e.g. an inner optimizer's state)
@@ -156,17 +159,19 @@ def load_model_weights(model, path: Path) -> None:
                            f"unexpected {unexpected[:5]}")
 
 
-def load_checkpoint(path: Path, *, accelerator, model, loss_module, optimizer, scheduler) -> dict:
-    """Restore weights, projectors, optimizer, scheduler and RNG from ``path``; return its state.json."""
+def load_checkpoint(path: Path, *, accelerator, module, optimizer, scheduler) -> dict:
+    """Restore weights, projectors, optimizer, scheduler and RNG from ``path`` into the prepared
+    :class:`~prefkd.training.distill_module.DistillModule` ``module`` and the rest; return its state.json."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete prefkd checkpoint (no {STATE_DIR}/state.json).")
-    load_model_weights(accelerator.unwrap_model(model), path)
+    inner = accelerator.unwrap_model(module)
+    load_model_weights(inner.student, path)
     loss_state = load_file(str(path / PROJECTORS)) if (path / PROJECTORS).exists() else {}
     if (path / STATE_DIR / LOSS_EXTRA).exists():
         loss_state.update(torch.load(path / STATE_DIR / LOSS_EXTRA, map_location="cpu", weights_only=True))
     if loss_state:
-        loss_module.load_state_dict(loss_state)
+        inner.loss.load_state_dict(loss_state)
     optimizer.load_state_dict(torch.load(path / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / STATE_DIR / "scheduler.pt", weights_only=True))
     rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"

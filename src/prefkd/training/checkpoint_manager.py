@@ -25,11 +25,10 @@ def higher_is_better(metric: str) -> bool:
 
 
 class CheckpointManager:
-    def __init__(self, directory: Path, *, accelerator, model, tokenizer, loss_module, optimizer, scheduler,
-                 metric: str, keep_best: int):
+    def __init__(self, directory: Path, *, accelerator, module, tokenizer, optimizer, scheduler, metric: str,
+                 keep_best: int):
         self.dir, self.acc, self.metric, self.keep_best = Path(directory), accelerator, metric, keep_best
-        self.parts = dict(model=model, tokenizer=tokenizer, loss_module=loss_module, optimizer=optimizer,
-                          scheduler=scheduler)
+        self.parts = dict(module=module, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler)
 
     def score(self, value: float | None) -> float:
         """Lower is better: losses as they are, accuracies and ROUGE negated; no value is the worst."""
@@ -74,9 +73,8 @@ class CheckpointManager:
         path = None if mode == "never" else ckpt.find_latest(self.dir) if mode == "auto" else Path(mode)
         if path is None:
             return state
-        saved = ckpt.load_checkpoint(path, accelerator=self.acc, model=self.parts["model"],
-                                     loss_module=self.parts["loss_module"], optimizer=self.parts["optimizer"],
-                                     scheduler=self.parts["scheduler"])
+        saved = ckpt.load_checkpoint(path, accelerator=self.acc, module=self.parts["module"],
+                                     optimizer=self.parts["optimizer"], scheduler=self.parts["scheduler"])
         state = TrainState.from_dict({**state.to_dict(), **saved})
         log.info("resumed from %s at step %d", path, state.global_step)
         self.relink_best(state)

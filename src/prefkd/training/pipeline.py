@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,7 +77,8 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
 
     tcfg = cfg.trainer
     set_num_threads(tcfg.num_threads)
-    accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(tcfg.find_unused_parameters))
+    accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu", kwargs_handlers=[ddp])
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

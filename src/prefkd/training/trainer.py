@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from prefkd.data.dataset import DistillDataset
 from prefkd.data.sampler import GlobalBatchSampler
-from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
+from prefkd.losses.base import DistillationLoss, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
+from prefkd.training.distill_module import DistillModule
 from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.optim import build_optimizer, build_scheduler
@@ -88,11 +89,12 @@ class Trainer:
         self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
         self.micro = cfg.batch_size
         self._build_sampler()
-        self.loss.to(accelerator.device)
-        model = torch.compile(student.model) if cfg.compile else student.model
-        optimizer = build_optimizer(model, loss, cfg)
+        module = DistillModule(student.model, loss, compile=cfg.compile)  # the loss's modules train with the student
+        module.to(accelerator.device)  # before the optimizer holds its parameters
+        optimizer = build_optimizer(module.student, module.loss, cfg)
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
-        self.student, self.optimizer = accelerator.prepare(model, optimizer)
+        self.module, self.optimizer = accelerator.prepare(module, optimizer)
+        self.student = student.model  # the student itself (its parameters are the prepared module's)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
         model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
@@ -100,10 +102,10 @@ class Trainer:
         self._build_reference(student, teacher)
         self._build_loader()
         self.state = TrainState()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator,
-                                             model=self.student, tokenizer=self.tokenizer, loss_module=self.loss,
-                                             optimizer=self.optimizer, scheduler=self.scheduler,
-                                             metric=select_metric(cfg), keep_best=cfg.keep_best)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator, module=self.module,
+                                             tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                             scheduler=self.scheduler, metric=select_metric(cfg),
+                                             keep_best=cfg.keep_best)
         self.guard = NonFiniteGuard(accelerator, self.optimizer, cfg.max_nonfinite_in_a_row)
         self._window = {"tokens": 0.0, "seconds": 0.0}  # tokens and step time since the last train log
 
@@ -129,15 +131,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- forward
     def _forward(self, batch: dict) -> LossOutput:
+        """The frozen models' outputs the loss needs (no grad), then the prepared module: student forward and loss."""
         needs = self.loss.needs
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=needs.hidden_states, use_cache=False)
-        student = ModelOutputs(out.logits, out.hidden_states[-1] if needs.hidden_states else None,
-                               self.acc.unwrap_model(self.student))
         teacher = self.teacher(batch, needs.hidden_states) if needs.teacher else None
         reference = self._reference_forward(batch) if needs.reference else None
-        return self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference,
-                                    step=self.state.global_step, total_steps=self.total_steps))
+        return DistillModule.output(self.module(batch, teacher=teacher, reference=reference,
+                                                step=self.state.global_step, total_steps=self.total_steps))
 
     # ---------------------------------------------------------------- reference model (preference losses)
     def _build_reference(self, student, teacher: ModelBundle | None) -> None:
@@ -169,7 +168,7 @@ class Trainer:
     def _reference_forward(self, batch: dict) -> ModelOutputs:
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         if self.reference_disables_adapter:
-            model = self.acc.unwrap_model(self.student)
+            model = self.student
             was_training = model.training
             model.eval()
             with model.disable_adapter():
@@ -217,17 +216,15 @@ class Trainer:
         units, tokens = self._all_reduce(local).unbind()
         units = units.clamp_min(1.0)
         sums: dict[str, torch.Tensor] = {}
-        self.student.train()
-        self.loss.train()
+        self.module.train()
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.student)
+            ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.module)
             with ctx, acc.autocast():
                 out = self._forward(batch)
                 acc.backward(out.loss * (world / units).to(out.loss.dtype))
             self._sum_metrics(sums, out, batch_units[k])
         metrics = self._reduce_metrics(sums, units)
-        self._sync_loss_grads()
         return self._optimizer_step(metrics, tokens)
 
     def _optimizer_step(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> StepResult:
@@ -255,21 +252,14 @@ class Trainer:
         skipped = self.guard.skip_step(self.state, math.isfinite(loss), loss, grad_norm)
         return StepResult(metrics, loss, token_count, grad_norm, stepped=False, skipped=skipped)
 
-    def _sync_loss_grads(self) -> None:
-        """The loss's own modules are not wrapped in DDP: average their gradients across processes."""
-        if self.acc.num_processes == 1:
-            return
-        for p in self.loss.parameters():
-            if p.grad is not None:
-                p.grad.copy_(self.acc.reduce(p.grad, reduction="mean"))
+
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Dev loss (and the loss's metrics), normalised over the whole dev set like training."""
         if self.dev_set is None or len(self.dev_set) == 0:
             return {}
-        self.student.eval()
-        self.loss.eval()
+        self.module.eval()
         n = len(self.dev_set) if self.cfg.dev_limit is None else min(self.cfg.dev_limit, len(self.dev_set))
         mine = list(range(self.acc.process_index, n, self.acc.num_processes))
         sums: dict[str, torch.Tensor] = {}
@@ -299,7 +289,7 @@ class Trainer:
         if self.acc.is_main_process:
             e = self.cfg.eval
             records = self.dev_set.records[: e.rouge_limit] if e.rouge_limit else self.dev_set.records
-            value[0] = dev_rouge(self.acc.unwrap_model(self.student), self.tokenizer, records,
+            value[0] = dev_rouge(self.student, self.tokenizer, records,
                                  num_samples=e.rouge_samples, no_repeat_ngram_size=e.no_repeat_ngram_size,
                                  batch_size=self.cfg.eval_batch_size, max_new_tokens=e.max_new_tokens,
                                  seed=self.cfg.seed, progress=True)

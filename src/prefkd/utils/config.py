@@ -1,5 +1,5 @@
-"""Config resolution shared by every entry point: the ``config/`` folder, the ``${repo_dir:}`` resolver and
-secrets from the environment or ``.env`` (never from a config, never logged)."""
+"""Config resolution shared by every entry point: the ``config/`` folder, the ``${repo_dir:}`` and ``${shared_dir:}``
+resolvers and secrets from the environment or ``.env`` (never from a config, never logged)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,16 @@ def config_dir() -> str:
                             "or set PREFKD_CONFIG_DIR to the folder holding train.yaml.")
 
 
-# ${repo_dir:} in configs: the repository root (the folder holding config/), for paths such as ../shared.
+def shared_dir() -> str:
+    """The folder of prefkd's files that do not ship with the code (``data/instruct``, ``data/preference``,
+    ``tokenizers``): ``PREFKD_SHARED``, else ``~/.cache/prefkd``."""
+    return os.environ.get("PREFKD_SHARED") or str(Path("~/.cache/prefkd").expanduser())
+
+
+# ${repo_dir:} in configs: the repository root (the folder holding config/).
 OmegaConf.register_new_resolver("repo_dir", lambda: str(Path(config_dir()).parent), replace=True)
+# ${shared_dir:} in configs: the evaluation sets, the demo data and the real tokenizers (see shared_dir).
+OmegaConf.register_new_resolver("shared_dir", shared_dir, replace=True)
 
 
 def load_env() -> None:
