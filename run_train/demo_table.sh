@@ -15,7 +15,7 @@
 #   NLL_LIMIT      first N examples of each set    [100]
 #   ROUGE_SETS     eval=instruct sets              [dolly,vicuna]
 #   ROUGE_LIMIT    first N prompts of each set     [100]   (Dolly test's first 100, all 80 of Vicuna)
-#   ROUGE_SEEDS    sampling seeds                  [10]    (the spread is over training seeds; 90-minute budget)
+#   ROUGE_SEEDS    sampling seeds                  [10,20] (a rerun with more seeds samples only the new ones)
 #   ROUGE_TOKENS   max_new_tokens                  [64]
 #   TEACHER_CACHE  1: train from one teacher cache (OUTDIR/teacher_cache); 0: run the teacher live   [1]
 #   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
@@ -31,19 +31,28 @@ METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
 SEEDS=${SEEDS:-"1 2"}
 NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-100}")
 ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-100}"
-       "eval.seeds=[${ROUGE_SEEDS:-10}]" "eval.max_new_tokens=${ROUGE_TOKENS:-64}" eval.batch_size=20)
+       "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-64}" eval.batch_size=20)
 cd "$ROOT"
 START=$(date +%s)
 COMMAND="bash run_train/demo_table.sh $OUT $*"
 echo "$COMMAND" > "$OUT/command.txt"
 
-# evaluate LABEL DIR MODEL_ARGS...: both protocols into DIR/eval_nll and DIR/eval_rouge, each once.
+# done KIND FILE: FILE (a results.json) is there and, for rouge, holds exactly the sampling seeds asked for.
+done_() {
+  [ -f "$2" ] || return 1
+  [ "$1" = nll ] && return 0
+  "$PYTHON" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['seeds'] == [int(s) for s in \
+sys.argv[2].split(',')] else 1)" "$2" "${ROUGE_SEEDS:-10,20}"
+}
+
+# evaluate LABEL DIR MODEL_ARGS...: both protocols into DIR/eval_nll and DIR/eval_rouge, each once (the ROUGE-L
+# evaluation again when the sampling seeds changed: prefkd.evaluate reuses the (set, seed) pairs it has).
 evaluate() {
   local label=$1 dir=$2
   shift 2
   local kind protocol
   for kind in nll rouge; do
-    [ -f "$dir/eval_$kind/results.json" ] && continue
+    done_ $kind "$dir/eval_$kind/results.json" && continue
     if [ $kind = nll ]; then protocol=("${NLL[@]}"); else protocol=("${ROUGE[@]}"); fi
     echo "== $label: eval_$kind"
     "$PYTHON" -m prefkd.evaluate "$@" "${protocol[@]}" logger=none progress=false output_dir="$dir/eval_$kind"

@@ -19,12 +19,20 @@ def pytest_configure(config):
     fresh folder per test session (inherited by the subprocesses that tests start)."""
     import tempfile
 
-    os.environ["PREFKD_CACHE"] = tempfile.mkdtemp(prefix="prefkd-test-cache-")
+    os.environ["PREFKD_CACHE"] = config.prefkd_cache = tempfile.mkdtemp(prefix="prefkd-test-cache-")
     beside = Path(__file__).resolve().parents[2] / "shared"  # a clone with the project's shared/ folder beside it
     if not os.environ.get("PREFKD_SHARED") and beside.is_dir():
         os.environ["PREFKD_SHARED"] = str(beside)  # what ${shared_dir:} in the configs resolves to
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_unconfigure(config):
+    """The session's cache folder goes with the session (about 1 GB of converted models per worker)."""
+    import shutil
+
+    if getattr(config, "prefkd_cache", None):
+        shutil.rmtree(config.prefkd_cache, ignore_errors=True)
 
 
 @pytest.fixture

@@ -60,3 +60,14 @@ def test_demo_table_trains_evaluates_reports_and_resumes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "== " not in res.stdout  # the script announces every training run and evaluation it starts
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # one more sampling seed: only the ROUGE-L evaluations run again, and they sample only the new seed
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**env, "ROUGE_SEEDS": "10,20"}, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for folder in (run, out / "reference/teacher", out / "reference/student_init"):
+        rouge = json.loads((folder / "eval_rouge/results.json").read_text())
+        assert rouge["seeds"] == [10, 20] and (rouge["reused_pairs"], rouge["generated_pairs"]) == (1, 1), folder
+        nll = folder / "eval_nll/results.json"
+        assert nll.stat().st_mtime_ns == stamps[nll]
+    assert (run / "train_summary.json").stat().st_mtime_ns == stamps[run / "train_summary.json"]
