@@ -21,8 +21,8 @@ from prefkd.losses.divergences import (
     log_probs,
 )
 
-NAMES = ["forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl", "js", "tvd", "adaptive_kl"]
-LAM, ALPHA = 0.1, 0.5
+NAMES = ["forward_kl", "reverse_kl", "skewed_forward_kl", "skewed_reverse_kl", "js", "gjsd", "tvd", "adaptive_kl"]
+LAM, ALPHA, BETA = 0.1, 0.5, 0.5
 
 
 # --------------------------------------------------------------------------- naive references (float64)
@@ -45,7 +45,7 @@ def _kl(p, logp, logq):
     return sum(p[v] * (logp[v] - logq[v]) for v in range(len(p)) if p[v].item() > 0)
 
 
-def ref_token(name, zs, zt, tau=1.0, tau_t=1.0, lam=LAM, alpha=ALPHA, floor=None):
+def ref_token(name, zs, zt, tau=1.0, tau_t=1.0, lam=LAM, alpha=ALPHA, floor=None, beta=BETA):
     """One token's divergence from docs/methods.md §3, zs/zt 1-D float64 rows of the shared vocabulary."""
     v_n = min(zs.shape[0], zt.shape[0])
     zs, zt = zs[:v_n], zt[:v_n]
@@ -65,6 +65,13 @@ def ref_token(name, zs, zt, tau=1.0, tau_t=1.0, lam=LAM, alpha=ALPHA, floor=None
     if name == "js":
         m = [torch.log((pt[v] + ps[v]) / 2) for v in V]
         return 0.5 * _kl(pt, lt, m) + 0.5 * _kl(ps, ls, m)
+    if name == "gjsd":  # GKD: β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S; β = 0 / 1: forward / reverse KL
+        if beta == 0:
+            return _kl(pt, lt, ls)
+        if beta == 1:
+            return _kl(ps, ls, lt)
+        m = [torch.log(beta * pt[v] + (1 - beta) * ps[v]) for v in V]
+        return beta * _kl(pt, lt, m) + (1 - beta) * _kl(ps, ls, m)
     if name == "tvd":
         return 0.5 * sum(torch.abs(pt[v] - ps[v]) for v in V)
     if name == "adaptive_kl":
@@ -333,3 +340,24 @@ def test_cross_entropy_sum_against_reference():
     close(val, ref)
     close(x.grad, s64.grad)
     assert (x.grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.9, 1.0])
+def test_gjsd_matches_its_formula_for_every_beta(beta):
+    """GKD's generalised JSD, value and gradient, against the naive sum (β = 0 and 1 are GKD's exact KLs)."""
+    s, t, mask = make(seed=int(100 * beta) + 7)
+    ref_v, ref_g = ref_sum("gjsd", s, t, mask, tau=2.0, beta=beta)
+    val, grad = run_op("gjsd", s, t, mask, chunk_size=3, temperature=2.0, beta=beta)
+    close(val, ref_v)
+    close(grad, ref_g)
+
+
+def test_gjsd_at_beta_0_and_1_is_exactly_the_forward_and_reverse_kl():
+    s, t, _ = make(seed=3)
+    rows_s, rows_t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    for beta, name in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        assert torch.equal(divergence_fn("gjsd", beta=beta)(rows_s, rows_t), divergence_fn(name)(rows_s, rows_t))
+    mid = divergence_fn("gjsd", beta=0.5)(rows_s, rows_t)
+    torch.testing.assert_close(mid, divergence_fn("js")(rows_s, rows_t))  # β = ½ is the JS divergence
+    with pytest.raises(ValueError, match="beta must be in"):
+        divergence_fn("gjsd", beta=1.5)

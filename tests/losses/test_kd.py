@@ -26,7 +26,7 @@ def make_inputs(B=2, T=6, V=11, Vt=None, seed=0, dtype=torch.float32):
     return LossInputs(batch=batch, student=ModelOutputs(logits=s), teacher=ModelOutputs(logits=t))
 
 
-def independent(inputs, divergence, tau=1.0):
+def independent(inputs, divergence, tau=1.0, beta=0.1):
     """(CE sum, KD sum, d(CE)/ds, d(KD)/ds), float64, computed without prefkd: masked rows, closed forms."""
     labels = inputs.batch["labels"]
     mask = labels != -100
@@ -42,6 +42,9 @@ def independent(inputs, divergence, tau=1.0):
         kd = (ls.exp() * (ls - lt)).sum()
     elif divergence == "tvd":
         kd = 0.5 * (lt.exp() - ls.exp()).abs().sum()
+    elif divergence == "gjsd":  # GKD: β·KL(p_T‖m) + (1−β)·KL(p_S‖m), m = β p_T + (1−β) p_S
+        lm = torch.log(beta * lt.exp() + (1 - beta) * ls.exp())
+        kd = beta * (lt.exp() * (lt - lm)).sum() + (1 - beta) * (ls.exp() * (ls - lm)).sum()
     else:
         raise KeyError(divergence)
     (g_ce,) = torch.autograd.grad(ce, s, retain_graph=True)
@@ -50,11 +53,13 @@ def independent(inputs, divergence, tau=1.0):
 
 
 @pytest.mark.parametrize(
-    "divergence,kd_rate,tau", [("forward_kl", 0.5, 1.0), ("reverse_kl", 0.3, 2.0), ("tvd", 0.9, 0.7)]
+    "divergence,kd_rate,tau",
+    [("forward_kl", 0.5, 1.0), ("reverse_kl", 0.3, 2.0), ("tvd", 0.9, 0.7), ("gjsd", 0.5, 1.5)],
 )
 def test_total_is_mix_of_ce_and_kd(divergence, kd_rate, tau):
+    """`loss.divergence=gjsd loss.beta=0.1` is GKD's generalised JSD with β = 0.1."""
     inputs = make_inputs(seed=1)
-    loss_fn = KDLoss(divergence=divergence, kd_rate=kd_rate, temperature=tau, chunk_size=3)
+    loss_fn = KDLoss(divergence=divergence, kd_rate=kd_rate, temperature=tau, chunk_size=3, beta=0.1)
     out = loss_fn(inputs)
     out.loss.backward()
     ce, kd, g_ce, g_kd = independent(inputs, divergence, tau)
@@ -170,3 +175,17 @@ def test_different_tokenizers_use_mined_and_equal_loss_minedit(caplog):
     out_mined.loss.backward()
     torch.testing.assert_close(a.student.logits.grad, b.student.logits.grad)
     assert kd.trainable_modules() == []
+
+
+def test_gjsd_and_beta_are_config_keys():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from prefkd.utils.config import config_dir
+
+    for loss in ("kd", "minedit", "dskd", "dskd_cma", "mcw_kd", "mcw_kd_dual"):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[f"loss={loss}", "loss.divergence=gjsd", "loss.beta=0.1"])
+        built = instantiate(cfg.loss)
+        divergence = getattr(built, "dual_space", built)._divergence
+        assert divergence.func.__name__ == "gjsd" and divergence.keywords["beta"] == 0.1, loss

@@ -105,6 +105,28 @@ def js(s_logits, t_logits, temperature=1.0, teacher_temperature=1.0):
     return 0.5 * _kl(log_t, log_m) + 0.5 * _kl(log_s, log_m)
 
 
+def gjsd(s_logits, t_logits, temperature=1.0, teacher_temperature=1.0, beta=0.5):
+    """GKD's generalised JSD (Agarwal et al., 2024; TRL's ``generalized_jsd_loss``), β = beta:
+
+        GJSD_β = β·KL(p_T‖m) + (1−β)·KL(p_S‖m),   m = β·p_T + (1−β)·p_S,
+
+    with β = 0 the forward KL(p_T‖p_S) and β = 1 the reverse KL(p_S‖p_T), exactly (GKD's convention: the limits of
+    the mixture form are 0). N×V_s, N×V_t -> N."""
+    _check_beta(beta)
+    log_s, log_t = log_probs(s_logits, t_logits, temperature, teacher_temperature)
+    if beta == 0:
+        return _kl(log_t, log_s)
+    if beta == 1:
+        return _kl(log_s, log_t)
+    log_m = _mix(log_t, log_s, beta)
+    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {beta}")
+
+
 def tvd(s_logits, t_logits, temperature=1.0, teacher_temperature=1.0):
     """TVD = ½ Σ_v |p_T − p_S|. N×V_s, N×V_t -> N."""
     log_s, log_t = log_probs(s_logits, t_logits, temperature, teacher_temperature)
@@ -145,6 +167,7 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "skewed_forward_kl": skewed_forward_kl,
     "skewed_reverse_kl": skewed_reverse_kl,
     "js": js,
+    "gjsd": gjsd,
     "tvd": tvd,
     "adaptive_kl": adaptive_kl,
 }
@@ -156,6 +179,7 @@ def divergence_fn(
     teacher_temperature: float = 1.0,
     skew_lambda: float = 0.1,
     adaptive_alpha: float = 0.5,
+    beta: float = 0.5,
 ) -> PerTokenDivergence:
     """The divergence ``name`` with its settings bound: per_token_fn(s_logits N×V_s, t_logits N×V_t) -> N."""
     if name not in DIVERGENCES:
@@ -166,10 +190,13 @@ def divergence_fn(
         teacher_temperature=teacher_temperature,
         skew_lambda=skew_lambda,
         adaptive_alpha=adaptive_alpha,
+        beta=beta,
     )
     accepted = inspect.signature(fn).parameters
     if "skew_lambda" in accepted:
         _check_lambda(skew_lambda)
+    if "beta" in accepted:
+        _check_beta(beta)
     if temperature <= 0 or teacher_temperature <= 0:
         raise ValueError(f"temperatures must be > 0, got {temperature}, {teacher_temperature}")
     return partial(fn, **{k: v for k, v in options.items() if k in accepted})
@@ -187,13 +214,14 @@ def kd_divergence_sum(
     adaptive_alpha: float = 0.5,
     chunk_size: int = 1024,
     weights: torch.Tensor | None = None,
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Σ_{mask} w · D(p_T ‖ p_S) per token, chunked (see :func:`chunked_token_loss`).
 
     student_logits B×T×V_s (gets the gradient); teacher_logits B×T×V_t at the SAME positions (stop-grad);
     mask B×T bool; weights optional B×T. Returns a scalar sum (fp32).
     """
-    fn = divergence_fn(name, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+    fn = divergence_fn(name, temperature, teacher_temperature, skew_lambda, adaptive_alpha, beta)
     return chunked_token_loss(fn, student_logits, mask, teacher_logits, chunk_size=chunk_size, weights=weights)
 
 

@@ -65,7 +65,7 @@ class _DualSpaceLoss(DistillationLoss):
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  teacher_temperature: float = 1.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5,
                  pretrain_projectors: bool = False, chunk_size: int = 1024, projector_warmup_steps: int = 0,
-                 teacher_space: bool = True):
+                 teacher_space: bool = True, beta: float = 0.5):
         super().__init__()
         if projector_warmup_steps < 0:
             raise ValueError(f"projector_warmup_steps={projector_warmup_steps} must be >= 0 (0 = no warm-up)")
@@ -74,7 +74,8 @@ class _DualSpaceLoss(DistillationLoss):
         self.projector_warmup_steps = int(projector_warmup_steps)
         self.teacher_space = bool(teacher_space)  # false: KD = L_ce^{t→s} + L_kd^{stu} (the authors' only_stu_kd)
         # raises ValueError listing the valid names for an unknown divergence
-        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda,
+                                         adaptive_alpha, beta)
         self.projectors = nn.ModuleDict()  # t2s, s2t (, query): created by build()
 
     def build(self, student_model: nn.Module, teacher_model: nn.Module | None) -> None:
@@ -168,9 +169,10 @@ class DSKDLoss(_DualSpaceLoss):
 
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  skew_lambda: float = 0.1, adaptive_alpha: float = 0.5, pretrain_projectors: bool = False,
-                 chunk_size: int = 1024, projector_warmup_steps: int = 0, teacher_space: bool = True):
+                 chunk_size: int = 1024, projector_warmup_steps: int = 0, teacher_space: bool = True,
+                 beta: float = 0.5):
         super().__init__(divergence, kd_rate, temperature, 1.0, skew_lambda, adaptive_alpha, pretrain_projectors,
-                         chunk_size, projector_warmup_steps, teacher_space)
+                         chunk_size, projector_warmup_steps, teacher_space, beta)
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_same_tokens(inputs.batch, inputs.student.hidden, inputs.teacher.hidden)

@@ -44,6 +44,7 @@ class KDLoss(DistillationLoss):
         adaptive_alpha: float = 0.5,
         chunk_size: int = 1024,
         cross_tokenizer: str = "mined",
+        beta: float = 0.5,
     ):
         super().__init__()
         if cross_tokenizer not in ("mined", "error"):
@@ -55,10 +56,11 @@ class KDLoss(DistillationLoss):
         self.chunk_size = chunk_size
         self._options = dict(divergence=divergence, kd_rate=kd_rate, temperature=temperature,
                              teacher_temperature=teacher_temperature, skew_lambda=skew_lambda,
-                             adaptive_alpha=adaptive_alpha, chunk_size=chunk_size)
+                             adaptive_alpha=adaptive_alpha, chunk_size=chunk_size, beta=beta)
         self.cross_tokenizer: MinEDLoss | None = None  # set by setup() for two different vocabularies
         # raises ValueError listing the valid names for an unknown divergence
-        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda,
+                                         adaptive_alpha, beta)
 
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
         """Different vocabularies: MinED alignment (one info line), or an error with ``cross_tokenizer="error"``;

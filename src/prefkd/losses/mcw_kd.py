@@ -178,7 +178,7 @@ class MCWKDLoss(DistillationLoss):
                  interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None,
                  projector_warmup_steps: int = 0, teacher_space: bool = True, transport: str = "sinkhorn",
                  potential_hidden: int = 64, potential_bound: float = 10.0, inner_steps: int = 5,
-                 inner_lr: float = 1e-2):
+                 inner_lr: float = 1e-2, beta: float = 0.5):
         super().__init__()
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: choose one of {list(TRANSPORTS)}")
@@ -195,7 +195,7 @@ class MCWKDLoss(DistillationLoss):
             self.name = "mcw_kd_dual"
         self.dual_space = DSKDCMALoss(divergence, kd_rate, temperature, teacher_temperature, skew_lambda,
                                       adaptive_alpha, pretrain_projectors, chunk_size, projector_warmup_steps,
-                                      teacher_space)
+                                      teacher_space, beta)
         self.dual_space.name = self.name  # its errors name this loss
         self.ce_weight, self.top_k, self.ot_temperature = ce_weight, int(top_k), ot_temperature
         self.window, self.include_prompt, self.chunk_size = int(window), bool(include_prompt), chunk_size

@@ -83,7 +83,7 @@ class MinEDLoss(DistillationLoss):
     def __init__(self, kd_rate: float = 0.5, temperature: float = 2.0, divergence: str = "forward_kl",
                  top_k: int | None = None, chunk_size: int = 1024, merge: str = "lowest",
                  vocab_map: str | None = None, teacher_temperature: float = 1.0, skew_lambda: float = 0.1,
-                 adaptive_alpha: float = 0.5):
+                 adaptive_alpha: float = 0.5, beta: float = 0.5):
         super().__init__()
         if merge not in MERGES:
             raise ValueError(f"merge={merge!r}: valid values are {', '.join(MERGES)}")
@@ -92,7 +92,8 @@ class MinEDLoss(DistillationLoss):
         self.kd_rate, self.top_k, self.chunk_size, self.merge = kd_rate, top_k, chunk_size, merge
         self.vocab_map = vocab_map
         self.divergence = divergence
-        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda, adaptive_alpha)
+        self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda,
+                                         adaptive_alpha, beta)
         self.aligner: MinEDAligner | None = None
         self._maps: dict[tuple, torch.Tensor] = {}
 
