@@ -124,3 +124,15 @@ def test_an_adapter_for_another_base_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError,
                        match=r"(?s)cannot apply adapter=.*adapter.*wide.*Is it an adapter for this base"):
         load_pretrained(str(tmp_path / "wide"), adapter=str(tmp_path / "adapter"))
+
+
+def test_a_missing_tokenizer_under_prefkd_shared_names_the_variable(tmp_path, monkeypatch):
+    """A tiny pair's tokenizer comes from ${shared_dir:}; without it there, the error says to set PREFKD_SHARED."""
+    from prefkd.models.loading import load_tokenizer
+
+    monkeypatch.setenv("PREFKD_SHARED", str(tmp_path / "shared"))
+    with pytest.raises(ModelLoadError, match="set PREFKD_SHARED to the folder holding data/ and tokenizers/"):
+        load_tokenizer(str(tmp_path / "shared/tokenizers/gpt2"))
+    with pytest.raises(ModelLoadError) as elsewhere:
+        load_tokenizer(str(tmp_path / "elsewhere/gpt2"))
+    assert "PREFKD_SHARED" not in str(elsewhere.value)

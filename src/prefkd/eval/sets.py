@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefkd.data.records import DataError, read_jsonl
-from prefkd.utils.config import shared_dir
+from prefkd.utils.config import missing_shared_file
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -40,10 +40,8 @@ def resolve_data_path(path: str | Path) -> Path:
 def load_eval_set(path: str | Path, limit: int | None = None) -> list[EvalExample]:
     """Read a set file; ``limit`` keeps the first N examples (the whole file is still validated)."""
     path = resolve_data_path(path)
-    if not path.exists() and path.is_relative_to(shared_dir()):
-        raise FileNotFoundError(f"{path}: not found. It is one of the files under {shared_dir()} (the configs' "
-                                "${shared_dir:}): set PREFKD_SHARED to the folder holding data/instruct/, or give "
-                                "the set's file with eval.sets.NAME=PATH.")
+    if shared := missing_shared_file(path):
+        raise FileNotFoundError(f"{path}: not found; {shared}, or give the set's file with eval.sets.NAME=PATH.")
     records = read_jsonl(path)
     if limit is not None:
         if limit < 1:

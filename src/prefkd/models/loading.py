@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from prefkd.data.tokenize import ensure_pad_token
 from prefkd.models.bundle import ModelBundle
 from prefkd.utils.cache import cache_root
-from prefkd.utils.config import shared_dir
+from prefkd.utils.config import missing_shared_file
 from prefkd.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,8 @@ def _not_found(path: str, what: str, err: Exception) -> ModelLoadError:
             if local.exists() else
             "it is neither a local directory nor a reachable hub id (offline? pass a local copy, e.g. "
             "`student.path=/models/tinyllama`, or set HUGGINGFACE_TOKEN for gated models)")
-    if not local.exists() and local.is_relative_to(shared_dir()):
-        hint += (f"; it is one of the files under {shared_dir()} (the configs' ${{shared_dir:}}): set PREFKD_SHARED to "
-                 "the folder holding data/ and tokenizers/")
+    if shared := missing_shared_file(local):
+        hint += f"; {shared}"
     return ModelLoadError(f"cannot load the {what} from path={path!r}: {hint}. Cause: {type(err).__name__}: {err}")
 
 

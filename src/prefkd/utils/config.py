@@ -26,6 +26,16 @@ def shared_dir() -> str:
     return os.environ.get("PREFKD_SHARED") or str(Path("~/.cache/prefkd").expanduser())
 
 
+def missing_shared_file(path: str | Path) -> str:
+    """For a ``path`` under :func:`shared_dir` that does not exist: the clause saying how to point prefkd at it (else
+    ""), for the error of whatever failed to read it."""
+    local = Path(path).expanduser()
+    if local.exists() or not local.is_relative_to(shared_dir()):
+        return ""
+    return (f"it is one of the files under {shared_dir()} (the configs' ${{shared_dir:}}): set PREFKD_SHARED to the "
+            "folder holding data/ and tokenizers/")
+
+
 # ${repo_dir:} in configs: the repository root (the folder holding config/).
 OmegaConf.register_new_resolver("repo_dir", lambda: str(Path(config_dir()).parent), replace=True)
 # ${shared_dir:} in configs: the evaluation sets, the demo data and the real tokenizers (see shared_dir).
