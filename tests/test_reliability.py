@@ -377,6 +377,18 @@ def test_an_unset_model_path_names_the_key_and_the_fix(tmp_path):
         run(compose_cfg("dataset=jsonl"), tmp_path / "run2")
 
 
+def test_a_missing_data_file_fails_before_any_model_loads_and_names_prefkd_shared(tmp_path, monkeypatch):
+    """The records are read before the models: with a student path that cannot load, the error is the data's. A file
+    the configs expect under ${shared_dir:} names PREFKD_SHARED."""
+    monkeypatch.setenv("PREFKD_SHARED", str(tmp_path / "shared"))
+    bad_student = ("student=checkpoint", f"student.path={tmp_path / 'no-model'}")
+    with pytest.raises(Exception, match=r"(?s)dolly_dev.jsonl: not found; .*set PREFKD_SHARED"):  # via Hydra
+        run(compose_cfg("experiment=demo_table", "loss=sft", *bad_student), tmp_path / "run")
+    with pytest.raises(Exception, match=r"(?s)nowhere.jsonl: not found; expected a JSONL file"):
+        run(compose_cfg("dataset=jsonl", f"dataset.source.train={tmp_path / 'nowhere.jsonl'}", *bad_student),
+            tmp_path / "run2")
+
+
 def test_a_teacher_without_a_tokenizer_says_how_to_give_one(tmp_path):
     from prefkd.models.tiny import build_tiny
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from prefkd.utils.config import missing_shared_file
+
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -106,7 +108,9 @@ def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dic
     required = tuple(required)
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"{path}: {what}; expected a JSONL file ({RECORD_HELP}).")
+        shared = missing_shared_file(path)  # a file the configs expect under PREFKD_SHARED: say how to point there
+        raise FileNotFoundError(f"{path}: {what}; {f'{shared}; ' if shared else ''}expected a JSONL file "
+                                f"({RECORD_HELP}).")
     instruction = "prompt" in required and "output" in required
     records = []
     with open(path, encoding="utf-8") as f:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefkd.data.records import DataError, read_jsonl
-from prefkd.utils.config import missing_shared_file
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -39,10 +38,7 @@ def resolve_data_path(path: str | Path) -> Path:
 
 def load_eval_set(path: str | Path, limit: int | None = None) -> list[EvalExample]:
     """Read a set file; ``limit`` keeps the first N examples (the whole file is still validated)."""
-    path = resolve_data_path(path)
-    if shared := missing_shared_file(path):
-        raise FileNotFoundError(f"{path}: not found; {shared}, or give the set's file with eval.sets.NAME=PATH.")
-    records = read_jsonl(path)
+    records = read_jsonl(resolve_data_path(path))
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit={limit} must be a positive number of examples (or null for all).")

@@ -90,6 +90,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     if tcfg.get("teacher_cache") and loss.needs.teacher:
         cache = TeacherCache(tcfg.teacher_cache)
         check_cache_serves(cache, loss, cfg.loss._target_)
+    splits = instantiate(cfg.dataset.source)  # the records are read (and checked) before any model loads
     student = instantiate(cfg.student)
     teacher = None
     if cache is not None and cache.store == "topk":
@@ -104,7 +105,6 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
                              f"but this run's teacher is {teacher.name}: rebuild the cache or pick that teacher")
     loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
     loss.build(student.model, teacher.model if teacher else None)
-    splits = instantiate(cfg.dataset.source)
     train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
     if cache is not None:
         for split, ds in (("train", train_set), ("dev", dev_set)):
