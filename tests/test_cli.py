@@ -62,8 +62,10 @@ def test_a_users_own_config_dir_adds_groups(tmp_path):
     assert "divergence: js" in res.stdout and "KDLoss" in res.stdout
 
 
-def test_missing_real_model_fails_clearly(tmp_path):
-    res = train("loss=sft", "model=tinyllama", "dataset=dolly", "logger=none", "student.path=/models/tinyllama",
+def test_missing_real_model_fails_clearly(tmp_path, shared):
+    """The model path is the only bad input (the data are read first, and exist)."""
+    data = ("dataset=jsonl", f"dataset.source.train={shared}/data/instruct/dolly_dev.jsonl")
+    res = train("loss=sft", "model=tinyllama", *data, "logger=none", "student.path=/models/tinyllama",
                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
     assert res.returncode != 0
     assert "path='/models/tinyllama'" in res.stderr and "student.path=" in res.stderr
