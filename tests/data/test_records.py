@@ -107,6 +107,31 @@ def test_jsonl_splits_carves_a_deterministic_dev(dolly_dev, tmp_path):
         jsonl_splits(str(train), dev_size=60)
 
 
+def test_jsonl_splits_concatenates_a_list_of_train_files(dolly_dev, tmp_path):
+    """`dataset.source.train=[gen.jsonl,orig.jsonl]` (issue 16, SeqKD mixed with the original answers): the records
+    of every file in order, a source naming them all, a carve-out from all of them; a Hydra ListConfig works."""
+    from omegaconf import OmegaConf
+
+    rows = [json.loads(line) for line in dolly_dev.read_text().splitlines()[:30]]
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": r["prompt"], "output": "teacher says " + r["output"],
+                                                "reference": r["output"], "index": i} for i, r in enumerate(rows)])
+    orig = write_jsonl(tmp_path / "orig.jsonl", rows[:20])
+    splits = jsonl_splits(OmegaConf.create([str(gen), str(orig)]))
+    assert splits.source == "jsonl(gen.jsonl+orig.jsonl)" and len(splits.train) == 50
+    assert [r["output"] for r in splits.train] == [r["output"] for r in read_jsonl(gen) + read_jsonl(orig)]
+    assert splits.train[0]["reference"] == rows[0]["output"]  # other fields are kept
+    assert jsonl_splits([str(gen)]).train == jsonl_splits(str(gen)).train
+    carved = jsonl_splits([str(gen), str(orig)], dev_size=10, seed=1)
+    assert (len(carved.train), len(carved.dev)) == (40, 10)
+    both = sorted(json.dumps(r, sort_keys=True) for r in carved.train + carved.dev)
+    assert both == sorted(json.dumps(r, sort_keys=True) for r in splits.train)  # carved from both files
+    assert carved.dev == jsonl_splits([str(gen), str(orig)], dev_size=10, seed=1).dev
+    with pytest.raises(DataError, match="empty list"):
+        jsonl_splits([])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        jsonl_splits([str(gen), str(tmp_path / "missing.jsonl")])
+
+
 def test_hub_splits_on_a_local_json_builder(dolly_dev, tmp_path):
     splits = hub_splits("json", data_files=str(dolly_dev), dev_size=5, max_examples=30,
                         cache_dir=str(tmp_path / "hf"))

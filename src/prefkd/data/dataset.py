@@ -236,15 +236,10 @@ class DistillDataset(Dataset):
                 s, t = student[k], teacher[k] if teacher else None
                 stats["prompt_truncated"] += s.prompt_truncated
                 stats["sequence_truncated"] += s.sequence_truncated
-                example = {"input_ids": torch.tensor(s.input_ids), "labels": torch.tensor(s.labels)}
                 if t is not None:
                     stats["teacher_prompt_truncated"] += t.prompt_truncated
                     stats["teacher_sequence_truncated"] += t.sequence_truncated
-                    example["teacher_input_ids"] = torch.tensor(t.input_ids)
-                    example["teacher_labels"] = torch.tensor(t.labels)
-                if self.precompute is not None:
-                    example.update(self._run_precompute(record, s, t, start + k))
-                examples.append(example)
+                examples.append(self.make_example(record, s, t, f"{self.source} record {start + k}"))
             bar.update(len(chunk))
         bar.close()
         return {"key": self.key, "format": CACHE_FORMAT, "source": self.source, "n": len(examples),
@@ -258,11 +253,24 @@ class DistillDataset(Dataset):
                               where=f"{self.source} record {start + k}")
                 for k, (p, o) in enumerate(zip(prompt_ids, response_ids))]
 
-    def _run_precompute(self, record, student, teacher, index: int) -> dict[str, torch.Tensor]:
+    def make_example(self, record: dict, student: TokenizedExample, teacher: TokenizedExample | None,
+                     where: str) -> dict[str, torch.Tensor]:
+        """One example's fields from its two tokenisations: the token ids, the labels and the precompute hook's
+        fields. The dataset builds its examples so, and on-policy training its sampled ones
+        (:mod:`prefkd.training.on_policy`), so that both pass through the same hook."""
+        example = {"input_ids": torch.tensor(student.input_ids), "labels": torch.tensor(student.labels)}
+        if teacher is not None:
+            example["teacher_input_ids"] = torch.tensor(teacher.input_ids)
+            example["teacher_labels"] = torch.tensor(teacher.labels)
+        if self.precompute is not None:
+            example.update(self._run_precompute(record, student, teacher, where))
+        return example
+
+    def _run_precompute(self, record, student, teacher, where: str) -> dict[str, torch.Tensor]:
         extra = self.precompute(record, student, teacher, self.student_tokenizer, self.teacher_tokenizer)
         if not isinstance(extra, dict):
             raise TypeError(f"precompute hook {hook_name(self.precompute)} returned {type(extra).__name__} for "
-                            f"{self.source} record {index}; it must return a dict of fields.")
+                            f"{where}; it must return a dict of fields.")
         clash = sorted(set(extra) & set(RESERVED))
         if clash:
             raise ValueError(f"precompute hook {hook_name(self.precompute)} returned reserved field(s) {clash}; "

@@ -1,6 +1,7 @@
 """Dataset factories (Hydra ``_target_`` s of ``config/dataset/*.yaml``), each returning :class:`DataSplits`.
 
-- :func:`jsonl_splits`: local JSONL files (``prompt``/``output`` or ``instruction``/``input``/``output``).
+- :func:`jsonl_splits`: local JSONL files (``prompt``/``output`` or ``instruction``/``input``/``output``); train
+  may be a list of files, concatenated.
 - :func:`hub_splits`: anything ``datasets.load_dataset`` reads (a hub id, a local folder, or a builder such
   as ``"json"`` with ``data_files``), with configurable field names.
 - :func:`dolly_splits`: databricks-dolly-15k as processed for MiniLLM/DSKD, from a local folder of JSONL
@@ -11,6 +12,7 @@ Carve-outs (a dev split taken from train) are deterministic: a permutation from 
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,16 +41,23 @@ def carve(records: Sequence[dict], size: int, seed: int = 0, what: str = "dev") 
     return rest, carved
 
 
-def jsonl_splits(train: str, dev: str | None = None, test: str | None = None, dev_size: int = 0,
+def jsonl_splits(train: str | Sequence[str], dev: str | None = None, test: str | None = None, dev_size: int = 0,
                  seed: int = 0) -> DataSplits:
-    """Local JSONL files. Without a ``dev`` file and with ``dev_size > 0``, a dev split of ``dev_size``
-    records is carved deterministically (``seed``) from train."""
-    records = read_jsonl(train)
+    """Local JSONL files. ``train`` is one path or a list of paths whose records are concatenated in order (e.g.
+    a teacher's generations from ``python -m prefkd.generate`` plus the original answers). Without a ``dev`` file
+    and with ``dev_size > 0``, a dev split of ``dev_size`` records is carved deterministically (``seed``) from
+    train (all of it, when several files)."""
+    paths = [train] if isinstance(train, (str, os.PathLike)) else list(train)
+    if not paths:
+        raise DataError("dataset.source.train is an empty list; give a JSONL path or a list of them, e.g. "
+                        "`dataset.source.train=[gen.jsonl,orig.jsonl]`.")
+    records = [record for path in paths for record in read_jsonl(path)]
     dev_records = read_jsonl(dev) if dev else []
     if not dev:
         records, dev_records = carve(records, dev_size, seed)
     test_records = read_jsonl(test) if test else []
-    return DataSplits(train=records, dev=dev_records, test=test_records, source=f"jsonl({Path(train).name})")
+    source = f"jsonl({'+'.join(Path(path).name for path in paths)})"
+    return DataSplits(train=records, dev=dev_records, test=test_records, source=source)
 
 
 # ---------------------------------------------------------------------------------------------- hub

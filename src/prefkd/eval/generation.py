@@ -9,11 +9,15 @@ and ``model.generate`` samples at most ``max_new_tokens`` tokens after position 
 torch RNG is seeded with ``batch_seed(seed, b)``, inside ``torch.random.fork_rng`` so the caller's RNG
 state (a training run's) is untouched: the same (seed, prompts, batch_size) give the same text whatever
 ran before. The new tokens are decoded with ``skip_special_tokens`` and stripped.
+
+:func:`generate` returns every continuation at once; :func:`generate_batches` yields them batch by batch from
+any start batch, with the same seeds (a resumable writer such as ``python -m prefkd.generate``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -90,30 +94,57 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, sampling: Sampling | None = None, batch_size: int = 8,
-             seed: int = 0, progress: bool = True, desc: str = "generating") -> Generations:
-    """Sample one continuation per prompt, in order. The model should be in eval mode (callers switch)."""
+def generate_batches(model, tokenizer, prompts: Sequence[str], *, sampling: Sampling | None = None,
+                     batch_size: int = 8, seed: int = 0, start_batch: int = 0) -> Iterator[tuple[int, Generations]]:
+    """Sample batch by batch: yield ``(b, Generations of prompts[b*batch_size:(b+1)*batch_size])`` for b from
+    ``start_batch`` on. Batch b is seeded with ``batch_seed(seed, b)`` whatever ran before it, so starting at
+    ``start_batch`` gives exactly the batches a run from 0 gives there (resuming). Eval mode is the caller's."""
     sampling = sampling or Sampling()
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_length, sampling.truncation_side)
+    first = start_batch * batch_size
+    encoded = encode_prompts(tokenizer, prompts[first:], sampling.max_prompt_length, sampling.truncation_side)
+    for b, start in enumerate(range(0, len(encoded), batch_size), start=start_batch):
+        yield b, _sample_batch(model, tokenizer, encoded[start:start + batch_size], sampling=sampling,
+                               seed=batch_seed(seed, b), pad_id=pad_id, stops=stops, device=device)
+
+
+@torch.no_grad()
+def sample_tokens(model, rows: Sequence[Sequence[int]], *, sampling: Sampling, seed: int, pad_id: int,
+                  stops: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """One left-padded batch of prompt ids sampled under ``torch.manual_seed(seed)``, the caller's RNG state
+    untouched: the (B, N) new token ids (on the CPU) and each row's length up to (not including) its first stop or
+    pad token (N when none came: the row was cut by ``max_new_tokens``)."""
+    ids, mask = left_pad(rows, pad_id)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                             eos_token_id=stops, **sampling.generate_kwargs())
+    new = out[:, ids.shape[1]:].cpu()
+    is_stop = torch.isin(new, torch.tensor(stops + [pad_id]))
+    return new, (is_stop.cumsum(dim=1) == 0).sum(dim=1).tolist()
+
+
+def _sample_batch(model, tokenizer, rows: Sequence[Sequence[int]], *, sampling: Sampling, seed: int, pad_id: int,
+                  stops: list[int], device: torch.device) -> Generations:
+    """One batch's continuations, decoded with ``skip_special_tokens`` and stripped."""
+    new, n_new = sample_tokens(model, rows, sampling=sampling, seed=seed, pad_id=pad_id, stops=stops, device=device)
+    texts = [t.strip() for t in tokenizer.batch_decode([row[:n] for row, n in zip(new, n_new)],
+                                                        skip_special_tokens=True)]
+    return Generations(texts=texts, num_tokens=n_new)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, sampling: Sampling | None = None, batch_size: int = 8,
+             seed: int = 0, progress: bool = True, desc: str = "generating") -> Generations:
+    """Sample one continuation per prompt, in order. The model should be in eval mode (callers switch)."""
+    batches = generate_batches(model, tokenizer, prompts, sampling=sampling, batch_size=batch_size, seed=seed)
     texts, lengths = [], []
-    starts = range(0, len(encoded), batch_size)
-    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress, unit="batch")):
-        ids, mask = left_pad(encoded[start:start + batch_size], pad_id)
-        rng_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"):
-            torch.manual_seed(batch_seed(seed, b))
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
-                                 eos_token_id=stops, **sampling.generate_kwargs())
-        new = out[:, ids.shape[1]:].cpu()
-        is_stop = torch.isin(new, torch.tensor(stops + [pad_id]))
-        n_new = (is_stop.cumsum(dim=1) == 0).sum(dim=1).tolist()
-        texts += [t.strip() for t in tokenizer.batch_decode([row[:n] for row, n in zip(new, n_new)],
-                                                             skip_special_tokens=True)]
-        lengths += n_new
+    total = math.ceil(len(prompts) / batch_size) if batch_size >= 1 else 0
+    for _, gens in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
+        texts += gens.texts
+        lengths += gens.num_tokens
     return Generations(texts=texts, num_tokens=lengths)

@@ -6,7 +6,8 @@ each into micro-batches of ``batch_size × processes`` examples and yields this 
 (:func:`prefkd.data.sampler.shard`). So the examples a step sees are those of the sampler whatever the number of
 workers: ``trainer.num_workers`` worker processes collate ``trainer.prefetch_factor`` micro-batches ahead each
 (0 workers: collated in the training process, as it runs), and ``trainer.pin_memory`` pins them for a fast copy to
-a GPU. The collated dict also carries the fields the teacher source needs (:meth:`batch_fields`).
+a GPU. The collated dict also carries the examples' indices and the fields the teacher source needs
+(:meth:`batch_fields`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class _Indexed(Dataset):
 
 class Collate:
     """Examples -> one padded micro-batch (the dataset's own ``collate`` when it has one: preference pairs), plus the
-    teacher source's ``batch_fields(split, indices)``."""
+    examples' positions in the dataset (``example_index``, B) and the teacher source's ``batch_fields(split,
+    indices)``."""
 
     def __init__(self, dataset, pad_id: int, teacher_pad_id: int | None, batch_fields: Callable, split: str):
         self.make = getattr(dataset, "collate", collate)
@@ -62,6 +64,7 @@ class Collate:
     def __call__(self, items: list) -> dict:
         indices = [i for i, _ in items]
         batch = self.make([example for _, example in items], self.pad_id, self.teacher_pad_id)
+        batch["example_index"] = torch.tensor(indices, dtype=torch.long)
         batch.update(self.batch_fields(self.split, indices))
         return batch
 

@@ -20,6 +20,7 @@ from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint import is_adapter
 from prefkd.training.datasets import build_datasets
 from prefkd.training.evaluation import check_final_eval, checkpoint_to_evaluate, evaluate_after_training
+from prefkd.training.on_policy import OnPolicySettings, check_on_policy
 from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_metadata
 from prefkd.training.teacher_cache import TeacherCache
 from prefkd.training.tracking import Tracker
@@ -90,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     if tcfg.get("teacher_cache") and loss.needs.teacher:
         cache = TeacherCache(tcfg.teacher_cache)
         check_cache_serves(cache, loss, cfg.loss._target_)
+    check_on_policy(OnPolicySettings.from_config(tcfg.get("on_policy")), loss, cfg.loss._target_, cache)
     splits = instantiate(cfg.dataset.source)  # the records are read (and checked) before any model loads
     student = instantiate(cfg.student)
     teacher = None

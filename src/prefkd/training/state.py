@@ -20,6 +20,11 @@ class TrainState:
     dev_loss_start: float | None = None       # dev loss before training (trainer.eval_at_start)
     nonfinite_steps: int = 0                  # optimizer steps skipped for a non-finite loss or gradient norm
     nonfinite_in_a_row: int = 0               # ... in a row, up to now
+    sampled_steps: int = 0                    # on-policy steps (trained on the student's samples)
+    sampled_step_seconds: float = 0.0         # ... their time, sampling included
+    generate_seconds: float = 0.0             # time spent sampling
+    generated_tokens: int = 0                 # response tokens sampled (this process)
+    fallback_rows: int = 0                    # sampled rows that kept their dataset response (on_policy.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,8 +37,8 @@ class CachedTeacher:
         self.cache, self.model, self.device = cache, model, device
 
     def batch_fields(self, split: str, indices: list[int]) -> dict:
-        """The examples' split and positions in their dataset, by which the cache is read."""
-        return {"cache_split": split, "example_index": torch.tensor(indices)}
+        """The examples' split, by which (with their ``example_index``) the cache is read."""
+        return {"cache_split": split}
 
     @torch.no_grad()
     def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:

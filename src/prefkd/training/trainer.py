@@ -34,6 +34,7 @@ from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_bett
 from prefkd.training.distill_module import DistillModule
 from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from prefkd.training.on_policy import OnPolicySampler, OnPolicySettings, SampledStep
 from prefkd.training.optim import build_optimizer, build_scheduler
 from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_signals
 from prefkd.training.state import TrainState
@@ -76,6 +77,7 @@ class StepResult:
     grad_norm: float | None
     stepped: bool
     skipped: dict[str, float] | None = None  # the non-finite guard's metrics of a skipped step
+    sampled: SampledStep | None = None  # an on-policy step: what sampling the student's responses cost
 
 
 class Trainer:
@@ -101,13 +103,14 @@ class Trainer:
         self.teacher = CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else LiveTeacher(model)
         self._build_reference(student, teacher)
         self._build_loader()
+        self.on_policy = self._build_on_policy()
         self.state = TrainState()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", accelerator=accelerator, module=self.module,
                                              tokenizer=self.tokenizer, optimizer=self.optimizer,
                                              scheduler=self.scheduler, metric=select_metric(cfg),
                                              keep_best=cfg.keep_best)
         self.guard = NonFiniteGuard(accelerator, self.optimizer, cfg.max_nonfinite_in_a_row)
-        self._window = {"tokens": 0.0, "seconds": 0.0}  # tokens and step time since the last train log
+        self._window = self._empty_window()  # tokens, step and generation time since the last train log
 
     def _build_sampler(self) -> None:
         """The global batches (:class:`GlobalBatchSampler`) and the optimizer steps of the run."""
@@ -125,9 +128,36 @@ class Trainer:
         cfg = self.cfg
         steps = StepSampler(self.sampler, self.micro, self.acc.process_index, self.acc.num_processes)
         self.micro_per_step = steps.micro_per_step
-        collate_fn = Collate(self.train_set, self.pad, self.teacher_pad, self.teacher.batch_fields, "train")
-        self.loader = build_loader(self.train_set, steps, collate_fn, num_workers=cfg.num_workers,
+        self.collate = Collate(self.train_set, self.pad, self.teacher_pad, self.teacher.batch_fields, "train")
+        self.loader = build_loader(self.train_set, steps, self.collate, num_workers=cfg.num_workers,
                                    prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory)
+
+    def _build_on_policy(self) -> OnPolicySampler | None:
+        """``trainer.on_policy`` (:mod:`prefkd.training.on_policy`); None when its fraction is 0 (off)."""
+        settings = OnPolicySettings.from_config(self.cfg.get("on_policy"))
+        if not settings.active:
+            return None
+        return OnPolicySampler(settings, seed=self.cfg.seed, dataset=self.train_set, collate=self.collate,
+                               device=self.acc.device)
+
+    def _sample(self, micro_batches: list[dict]) -> tuple[list[dict], SampledStep | None]:
+        """An on-policy step (the coin of :meth:`OnPolicySampler.wants`): the micro-batches rebuilt from the
+        student's own samples to their prompts, sampled in eval mode; else the micro-batches unchanged."""
+        step = self.state.global_step
+        if self.on_policy is None or not self.on_policy.wants(step):
+            return micro_batches, None
+        cost, rebuilt = SampledStep(), []
+        self.student.eval()
+        try:
+            with self.acc.autocast():
+                for k, batch in enumerate(micro_batches):
+                    batch, stats = self.on_policy.sample_batch(self.student, batch, step=step,
+                                                               process=self.acc.process_index, micro=k)
+                    rebuilt.append(batch)
+                    cost.add(stats)
+        finally:
+            self.module.train()
+        return rebuilt, cost
 
     # ---------------------------------------------------------------- forward
     def _forward(self, batch: dict) -> LossOutput:
@@ -210,6 +240,7 @@ class Trainer:
         """Forward and backward over this process's micro-batches of one global batch (from :attr:`loader`), then
         the optimizer step unless the loss or the gradient norm is not finite."""
         acc, world = self.acc, self.acc.num_processes
+        micro_batches, sampled = self._sample(micro_batches)
         batches = [self._to_device(b) for b in micro_batches]
         batch_units = [count_units(b, self.loss.needs.normalize_by) for b in batches]
         local = torch.stack([sum(batch_units), sum(b["attention_mask"].sum().to(torch.float64) for b in batches)])
@@ -225,7 +256,9 @@ class Trainer:
                 acc.backward(out.loss * (world / units).to(out.loss.dtype))
             self._sum_metrics(sums, out, batch_units[k])
         metrics = self._reduce_metrics(sums, units)
-        return self._optimizer_step(metrics, tokens)
+        result = self._optimizer_step(metrics, tokens)
+        result.sampled = sampled
+        return result
 
     def _optimizer_step(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> StepResult:
         """Clip and step, or skip through the non-finite guard. Two host reads: the loss (with the token count),
@@ -350,6 +383,8 @@ class Trainer:
         st.last_train_loss = result.loss
         self._window["tokens"] += result.tokens
         self._window["seconds"] += seconds
+        if result.sampled is not None:
+            self._count_sampled(result.sampled, seconds)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / seconds:.0f}")
         if st.global_step % self.cfg.log_every == 0 or st.global_step == self.total_steps:
@@ -362,6 +397,17 @@ class Trainer:
         if self.guard.exceeded(st):
             bar.close()
             self._stop_nonfinite(result)
+
+    def _count_sampled(self, sampled: SampledStep, seconds: float) -> None:
+        """An on-policy step into the state (the run's totals) and the log window."""
+        st = self.state
+        st.sampled_steps += 1
+        st.sampled_step_seconds += seconds
+        st.generate_seconds += sampled.seconds
+        st.generated_tokens += sampled.tokens
+        st.fallback_rows += sampled.fallback_rows
+        self._window["generate_s"] += sampled.seconds
+        self._window["generated_tokens"] += sampled.tokens
 
     def _count_batch(self, batches_per_epoch: int) -> bool:
         """One more global batch of this epoch; True (and the next epoch begins) when it was the last one."""
@@ -415,8 +461,17 @@ class Trainer:
                        "perf/tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
                        "perf/step_time_s": window["seconds"] / max(self.cfg.log_every, 1),
                        "perf/peak_mem_mb": peak_memory_mb(self.acc.device), "train/epoch": self.state.epoch})
+        if self.on_policy is not None:
+            generate_s = window["generate_s"]
+            record.update({"perf/generate_s": generate_s / max(self.cfg.log_every, 1),
+                           "perf/generate_tok_s": window["generated_tokens"] / generate_s if generate_s else 0.0,
+                           "train/sampled_steps": self.state.sampled_steps})
         self.tracker.log(record, step=self.state.global_step)
-        self._window = {"tokens": 0.0, "seconds": 0.0}
+        self._window = self._empty_window()
+
+    @staticmethod
+    def _empty_window() -> dict[str, float]:
+        return {"tokens": 0.0, "seconds": 0.0, "generate_s": 0.0, "generated_tokens": 0.0}
 
     def _nonfinite_counts(self) -> dict:
         return {"train/nonfinite_steps": self.state.nonfinite_steps,
@@ -459,4 +514,17 @@ class Trainer:
             "best": st.best, "nonfinite_steps": st.nonfinite_steps,
             "peak_mem_mb": peak_memory_mb(self.acc.device),
             "checkpoints": self.checkpoints.listing(),
-        }
+        } | ({"on_policy": self._on_policy_summary()} if self.on_policy is not None else {})
+
+    def _on_policy_summary(self) -> dict:
+        """Sampled steps and their cost: generation time and speed, and the mean step time with and without
+        sampling (``step_time_ratio``: sampled / dataset steps; None until the run has both)."""
+        st = self.state
+        dataset_steps = st.global_step - st.sampled_steps
+        sampled_s = st.sampled_step_seconds / st.sampled_steps if st.sampled_steps else None
+        dataset_s = (st.train_seconds - st.sampled_step_seconds) / dataset_steps if dataset_steps else None
+        return {"fraction": self.on_policy.settings.fraction, "sampled_steps": st.sampled_steps,
+                "dataset_steps": dataset_steps, "generate_s": st.generate_seconds,
+                "generate_tok_s": st.generated_tokens / st.generate_seconds if st.generate_seconds else None,
+                "fallback_rows": st.fallback_rows, "step_time_s_sampled": sampled_s, "step_time_s_dataset": dataset_s,
+                "step_time_ratio": sampled_s / dataset_s if sampled_s and dataset_s else None}
