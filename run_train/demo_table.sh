@@ -9,7 +9,9 @@
 # (results.json) are kept; an interrupted run resumes from its newest checkpoint and is evaluated again.
 #
 # Environment (defaults in brackets):
-#   METHODS        losses, one row each            [sft uld minedit dskd_cma multilevel_ot mcw_kd]
+#   METHODS        rows: a loss name, or LABEL:LOSS+override+override (e.g. mcw_kd_onpolicy:mcw_kd+trainer.on_policy.
+#                  fraction=0.5+trainer.teacher_cache=null; a row that sets trainer.teacher_cache runs without the
+#                  shared cache)                   [sft uld minedit dskd_cma multilevel_ot mcw_kd]
 #   SEEDS          training seeds per method       [1 2]
 #   NLL_SETS       eval=nll sets                   [dolly,self_inst,vicuna,sinst]
 #   NLL_LIMIT      first N examples of each set    [100]
@@ -91,15 +93,21 @@ fi
 CACHED=()
 [ "$USE_CACHE" = 1 ] && CACHED=(trainer.teacher_cache="$CACHE")
 
-for method in $METHODS; do
+for row in $METHODS; do
+  method=${row%%:*}  # the row's label (the loss name when the row is only that)
+  IFS=+ read -ra spec <<< "${row#*:}"
+  loss=${spec[0]}
+  extra=("${spec[@]:1}")
+  cached=("${CACHED[@]}")
+  [[ " ${extra[*]} " == *" trainer.teacher_cache="* ]] && cached=()
   for seed in $SEEDS; do
     run="$OUT/runs/$method/seed$seed"
     if ! "$PYTHON" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
         "$run/train_summary.json" 2>/dev/null; then  # not run, or stopped early (pre-emption): train / resume
       echo "== $method seed $seed: training"
       rm -rf "$run/eval_nll" "$run/eval_rouge"  # evaluations of an unfinished run's checkpoint are stale
-      "$PYTHON" -m prefkd.train experiment=demo_table loss="$method" method="$method" trainer.seed="$seed" \
-        hydra.run.dir="$run" "${CACHED[@]}" "$@"
+      "$PYTHON" -m prefkd.train experiment=demo_table loss="$loss" method="$method" trainer.seed="$seed" \
+        hydra.run.dir="$run" "${cached[@]}" "${extra[@]}" "$@"
     fi
     best=$("$PYTHON" -c "import json,sys; c=json.load(open(sys.argv[1]))['checkpoints']; print(c.get('best') or c['last'])" \
       "$run/train_summary.json")
