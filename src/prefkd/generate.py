@@ -7,7 +7,7 @@ train on it with ``dataset=jsonl dataset.source.train=FILE.jsonl``, or mix it wi
 ``output`` (the answer, decoded and stripped), ``reference`` (the record's own ``output``), ``index`` (the record's
 0-based position in the split), ``sample`` (which of ``num_samples`` answers, only when there are several),
 ``num_tokens`` (answer tokens up to the first EOS) and ``truncated`` (the answer hit ``sampling.max_new_tokens``
-without an EOS; training still appends an EOS to it). Nothing else is in the file, so ``dataset=jsonl`` reads it.
+without an EOS; training learns no EOS at its end). Nothing else is in the file, so ``dataset=jsonl`` reads it.
 
 **Empty answers** (the model stopped at once, or produced only whitespace) are left out of the file, since a
 training record needs a non-empty ``output``; how many is logged and kept in the side file.

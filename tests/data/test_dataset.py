@@ -182,3 +182,16 @@ def test_bad_records_name_the_example(real_tokenizer, records, tmp_path):
         build([records[0], dict(records[1], output=" ")], real_tokenizer("gpt2"), None, tmp_path)
     ds = build([dict(records[0], output=["first reference", "second"])], real_tokenizer("gpt2"), None, tmp_path)
     assert real_tokenizer("gpt2").decode(ds[0]["labels"][ds[0]["labels"].ne(-100)][:-1]) == "first reference"
+
+
+def test_a_truncated_answer_learns_no_eos(real_tokenizer, tmp_path):
+    """A record marked ``truncated`` (python -m prefkd.generate: cut by its token budget) ends on its last answer
+    token on both sides; the same record unmarked ends on EOS."""
+    s_tok, t_tok = real_tokenizer("gpt2"), real_tokenizer("qwen1.5")
+    record = {"prompt": "Name a colour.", "output": "Blue is a colour of the"}
+    ds = build([record, {**record, "truncated": True}], s_tok, t_tok, tmp_path)
+    for prefix, tok in (("", s_tok), ("teacher_", t_tok)):
+        ended, cut = ds[0][f"{prefix}labels"], ds[1][f"{prefix}labels"]
+        answer = tok.encode(record["output"], add_special_tokens=False)
+        assert ended[-1] == tok.eos_token_id and ended[-len(answer) - 1:-1].tolist() == answer
+        assert cut[-len(answer):].tolist() == answer and len(cut) == len(ended) - 1

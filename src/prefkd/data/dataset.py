@@ -168,7 +168,8 @@ class DistillDataset(Dataset):
     ``dataset[i]`` is a dict of 1-D long tensors ``input_ids`` (n), ``labels`` (n) and, with a teacher,
     ``teacher_input_ids`` (m), ``teacher_labels`` (m), plus the fields of ``precompute``. The strings stay
     in ``dataset.records[i]`` (``prompt``, ``output``, ...). A record whose ``output`` is a list of
-    references is trained on its first reference.
+    references is trained on its first reference; one with ``"truncated": true`` (an answer cut by a token budget,
+    as ``python -m prefkd.generate`` marks them) gets no EOS label.
 
     ``precompute(record, student, teacher, student_tokenizer, teacher_tokenizer) -> dict`` gets the two
     :class:`~prefkd.data.tokenize.TokenizedExample` s (``teacher`` is None without a teacher tokenizer;
@@ -249,9 +250,10 @@ class DistillDataset(Dataset):
         outputs = [r["output"][0] if isinstance(r["output"], list) else r["output"] for r in chunk]
         prompt_ids = encode(tokenizer, [r["prompt"] for r in chunk])
         response_ids = encode(tokenizer, outputs)
+        # a record marked `truncated` (an answer cut by a token budget: python -m prefkd.generate) learns no EOS
         return [build_example(p, o, tokenizer.eos_token_id, self.max_prompt_length, self.max_length,
-                              where=f"{self.source} record {start + k}")
-                for k, (p, o) in enumerate(zip(prompt_ids, response_ids))]
+                              where=f"{self.source} record {start + k}", ended=not record.get("truncated", False))
+                for k, (p, o, record) in enumerate(zip(prompt_ids, response_ids, chunk))]
 
     def make_example(self, record: dict, student: TokenizedExample, teacher: TokenizedExample | None,
                      where: str) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""On-policy distillation (GKD's λ, docs/methods.md §3): a step's responses replaced by the student's own samples.
+"""On-policy distillation (GKD's λ, docs/methods.md §13): a step's responses replaced by the student's own samples.
 
 Every ``every``-th optimizer step s tosses a coin u ~ U(0, 1) seeded by (trainer.seed, s). When u < λ
 (``trainer.on_policy.fraction``), each micro-batch of the step is rebuilt from the student's samples:
