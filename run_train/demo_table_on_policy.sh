@@ -5,15 +5,15 @@
 #
 #   bash run_train/demo_table_on_policy.sh OUTDIR [hydra overrides for every training run ...]
 #
-# 1. SeqKD data: the teacher's sampled answers (`python -m prefkd.generate`) to the first SEQKD_LIMIT [400] of the
-#    900 training prompts of the table's split (a run of 32 steps × 8 sees 256 of them; the teacher samples at about
-#    a prompt a second here), in OUTDIR/seqkd/train.jsonl (resumable), and the 100 dev records as they are in
-#    OUTDIR/seqkd/dev.jsonl (checkpoint selection stays on the original answers, as for every other row).
+# 1. SeqKD data: the teacher's sampled answers (`python -m prefkd.generate`) to the first SEQKD_LIMIT [256] of the
+#    900 training prompts of the table's split, in OUTDIR/seqkd/train.jsonl (resumable): a run of 32 steps × 8 trains
+#    on exactly these 256 answers, once (the teacher answers about 10 prompts a minute here). The 100 dev records, as
+#    they are, go to OUTDIR/seqkd/dev.jsonl: checkpoint selection stays on the original answers, as for every row.
 # 2. run_train/demo_table.sh with the rows below (resumable likewise). On-policy rows and SeqKD run the teacher live:
 #    the teacher cache holds the teacher's states for the dataset's answers only.
 #
 # Environment: SEEDS, PYTHON and the evaluation variables of demo_table.sh; SEQKD_TOKENS, the teacher's answer
-# budget [96 = dataset.max_length - max_prompt_length]; SEQKD_LIMIT, its prompts [400]; ROWS, the rows [all three].
+# budget [96 = dataset.max_length - max_prompt_length]; SEQKD_LIMIT, its prompts [256]; ROWS, the rows [all three].
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 OUTDIR [hydra overrides for every training run ...]" >&2
@@ -46,7 +46,7 @@ TRAIN=$("$PYTHON" -m prefkd.train experiment=demo_table "$@" --cfg job --resolve
 echo "== SeqKD data: the teacher's answers to the training prompts"
 "$PYTHON" -m prefkd.generate model.path="$TEACHER" dataset=jsonl dataset.source.train="$TRAIN" \
   dataset.source.dev_size=100 dataset.source.seed=0 dataset.max_prompt_length=96 split=train \
-  sampling.max_new_tokens="${SEQKD_TOKENS:-96}" limit="${SEQKD_LIMIT:-400}" batch_size=16 seed=0 progress=false \
+  sampling.max_new_tokens="${SEQKD_TOKENS:-96}" limit="${SEQKD_LIMIT:-256}" batch_size=16 seed=0 progress=false \
   out="$DATA/train.jsonl"
 
 LIVE=trainer.teacher_cache=null

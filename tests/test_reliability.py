@@ -192,7 +192,10 @@ def assert_no_secret(run_dir: Path, secrets: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------- kills and resumes
 FAULT_STEPS = 12
-FAULT_COMMON = (f"trainer.max_steps={FAULT_STEPS}", "trainer.save_every=2", "trainer.keep_best=100", *SMALL)
+# on-policy for half the steps (seed 42: steps 0, 2, 4, 6 of 12 sample): the samples of a resumed step are the
+# uninterrupted run's (prefkd.training.on_policy seeds them by the step, which the checkpoint holds)
+FAULT_COMMON = (f"trainer.max_steps={FAULT_STEPS}", "trainer.save_every=2", "trainer.keep_best=100", *SMALL,
+                "trainer.on_policy.fraction=0.5", "trainer.on_policy.max_new_tokens=8")
 FAULT_ARGS = ("model=tiny_same", "loss=kd", "logger=none", "run_name=test", "trainer.device=cpu",
               "trainer.eval_at_start=false", *FAULT_COMMON)  # = compose_cfg(*FAULT_COMMON) on the command line
 
@@ -241,7 +244,7 @@ def test_sigkill_at_random_moments_and_resume_give_the_uninterrupted_weights(tmp
     cycle the checkpoint folders are complete or ignored leftovers; at the end the weights equal an uninterrupted
     run's exactly. Secrets in the environment reach no file of the run directory."""
     straight = run(compose_cfg(*FAULT_COMMON), tmp_path / "straight")
-    assert straight["steps"] == FAULT_STEPS
+    assert straight["steps"] == FAULT_STEPS and straight["on_policy"]["sampled_steps"] == 4
 
     rng = random.Random(9)
     run_dir, cwd = tmp_path / "killed", tmp_path / "cwd"
@@ -304,6 +307,7 @@ def test_sigkill_at_random_moments_and_resume_give_the_uninterrupted_weights(tmp
     assert summary["finished"] and summary["steps"] == FAULT_STEPS
     assert_same_weights(weights(tmp_path / "straight"), weights(run_dir))
     assert summary["last_train_loss"] == straight["last_train_loss"]
+    assert summary["on_policy"]["sampled_steps"] == 4  # the counters resume with the state
     assert_no_secret(run_dir, [*SECRETS.values(), DOTENV_SECRET])
 
 
