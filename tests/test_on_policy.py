@@ -227,10 +227,11 @@ def test_every_token_level_loss_trains_on_samples(model, loss, tmp_path):
 REFUSED = [("loss=sft", "teacher=none", "no teacher"), ("loss=dpo", "dataset=hh", "preference pairs"),
            ("loss=kd", "trainer.on_policy.top_p=0", "trainer.on_policy.top_p"),
            ("loss=kd", "trainer.on_policy.every=0", "trainer.on_policy.every"),
-           ("loss=kd", "+trainer.on_policy.lambda=0.5", "trainer.on_policy.lambda")]
+           ("loss=kd", "+trainer.on_policy.lambda=0.5", "trainer.on_policy.lambda"),
+           ("loss=kd", "trainer.on_policy.max_new_tokens=abc", "trainer.on_policy.max_new_tokens='abc'")]
 
 
-@pytest.mark.parametrize("loss,extra,message", REFUSED, ids=["sft", "dpo", "top_p", "every", "unknown-key"])
+@pytest.mark.parametrize("loss,extra,message", REFUSED, ids=["sft", "dpo", "top_p", "every", "unknown-key", "type"])
 def test_what_cannot_train_on_samples_is_refused_before_any_model_loads(loss, extra, message, tmp_path, monkeypatch):
     import prefkd.training.pipeline as pipeline
 

@@ -67,15 +67,19 @@ class OnPolicySettings:
             raise ValueError(f"trainer.on_policy.{unknown[0]}: unknown key; the keys are "
                              f"{', '.join(cls.__dataclass_fields__)}")
         settings = cls(**values)
-        checks = [("fraction", 0 <= settings.fraction <= 1, "a probability in [0, 1] (0 = off)"),
-                  ("temperature", settings.temperature >= 0, "≥ 0 (0 = greedy)"),
-                  ("top_p", 0 < settings.top_p <= 1, "in (0, 1]"),
-                  ("max_new_tokens", isinstance(settings.max_new_tokens, int) and settings.max_new_tokens >= 1,
-                   "an integer ≥ 1"),
-                  ("every", isinstance(settings.every, int) and settings.every >= 1, "an integer ≥ 1")]
+
+        def number(v, whole=False) -> bool:
+            return isinstance(v, int if whole else (int, float)) and not isinstance(v, bool)
+
+        s = settings
+        checks = [("fraction", number(s.fraction) and 0 <= s.fraction <= 1, "a probability in [0, 1] (0 = off)"),
+                  ("temperature", number(s.temperature) and s.temperature >= 0, "a number ≥ 0 (0 = greedy)"),
+                  ("top_p", number(s.top_p) and 0 < s.top_p <= 1, "a number in (0, 1]"),
+                  ("max_new_tokens", number(s.max_new_tokens, whole=True) and s.max_new_tokens >= 1, "an integer ≥ 1"),
+                  ("every", number(s.every, whole=True) and s.every >= 1, "an integer ≥ 1")]
         for key, ok, accepted in checks:
             if not ok:
-                raise ValueError(f"trainer.on_policy.{key}={getattr(settings, key)!r}: must be {accepted}")
+                raise ValueError(f"trainer.on_policy.{key}={getattr(s, key)!r}: must be {accepted}")
         return settings
 
     @property
