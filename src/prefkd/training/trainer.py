@@ -40,6 +40,7 @@ from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_
 from prefkd.training.state import TrainState
 from prefkd.training.teacher_source import CachedTeacher, LiveTeacher
 from prefkd.training.tracking import Tracker, peak_memory_mb
+from prefkd.utils.io import atomic_write
 from prefkd.utils.labels import IGNORE_INDEX
 
 __all__ = ["PREEMPT_EXIT_CODE", "NonFiniteLossError", "Preempted", "StepResult", "Trainer", "higher_is_better",
@@ -500,7 +501,7 @@ class Trainer:
 
     def _write_summary(self, summary: dict) -> None:
         if self.acc.is_main_process:
-            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write(self.run_dir / "train_summary.json", json.dumps(summary, indent=2))  # readers see a whole file
 
     def _summary(self, interrupted: bool = False) -> dict:
         st = self.state
