@@ -13,6 +13,15 @@ so ratios compare the loss work), student forward and backward, the loss, AdamW.
 - ``loss_extra_btv``: the loss's peak extra memory beyond its inputs, in units of one B×T×V fp32 tensor (the
   student logits' size): the issue-8 target is ≤ 2.
 
+Fused output heads (issue 17, ``--fused``, default ``sft,kd``): each loss on a same-vocabulary pair (the student's
+vocabulary; the teacher has the student's tokenizer and the teacher's shape), with the logits built and with the
+head fused into the loss (``trainer.fused_head``), in the same run:
+
+- ``step_ms_unfused`` / ``step_ms_fused`` and their ``ratio`` (fused / unfused; the target is ≤ 1.0);
+- ``peak_btv_unfused`` / ``peak_btv_fused``: the peak bytes of live tensors from the hidden states to the gradients
+  w.r.t. the hidden states and the head weight (the logits included when they are built; the head weight's V×H
+  gradient excluded), in units of one B×T×V fp32 tensor (the target is ≤ 0.5).
+
 Also: the alignment precompute rate (examples/s of the losses' data hooks on Dolly dev records) and the Sinkhorn
 solver alone (:mod:`prefkd.ot.bench`, when POT is installed). Alignments are precomputed outside the timed step,
 as in training (they are data).
@@ -35,17 +44,20 @@ from prefkd.utils.devices import resolve_device
 from prefkd.utils.labels import IGNORE_INDEX
 
 DEFAULT_LOSSES = ("sft", "kd", "uld", "minedit", "dskd_cma", "multilevel_ot", "mcw_kd")
+FUSED_LOSSES = ("sft", "kd")  # the losses that take a fused output head so far (issue 17)
 DEFAULT_SHAPE = {"batch": 4, "max_length": 256, "max_prompt_length": 128, "student_hidden": 256, "student_layers": 2,
                  "teacher_hidden": 256, "teacher_layers": 2}
 PAIRS = {"qwen_gpt2": ("qwen1.5", "gpt2"), "mistral_tinyllama": ("mistral", "tinyllama")}
 
 
 class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensors allocated by aten ops while active and still alive (views / in-place ops excluded)."""
+    """Peak bytes of tensors allocated by aten ops while active and still alive (views / in-place ops excluded).
+    Tensors shaped as one of ``skip`` are not counted (a head weight's gradient)."""
 
-    def __init__(self):
+    def __init__(self, skip: tuple[tuple[int, ...], ...] = ()):
         super().__init__()
         self.live = self.peak = 0
+        self.skip = set(skip)
 
     def _free(self, n: int) -> None:
         self.live -= n
@@ -55,7 +67,7 @@ class LiveBytes(TorchDispatchMode):
         if any(r.alias_info is not None for r in func._schema.returns):
             return out
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and tuple(t.shape) not in self.skip:
                 n = t.untyped_storage().nbytes()
                 self.live += n
                 self.peak = max(self.peak, self.live)
@@ -102,11 +114,10 @@ def _median_ms(fn, warmup: int, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.device, warmup: int,
-               repeats: int, loss_overrides: list[str]) -> dict:
-    """Times of one loss (see the module docstring)."""
+def _prepared(name: str, teacher, student, records, shape: dict, device: torch.device, loss_overrides: list[str]):
+    """(loss set up and built, the collated batch on ``device``, AdamW over the student and the loss's modules, the
+    batch's response tokens)."""
     from prefkd.data.dataset import DistillDataset
-    from prefkd.losses.base import LossInputs, ModelOutputs
 
     loss = make_loss(name, loss_overrides)
     loss.setup(student.tokenizer, teacher.tokenizer)
@@ -117,11 +128,19 @@ def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.
                         precompute_version=loss.precompute_version, use_cache=False)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in
              ds.collate(list(ds), student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id).items()}
-    hidden = loss.needs.hidden_states
     params = [p for p in student.model.parameters() if p.requires_grad]
     params += [p for m in loss.trainable_modules() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    n_units = max(int(batch["labels"].ne(IGNORE_INDEX).sum()), 1)
+    return loss, batch, opt, max(int(batch["labels"].ne(IGNORE_INDEX).sum()), 1)
+
+
+def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.device, warmup: int,
+               repeats: int, loss_overrides: list[str]) -> dict:
+    """Times of one loss (see the module docstring)."""
+    from prefkd.losses.base import LossInputs, ModelOutputs
+
+    loss, batch, opt, n_units = _prepared(name, teacher, student, records, shape, device, loss_overrides)
+    hidden = loss.needs.hidden_states
 
     def forward_teacher():
         with torch.no_grad():
@@ -175,6 +194,80 @@ def bench_loss(name: str, teacher, student, records, shape: dict, device: torch.
                        int(batch["teacher_attention_mask"].sum())}}
 
 
+def peak_from_hidden(loss, batch: dict, student, teacher, *, fused: bool) -> float:
+    """Peak bytes of live tensors from the hidden states to the gradients w.r.t. the student's hidden states and head
+    weight (the head weight's gradient excluded), in B×T×V fp32 units (V: the student's head rows). ``fused``: the
+    loss gets hidden states and heads; otherwise the logits head(h) are built inside the measured region. ``student``
+    and ``teacher`` are the models (the teacher is read only when the loss needs it)."""
+    from prefkd.losses.base import LossInputs
+    from prefkd.models.heads import forward_hidden, output_head
+    from prefkd.training.fused_head import outputs_from_hidden
+
+    with torch.no_grad():
+        s_hidden = forward_hidden(student, batch["input_ids"], batch["attention_mask"])
+        t_hidden = (forward_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+                    if loss.needs.teacher else None)
+    h = s_hidden.detach().requires_grad_(True)
+    weight = output_head(student).weight
+    tracker = LiveBytes(skip=(tuple(weight.shape),))
+    with tracker:
+        s = outputs_from_hidden(student, h, fused=fused)
+        with torch.no_grad():
+            t = None if t_hidden is None else outputs_from_hidden(teacher, t_hidden, fused=fused)
+        out = loss(LossInputs(batch=batch, student=s, teacher=t))
+        torch.autograd.grad(out.loss, [h, weight])
+    return tracker.peak / (h.shape[0] * h.shape[1] * weight.shape[0] * 4)
+
+
+def bench_fused(name: str, teacher, student, records, shape: dict, device: torch.device, warmup: int,
+                repeats: int, loss_overrides: list[str]) -> dict:
+    """One loss with its models' logits built and with fused heads (see the module docstring), on a same-vocabulary
+    pair: step times, their ratio (fused / unfused) and the peaks of :func:`peak_from_hidden`."""
+    from prefkd.losses.base import LossInputs
+    from prefkd.training.fused_head import model_outputs
+
+    loss, batch, opt, n_units = _prepared(name, teacher, student, records, shape, device, loss_overrides)
+    if not loss.fused_head:
+        raise SystemExit(f"--fused {name}: this loss takes no fused output head (yet); fused losses: "
+                         f"{', '.join(FUSED_LOSSES)}")
+    hidden = loss.needs.hidden_states
+
+    def step(fused: bool) -> None:
+        with torch.no_grad():
+            t = model_outputs(teacher.model, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                              hidden=hidden, fused=fused)
+        s = model_outputs(student.model, batch["input_ids"], batch["attention_mask"], hidden=hidden, fused=fused)
+        (loss(LossInputs(batch=batch, student=s, teacher=t)).loss / n_units).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = {}
+    for fused, label in ((False, "unfused"), (True, "fused")):
+        result[f"step_ms_{label}"] = round(_median_ms(lambda f=fused: step(f), warmup, repeats, device), 2)
+        result[f"peak_btv_{label}"] = round(peak_from_hidden(loss, batch, student.model, teacher.model,
+                                                             fused=fused), 3)
+    result["ratio"] = round(result["step_ms_fused"] / result["step_ms_unfused"], 3)
+    return result
+
+
+def run_fused(losses, student, s_name: str, root: Path, shape: dict, dev: torch.device, records, warmup: int,
+              repeats: int, overrides: list[str]) -> dict:
+    """:func:`bench_fused` for each loss, with a teacher of the teacher's shape on the student's tokenizer."""
+    from prefkd.models.tiny import build_shrunk
+
+    teacher = build_shrunk(root / "tokenizers" / s_name, hidden_size=shape["teacher_hidden"],
+                           num_layers=shape["teacher_layers"], num_heads=4, seed=1, freeze=True)
+    teacher.model.to(dev)
+    result = {"pair": f"{s_name} -> {s_name}", "losses": {}}
+    for name in losses:
+        r = result["losses"][name] = bench_fused(name, teacher, student, records, shape, dev, warmup, repeats,
+                                                 overrides)
+        print(f"{name + ' fused':>14}: step {r['step_ms_fused']:9.1f} ms (unfused {r['step_ms_unfused']:.1f}, ratio "
+              f"{r['ratio']:.2f})   from hidden states {r['peak_btv_fused']:.2f} B×T×V fp32 (unfused "
+              f"{r['peak_btv_unfused']:.2f})", flush=True)
+    return result
+
+
 def precompute_rate(teacher, student, records, shape: dict, loss_overrides: list[str]) -> dict:
     """Examples per second of the losses' precompute hooks (MinED alignment, MCW-KD lexical cost)."""
     from prefkd.data.dataset import DistillDataset
@@ -197,7 +290,8 @@ def precompute_rate(teacher, student, records, shape: dict, loss_overrides: list
 
 
 def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warmup: int = 1, repeats: int = 3,
-        precompute_examples: int = 200, sinkhorn: bool = True, loss_overrides: list[str] | None = None) -> dict:
+        precompute_examples: int = 200, sinkhorn: bool = True, loss_overrides: list[str] | None = None,
+        fused=FUSED_LOSSES) -> dict:
     from prefkd.data.records import read_jsonl
     from prefkd.models.tiny import build_shrunk
 
@@ -226,6 +320,8 @@ def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warm
         base = result["losses"]["sft"]["step_ms"]
         for r in result["losses"].values():
             r["ratio_vs_sft"] = round(r["step_ms"] / base, 3)
+    if fused:
+        result["fused_head"] = run_fused(fused, student, s_name, root, shape, dev, records, warmup, repeats, overrides)
     if precompute_examples:
         result["precompute"] = precompute_rate(teacher, student, all_records[:precompute_examples], shape, overrides)
     if sinkhorn:
@@ -250,6 +346,8 @@ def parse_shape(text: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", default=",".join(DEFAULT_LOSSES), help="comma-separated loss configs")
+    p.add_argument("--fused", default=",".join(FUSED_LOSSES),
+                   help="losses compared with fused output heads against built logits ('' skips)")
     p.add_argument("--shape", default="", help=f"k=v,... overriding {DEFAULT_SHAPE}")
     p.add_argument("--pair", default="qwen_gpt2", choices=sorted(PAIRS))
     p.add_argument("--device", default="auto")
@@ -267,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     if "sft" not in losses:
         losses = ["sft", *losses]  # the baseline of ratio_vs_sft
     result = run(losses, parse_shape(args.shape), args.pair, args.device, args.warmup, args.repeats,
-                 args.precompute_examples, not args.no_sinkhorn, args.overrides)
+                 args.precompute_examples, not args.no_sinkhorn, args.overrides,
+                 fused=[x for x in args.fused.split(",") if x])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")

@@ -15,11 +15,13 @@ from tests.helpers.pairs import model_inputs
 
 
 class LargeTensorTracker(TorchDispatchMode):
-    """Counts tensors of ≥ ``min_numel`` elements allocated by aten ops while active; ``peak`` = most alive at once."""
+    """Counts tensors of ≥ ``min_numel`` elements allocated by aten ops while active; ``peak`` = most alive at once,
+    ``peak_bytes`` = most bytes of them alive at once. Tensors shaped as one of ``skip`` are not counted (a head
+    weight's gradient, V×H)."""
 
-    def __init__(self, min_numel: int):
+    def __init__(self, min_numel: int, skip: tuple[tuple[int, ...], ...] = ()):
         super().__init__()
-        self.min_numel, self.peak, self.allocated = min_numel, 0, []
+        self.min_numel, self.skip, self.peak, self.peak_bytes, self.allocated = min_numel, set(skip), 0, 0, []
         self.alive: weakref.WeakSet = weakref.WeakSet()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -28,10 +30,11 @@ class LargeTensorTracker(TorchDispatchMode):
         if any(r.alias_info is not None for r in schema.returns):  # views and in-place ops allocate nothing
             return out
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.min_numel and tuple(t.shape) not in self.skip:
                 self.alive.add(t)
                 self.allocated.append(f"{func}{tuple(t.shape)}")
                 self.peak = max(self.peak, len(self.alive))
+                self.peak_bytes = max(self.peak_bytes, sum(x.numel() * x.element_size() for x in self.alive))
         return out
 
 

@@ -5,6 +5,9 @@ the size of the B×T×V logits alive at any time (the gradient it hands back), p
 results excluded), keeps the ones of at least ``min_numel`` elements in a weak set, and records how many were alive at
 once. With ``chunk_size`` rows per chunk far below B·T, chunk work stays under the threshold; a loss that materialised
 a full B×T×V softmax, a second gradient buffer or an autograd graph over the logits would exceed the bound.
+
+Fused output heads (issue 17): from the hidden states to the gradients, with the logits now counted, a loss that
+projects per chunk keeps at most 0.5 B·T·V fp32 of large tensors alive (the head weight's V×H gradient excluded).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefkd.losses.base import LossInputs
+from prefkd.models.heads import output_head
+from prefkd.training.fused_head import outputs_from_hidden
 from tests.helpers.memory import LargeTensorTracker, prepared
 from tests.helpers.pairs import leaf
 
@@ -55,6 +61,33 @@ def test_at_most_one_logits_sized_tensor_alive(name):
     assert grads[0] is not None and torch.isfinite(grads[0]).all()
     assert tracker.peak <= 1, (f"{name}: {tracker.peak} logits-sized tensors alive at once; "
                                f"allocated {tracker.allocated}")
+
+
+@pytest.mark.parametrize("name", ["sft", "kd same vocab"])
+def test_fused_losses_stay_under_half_a_logits_tensor_from_the_hidden_states(name):
+    """The region starts at the hidden states: unfused, the logits head(h) (the teacher's too) are built in it and
+    counted with their gradient; fused, only chunk work, the B×T×H gradient and the head weight's (not counted)."""
+    make, same = losses()[name]
+    loss, inputs = prepared(make(), same)
+    student, teacher = inputs.student, inputs.teacher
+    B, T, V = student.logits.shape
+    weight = output_head(student.model).weight
+    threshold = B * T * V // 64  # counts the B×T×H gradient (H = 32 = V / 24); chunks of 4 rows stay below it
+    assert 4 * V < threshold < B * T * student.hidden.shape[-1]
+
+    def peak(fused: bool) -> float:
+        """Most bytes of large tensors alive at once, in B·T·V fp32 units."""
+        with LargeTensorTracker(threshold, skip=(tuple(weight.shape),)) as tracker:
+            s = outputs_from_hidden(student.model, student.hidden, fused=fused)
+            with torch.no_grad():
+                t = outputs_from_hidden(teacher.model, teacher.hidden, fused=fused) if loss.needs.teacher else None
+            out = loss(LossInputs(batch=inputs.batch, student=s, teacher=t))
+            grads = torch.autograd.grad(out.loss, [student.hidden, weight])
+        assert all(torch.isfinite(g).all() for g in grads)
+        return tracker.peak_bytes / (B * T * V * 4)
+
+    assert peak(fused=False) >= 2  # the logits and their gradient: the tracker sees them
+    assert peak(fused=True) <= 0.5
 
 
 def test_the_tracker_sees_an_unchunked_loss():

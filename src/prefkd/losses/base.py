@@ -11,6 +11,11 @@ Normalisation (docs/methods.md §2): ``forward`` returns the **sum** of its per-
 The trainer divides by the number of student response tokens in the *global* batch (all micro-batches of
 one optimizer step, all ranks), so one process with batch 8 and two processes with batch 4 agree.
 A loss that is per sequence (DPO) sets ``Needs.normalize_by = "sequences"``.
+
+Fused output heads (issue 17): a loss that sets ``fused_head = True`` may receive, instead of a model's logits, its
+last hidden state and an :class:`~prefkd.models.heads.OutputHead` (``ModelOutputs.head``, ``logits`` None); it reads
+either through :attr:`ModelOutputs.logit_source` and hands that to the chunked engine, which projects per chunk.
+The trainer fuses only for such losses, with ``trainer.fused_head`` on and a head the adapter recognises.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prefkd.losses.chunked import HiddenRows, Logits
+from prefkd.models.heads import OutputHead
 from prefkd.utils.labels import IGNORE_INDEX
 
 
@@ -40,13 +47,26 @@ class Needs:
 class ModelOutputs:
     """One model's forward pass over a batch.
 
-    logits: B×T×V (the model's dtype; losses upcast per chunk). hidden: B×T×d last hidden state or None.
+    logits: B×T×V (the model's dtype; losses upcast per chunk), or None when the trainer fused the head (then
+    ``hidden`` and ``head`` are set). hidden: B×T×d last hidden state or None.
     model: the (unwrapped) model, for its embedding tables and output head (used detached).
+    head: the model's output head when its logits were not built (a loss with ``fused_head``), else None.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden: torch.Tensor | None = None
     model: nn.Module | None = None
+    head: OutputHead | None = None
+
+    @property
+    def logit_source(self) -> Logits:
+        """The logits (B×T×V), or the hidden states and head that give them (:class:`HiddenRows`), for the chunked
+        engine."""
+        if self.logits is not None:
+            return self.logits
+        if self.hidden is None or self.head is None:
+            raise ValueError("ModelOutputs has no logits and no hidden states with an output head")
+        return HiddenRows(self.hidden, self.head)
 
 
 @dataclass
@@ -92,6 +112,7 @@ class DistillationLoss(nn.Module):
     """
 
     needs: Needs = Needs()
+    fused_head: bool = False  # True: forward reads logits only through ModelOutputs.logit_source (may be HiddenRows)
     precompute: PrecomputeHook | None = None
     precompute_version: str = "1"
 
@@ -122,8 +143,8 @@ def require_teacher(inputs: LossInputs, loss_name: str, *, check_labels: bool = 
         raise ValueError(f"loss={loss_name} needs the teacher's forward pass (Needs.teacher)")
     if check_labels:
         t_labels = inputs.batch["teacher_labels"]
-        if teacher.logits.shape[:2] != t_labels.shape:
-            raise ValueError(f"loss={loss_name}: teacher logits {tuple(teacher.logits.shape)} do not match "
+        if teacher.logit_source.shape[:2] != t_labels.shape:
+            raise ValueError(f"loss={loss_name}: teacher logits {tuple(teacher.logit_source.shape)} do not match "
                              f"teacher_labels {tuple(t_labels.shape)}")
     return teacher
 

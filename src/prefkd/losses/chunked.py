@@ -15,6 +15,11 @@ fp32 work and one gradient buffer per input (the input's dtype).
 
 The other tensors (teacher logits, targets, ...) and the weights never receive gradients (docs/methods.md §2: the
 teacher side is always stop-grad).
+
+Fused output heads (issue 17): any logits input or other may instead be a :class:`HiddenRows`, hidden states B×T×H
+with the model's :class:`~prefkd.models.heads.OutputHead`. Each chunk's logit rows are then projected from its hidden
+rows (the other side's under no_grad), so no B×T×V tensor exists; the gradient w.r.t. the rows becomes one buffer
+B×T×H for the hidden states and one V×H (fp32, accumulated over the chunks) for the head's weight (V for a bias).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from prefkd.models.heads import OutputHead
+
 PerTokenFn = Callable[..., torch.Tensor]
 
 
@@ -33,21 +40,61 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+@dataclass(frozen=True)
+class HiddenRows:
+    """Logits given as what computes them: a model's last hidden state ``hidden`` (B×T×H) and its output ``head``
+    (weight V×H). The engine projects only the rows of one chunk at a time. As a loss input, the gradient goes to
+    ``hidden`` and to the head's weight and bias; as an other, it is read detached."""
+
+    hidden: torch.Tensor
+    head: OutputHead
+
+    @property
+    def shape(self) -> torch.Size:
+        """B×T×V: the shape of the logits these rows stand for."""
+        return torch.Size((*self.hidden.shape[:2], self.head.rows))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The logits' dtype (the head's)."""
+        return self.head.weight.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t.requires_grad for t in self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(hidden, weight) or (hidden, weight, bias): what may receive a gradient, in this order."""
+        head = self.head
+        return (self.hidden, head.weight) if head.bias is None else (self.hidden, head.weight, head.bias)
+
+    def detach(self) -> HiddenRows:
+        return HiddenRows(self.hidden.detach(), self.head.detach())
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """The logits at ``index`` of the B×T positions (e.g. ``(rows, cols)``): n×V in the head's dtype."""
+        return self.head.project(self.hidden[index])
+
+
+Logits = torch.Tensor | HiddenRows  # B×T×V logits, or the hidden states and head that give them
+
+
 def chunked_token_loss(
     per_token_fn: PerTokenFn,
-    student_logits: torch.Tensor,
+    student_logits: Logits,
     mask: torch.Tensor,
-    *others: torch.Tensor,
+    *others: Logits,
     chunk_size: int = 1024,
     weights: torch.Tensor | None = None,
     terms: Sequence[str] = (),
 ):
     """Σ_{(b,t): mask[b,t]} weights[b,t] · per_token_fn(student_logits[b,t], *others[b,t]), chunked.
 
-    student_logits: B×T×V, any float dtype; the only tensor that gets a gradient.
+    student_logits: B×T×V, any float dtype, or :class:`HiddenRows` (projected per chunk); the only input that gets
+        a gradient.
     mask: B×T bool, the positions that count.
-    others: tensors B×T×... aligned with the student positions (teacher logits B×T×V_t, targets B×T);
-        read detached.
+    others: tensors B×T×... aligned with the student positions (teacher logits B×T×V_t or their
+        :class:`HiddenRows`, targets B×T); read detached.
     weights: optional B×T per-token weights, read detached.
     per_token_fn(s [n×V, fp32 or fp64], *other_rows) -> n values; ordinary differentiable torch ops.
     chunk_size: at most this many masked tokens per chunk.
@@ -58,7 +105,7 @@ def chunked_token_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if student_logits.dim() != 3:
+    if len(student_logits.shape) != 3:
         raise ValueError(f"student_logits must be B×T×V, got shape {tuple(student_logits.shape)}")
     bt = student_logits.shape[:2]
     if mask.shape != bt:
@@ -119,30 +166,117 @@ def _split_terms(out, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Te
     return values, [named[t] for t in terms]
 
 
-def _row_loop(fn, inputs, mask, others, chunk_size, buffers, terms: Sequence[str] = ()):
-    """(Σ_masked fn(rows...), [Σ_masked of each named term, detached]) in chunks; fills ``buffers[k][r, c]`` with
-    d(sum)/d(inputs[k][r, c]) where not None."""
+class _LogitsSlot:
+    """A logits input (B×T×V) of :func:`_row_loop`; when it wants a gradient, one buffer shaped like it."""
+
+    def __init__(self, logits: torch.Tensor, wants: Sequence[bool]):
+        self.logits, self.dtype = logits, logits.dtype
+        self.buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if wants[0] else None
+        self.wants = self.buffer is not None
+
+    def leaf(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The rows at (r, c), upcast: n×V, a leaf that records fn's gradient when wanted."""
+        return _upcast(self.logits[r, c]).detach().requires_grad_(self.wants)
+
+    @staticmethod
+    def rows(leaf: torch.Tensor) -> torch.Tensor:
+        """What fn reads: the leaf itself."""
+        return leaf
+
+    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor) -> None:
+        self.buffer[r, c] = grad.to(self.buffer.dtype)
+
+    def buffers(self) -> list[torch.Tensor | None]:
+        return [self.buffer]
+
+
+class _HiddenSlot:
+    """A :class:`HiddenRows` input of :func:`_row_loop`. The leaf is the head's linear map z = h Wᵀ + b of the chunk's
+    hidden rows (n×V, upcast); fn reads the finished logits. Its gradient g (n×V) becomes g·W in the hidden states'
+    buffer (B×T×H), gᵀ·h added into the weight's (V×H, fp32) and Σ_rows g into the bias's (V)."""
+
+    def __init__(self, rows: HiddenRows, wants: Sequence[bool]):
+        self.head, self.hidden, self.dtype = rows.head, rows.hidden.detach(), rows.dtype
+        dtype = _compute_dtype(self.dtype)
+
+        def buffer(t: torch.Tensor, want: bool, as_dtype: torch.dtype) -> torch.Tensor | None:
+            return torch.zeros(t.shape, dtype=as_dtype, device=t.device) if want else None
+
+        self._buffers = [buffer(self.hidden, wants[0], self.hidden.dtype),
+                         *(buffer(t, w, dtype) for t, w in zip(rows.tensors()[1:], wants[1:]))]
+        self.wants = any(b is not None for b in self._buffers)
+        self.weight = _upcast(self.head.weight.detach()) if wants[0] else None  # W in fp32 once, for g·W
+
+    def leaf(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """z = h Wᵀ + b at the rows (r, c), upcast: n×V, a leaf that records fn's gradient when wanted."""
+        with torch.no_grad():
+            z = _upcast(self.head.linear(self.hidden[r, c]))
+        return z.requires_grad_(self.wants)
+
+    def rows(self, leaf: torch.Tensor) -> torch.Tensor:
+        """What fn reads: the head's scale and soft cap applied to the leaf (the model's own logits)."""
+        return self.head.finish(leaf)
+
+    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor) -> None:
+        hidden, weight, *bias = self._buffers
+        if hidden is not None:
+            hidden[r, c] = (grad @ self.weight).to(hidden.dtype)
+        if weight is not None:
+            weight.addmm_(grad.t(), self.hidden[r, c].to(grad.dtype))
+        if bias and bias[0] is not None:
+            bias[0].add_(grad.sum(0))
+
+    def buffers(self) -> list[torch.Tensor | None]:
+        return list(self._buffers)
+
+
+def _tensors(x: Logits) -> tuple[torch.Tensor, ...]:
+    """The tensors of one input that may receive a gradient."""
+    return x.tensors() if isinstance(x, HiddenRows) else (x,)
+
+
+def _slots(inputs: Sequence[Logits], wants: Sequence[bool]) -> list[_LogitsSlot | _HiddenSlot]:
+    """One slot per input; ``wants``: per tensor of :func:`_tensors` of every input, flat, whether it needs a
+    gradient."""
+    slots, start = [], 0
+    for x in inputs:
+        n = len(_tensors(x))
+        slots.append((_HiddenSlot if isinstance(x, HiddenRows) else _LogitsSlot)(x, wants[start:start + n]))
+        start += n
+    return slots
+
+
+def _chunk(fn, slots, r, c, others, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(Σ fn(rows...) over the chunk's rows (r, c), [Σ of each named term]), both detached; each slot that wants a
+    gradient stores d(sum)/d(its rows). Its n×V work dies when it returns, before the next chunk starts."""
+    leaves = [slot.leaf(r, c) for slot in slots]
+    rest = [o[r, c] for o in others]
+    with torch.enable_grad():
+        values, named = _split_terms(fn(*[slot.rows(x) for slot, x in zip(slots, leaves)], *rest), terms)
+        if values.shape != (r.numel(),):
+            raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
+        chunk = values.sum()
+        wanted = [(leaf, slot) for leaf, slot in zip(leaves, slots) if slot.wants]
+        if wanted and chunk.requires_grad:
+            grads = torch.autograd.grad(chunk, [leaf for leaf, _ in wanted], allow_unused=True)
+            for (_, slot), g in zip(wanted, grads):
+                if g is not None:
+                    slot.store(r, c, g)
+    return chunk.detach(), [v.detach().sum() for v in named]
+
+
+def _row_loop(fn, slots, mask, others, chunk_size, terms: Sequence[str] = ()):
+    """(Σ_masked fn(rows...), [Σ_masked of each named term, detached]) in chunks (:func:`_chunk`); each slot that
+    wants a gradient stores d(sum)/d(its rows) per chunk (:meth:`_LogitsSlot.store`, :meth:`_HiddenSlot.store`)."""
     total = None
-    term_sums = [torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device) for _ in terms]
+    dtype = _compute_dtype(slots[0].dtype)
+    term_sums = [torch.zeros((), dtype=dtype, device=mask.device) for _ in terms]
     for r, c in _chunks(mask, chunk_size):
-        xs = [_upcast(x[r, c]) for x in inputs]
-        rest = [o[r, c] for o in others]
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(b is not None) for x, b in zip(xs, buffers)]
-            values, named = _split_terms(fn(*leaves, *rest), terms)
-            term_sums = [acc + v.detach().sum().to(acc.dtype) for acc, v in zip(term_sums, named)]
-            if values.shape != (r.numel(),):
-                raise ValueError(f"fn must return one value per row ({r.numel()},), got {tuple(values.shape)}")
-            chunk = values.sum()
-            wanted = [(leaf, b) for leaf, b in zip(leaves, buffers) if b is not None]
-            if wanted and chunk.requires_grad:
-                grads = torch.autograd.grad(chunk, [leaf for leaf, _ in wanted], allow_unused=True)
-                for (_, b), g in zip(wanted, grads):
-                    if g is not None:
-                        b[r, c] = g.to(b.dtype)
-        total = chunk.detach() if total is None else total + chunk.detach()
+        chunk, named = _chunk(fn, slots, r, c, others, terms)
+        term_sums = [acc + v.to(acc.dtype) for acc, v in zip(term_sums, named)]
+        total = chunk if total is None else total + chunk
     if total is None:
-        total = torch.zeros((), dtype=_compute_dtype(inputs[0].dtype), device=mask.device)
+        total = torch.zeros((), dtype=dtype, device=mask.device)
     return total, term_sums
 
 
@@ -162,17 +296,22 @@ def _feature_loop(logits: torch.Tensor, features: RowFeatures, chunk_size: int):
 
 
 class _ChunkedRows(torch.autograd.Function):
-    """Forward: the chunked sum with the gradients precomputed into one buffer per input (and the features).
-    Backward: buffer·g, plus the features' gradient recomputed per chunk and added into the first buffer."""
+    """Forward: the chunked sum with the gradients precomputed into buffers (one per tensor of each input, see
+    :func:`_slots`), and the features. Backward: buffer·g, plus the features' gradient recomputed per chunk and added
+    into the first buffer. ``inputs`` are the input objects; ``tensors`` their tensors (:func:`_tensors`, flat, for
+    the graph), then the others."""
 
     @staticmethod
-    def forward(ctx, fn, mask, chunk_size, n_inputs, features, terms, *tensors):
-        inputs, others = tensors[:n_inputs], tensors[n_inputs:]
-        wants = ctx.needs_input_grad[6:6 + n_inputs]
-        buffers = [torch.zeros(x.shape, dtype=x.dtype, device=x.device) if w else None for x, w in zip(inputs, wants)]
-        total, term_sums = _row_loop(fn, inputs, mask, others, chunk_size, buffers, terms)
+    def forward(ctx, fn, mask, chunk_size, inputs, features, terms, *tensors):
+        n_flat = sum(len(_tensors(x)) for x in inputs)
+        flat, others = tensors[:n_flat], tensors[n_flat:]
+        wants = ctx.needs_input_grad[6:6 + n_flat]
+        slots = _slots(inputs, wants)
+        buffers = [b for slot in slots for b in slot.buffers()]
+        total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
         ctx.mark_non_differentiable(*term_sums)
-        ctx.wants, ctx.n_others, ctx.consumed, ctx.chunk_size = wants, len(others), False, chunk_size
+        ctx.wants, ctx.dtypes = [b is not None for b in buffers], [t.dtype for t in flat]
+        ctx.n_others, ctx.consumed, ctx.chunk_size = len(others), False, chunk_size
         if features is None:
             ctx.save_for_backward(*[b for b in buffers if b is not None])
             return (total, *term_sums)
@@ -191,9 +330,9 @@ class _ChunkedRows(torch.autograd.Function):
         ctx.consumed = True
         saved = list(ctx.saved_tensors)
         grads = []
-        for w in ctx.wants:
+        for w, dtype in zip(ctx.wants, ctx.dtypes):
             buffer = saved.pop(0) if w else None
-            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)))
+            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)).to(dtype))
         if grad_values is not None and grads[0] is not None:
             logits, idx = saved
             flat, out = logits.reshape(-1, logits.shape[-1]), grads[0].view(-1, logits.shape[-1])
@@ -207,14 +346,15 @@ class _ChunkedRows(torch.autograd.Function):
         return (None, None, None, None, None, None, *grads, *([None] * ctx.n_others))
 
 
-def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mask: torch.Tensor,
-                      *others: torch.Tensor, chunk_size: int = 1024, features: RowFeatures | None = None,
+def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits], mask: torch.Tensor,
+                      *others: Logits, chunk_size: int = 1024, features: RowFeatures | None = None,
                       terms: Sequence[str] = ()):
     """Σ_{(b,t): mask[b,t]} fn(inputs[0][b,t], ..., others[0][b,t], ...), chunked, with gradients w.r.t. every
     input that requires grad (one buffer shaped like each; others are read detached).
 
-    inputs: B×T×D_k tensors (any float dtype; rows reach fn upcast to fp32 at least); mask: B×T bool;
-    others: B×T×... tensors. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
+    inputs: B×T×D_k tensors (any float dtype; rows reach fn upcast to fp32 at least), or :class:`HiddenRows` (fn
+    reads their projected logit rows; the gradient reaches the hidden states and the head); mask: B×T bool;
+    others: B×T×... tensors or :class:`HiddenRows`. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
     features: optional :class:`RowFeatures` of ``inputs[0]``; then returns (sum, N×k features), whose gradient
     lands in the same buffer as the sum's (one logits-sized tensor in all).
     terms: names of per-row quantities to sum beside the loss (its parts, for metrics): fn then returns
@@ -227,15 +367,19 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Te
     for t in (*inputs, *others):
         if t.shape[:2] != bt:
             raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
+    if features is not None and isinstance(inputs[0], HiddenRows):
+        raise NotImplementedError("chunked_rows_loss: features of a HiddenRows input are not supported yet (issue 17 "
+                                  "fuses the heads of sft and kd first); pass the logits")
     mask = mask.detach().bool()
     others = tuple(o.detach() for o in others)
     terms = tuple(terms)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        out = _ChunkedRows.apply(fn, mask, chunk_size, len(inputs), features, terms, *inputs, *others)
+        tensors = [t for x in inputs for t in _tensors(x)]
+        out = _ChunkedRows.apply(fn, mask, chunk_size, tuple(inputs), features, terms, *tensors, *others)
     else:
         with torch.no_grad():
-            total, term_sums = _row_loop(fn, [x.detach() for x in inputs], mask, others, chunk_size,
-                                         [None] * len(inputs), terms)
+            slots = _slots(inputs, [False] * sum(len(_tensors(x)) for x in inputs))
+            total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
             head = (total,) if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])
             out = (*head, *term_sums)
     head, term_sums = out[:len(out) - len(terms)], out[len(out) - len(terms):]

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from prefkd.losses.chunked import chunked_token_loss
+from prefkd.losses.chunked import Logits, chunked_token_loss
 from prefkd.utils.labels import IGNORE_INDEX
 
 LOGP_FLOOR = -1e5
@@ -226,9 +226,10 @@ def kd_divergence_sum(
 
 
 def cross_entropy_sum(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, weights: torch.Tensor | None = None
+    logits: Logits, labels: torch.Tensor, chunk_size: int = 1024, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Σ_{labels ≠ −100} w · (−log softmax(logits)[label]), chunked. logits B×T×V; labels B×T (already
-    shifted: labels[:, i] is the target of logits[:, i]). Returns a scalar sum (fp32)."""
+    """Σ_{labels ≠ −100} w · (−log softmax(logits)[label]), chunked. logits B×T×V (or the
+    :class:`~prefkd.losses.chunked.HiddenRows` that give them); labels B×T (already shifted: labels[:, i] is the
+    target of logits[:, i]). Returns a scalar sum (fp32)."""
     mask = labels.ne(IGNORE_INDEX)
     return chunked_token_loss(cross_entropy, logits, mask, labels, chunk_size=chunk_size, weights=weights)

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
-from prefkd.losses.chunked import chunked_token_loss
+from prefkd.losses.chunked import Logits, chunked_token_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn
 from prefkd.losses.mined import MinEDLoss
 
@@ -62,6 +62,12 @@ class KDLoss(DistillationLoss):
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda,
                                          adaptive_alpha, beta)
 
+    @property
+    def fused_head(self) -> bool:
+        """Same vocabulary: both sides read through logit_source (hidden states and head, projected per chunk).
+        Across tokenizers kd is MinED's, which reads logits."""
+        return self.cross_tokenizer is None
+
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
         """Different vocabularies: MinED alignment (one info line), or an error with ``cross_tokenizer="error"``;
         same vocabulary: nothing."""
@@ -83,7 +89,8 @@ class KDLoss(DistillationLoss):
         require_teacher(inputs, "kd")
         if self.cross_tokenizer is not None:
             return self.cross_tokenizer(inputs)
-        _check_same_tokens(batch, student.logits, inputs.teacher.logits)
+        student_logits, teacher_logits = student.logit_source, inputs.teacher.logit_source
+        _check_same_tokens(batch, student_logits, teacher_logits)
         labels = batch["labels"]
         rate = self.kd_rate
 
@@ -91,12 +98,12 @@ class KDLoss(DistillationLoss):
             ce, kd = cross_entropy(s, y), self._divergence(s, t)
             return (1 - rate) * ce + rate * kd, {"ce": ce, "kd": kd}
 
-        loss, metrics = chunked_token_loss(per_token, student.logits, response_mask(labels), inputs.teacher.logits,
-                                           labels, chunk_size=self.chunk_size, terms=("ce", "kd"))
+        loss, metrics = chunked_token_loss(per_token, student_logits, response_mask(labels), teacher_logits, labels,
+                                           chunk_size=self.chunk_size, terms=("ce", "kd"))
         return LossOutput(loss=loss, metrics=metrics)
 
 
-def _check_same_tokens(batch: dict, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+def _check_same_tokens(batch: dict, student_logits: Logits, teacher_logits: Logits) -> None:
     """The teacher must have read exactly the student's tokens, so positions match one to one."""
     ids = batch["input_ids"]
     teacher_ids = batch.get("teacher_input_ids", ids)

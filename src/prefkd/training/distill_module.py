@@ -8,6 +8,9 @@ The forward is the student's forward pass followed by the loss:
 
     (batch, teacher outputs, reference outputs) -> student(input_ids) -> loss(LossInputs) -> (loss, metrics, means)
 
+With ``fused_head`` the student builds no logits: the loss gets its last hidden state and output head
+(:func:`prefkd.training.fused_head.model_outputs`).
+
 It returns a plain tuple, not a :class:`LossOutput`, so that DDP finds the loss tensor in its output (DDP walks
 tuples and dicts, not dataclasses); :meth:`DistillModule.output` turns it back into a :class:`LossOutput`.
 
@@ -21,19 +24,22 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, ModelOutputs
+from prefkd.training.fused_head import model_outputs
 
 
 class DistillModule(nn.Module):
     """``student`` (a causal LM) and ``loss`` (a :class:`DistillationLoss`) as one ``nn.Module``.
 
     ``compile``: compile the student's forward in place (``nn.Module.compile``), which keeps its state-dict keys.
+    ``fused_head``: hand the loss the student's hidden states and head, not its logits (the run's
+    :class:`~prefkd.training.fused_head.FusedHeads`).
     Loss parameters that train by their own inner steps, not by the outer backward (those not among
     ``loss.trainable_modules()``, e.g. the semi-dual's potentials), are hidden from DDP: it must not hook them.
     """
 
-    def __init__(self, student: nn.Module, loss: DistillationLoss, *, compile: bool = False):
+    def __init__(self, student: nn.Module, loss: DistillationLoss, *, compile: bool = False, fused_head: bool = False):
         super().__init__()
-        self.student, self.loss = student, loss
+        self.student, self.loss, self.fused_head = student, loss, fused_head
         if compile:
             self.student.compile()
         outer = {id(p) for m in loss.trainable_modules() for p in m.parameters()}
@@ -44,10 +50,8 @@ class DistillModule(nn.Module):
     def forward(self, batch: dict, teacher: ModelOutputs | None = None, reference: ModelOutputs | None = None,
                 step: int = 0, total_steps: int | None = None) -> tuple[torch.Tensor, dict, dict]:
         """(loss, metrics, means) of :class:`LossOutput` for one micro-batch (the student runs here, with grad)."""
-        hidden = self.loss.needs.hidden_states
-        out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=hidden, use_cache=False)
-        student = ModelOutputs(out.logits, out.hidden_states[-1] if hidden else None, self.student)
+        student = model_outputs(self.student, batch["input_ids"], batch["attention_mask"],
+                                hidden=self.loss.needs.hidden_states, fused=self.fused_head)
         result = self.loss(LossInputs(batch=batch, student=student, teacher=teacher, reference=reference, step=step,
                                       total_steps=total_steps))
         return result.loss, result.metrics, result.means

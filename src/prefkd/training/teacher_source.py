@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from prefkd.losses.base import ModelOutputs
+from prefkd.training.fused_head import model_outputs
 
 
 class LiveTeacher:
-    """Runs the frozen teacher on the batch's teacher rows (``teacher_input_ids``, B×m), without gradients."""
+    """Runs the frozen teacher on the batch's teacher rows (``teacher_input_ids``, B×m), without gradients.
+    ``fused``: it builds no logits and hands the loss its last hidden state and output head."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, fused: bool = False):
+        self.model, self.fused = model, fused
 
     def batch_fields(self, split: str, indices: list[int]) -> dict:
         """Fields a batch needs for this source: none (the teacher reads the batch's token ids)."""
@@ -23,9 +25,8 @@ class LiveTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:
-        out = self.model(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                         output_hidden_states=hidden, use_cache=False)
-        return ModelOutputs(out.logits, out.hidden_states[-1] if hidden else None, self.model)
+        return model_outputs(self.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], hidden=hidden,
+                             fused=self.fused)
 
 
 class CachedTeacher:

@@ -32,6 +32,7 @@ from prefkd.losses.base import DistillationLoss, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
 from prefkd.training.distill_module import DistillModule
+from prefkd.training.fused_head import plan_fused_heads
 from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.on_policy import OnPolicySampler, OnPolicySettings, SampledStep
@@ -55,6 +56,16 @@ def select_metric(trainer_cfg) -> str:
     if metric == "auto":
         return "dev/rougeL" if trainer_cfg.eval.rouge else "dev/loss"
     return metric
+
+
+def _sharded(accelerator) -> bool:
+    """The prepared module's parameters are sharded across processes (FSDP, or DeepSpeed ZeRO stage 3)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin is not None
+                                            and plugin.zero_stage == 3)
 
 
 def count_units(batch: dict, normalize_by: str) -> torch.Tensor:
@@ -92,16 +103,22 @@ class Trainer:
         self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
         self.micro = cfg.batch_size
         self._build_sampler()
-        module = DistillModule(student.model, loss, compile=cfg.compile)  # the loss's modules train with the student
+        model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
+        student.model.to(accelerator.device)  # plan_fused_heads probes both heads on the device
+        # trainer.fused_head: which models hand the loss hidden states and head instead of logits (one log line)
+        self.fused = plan_fused_heads(cfg.get("fused_head", True), loss, student.model,
+                                      None if teacher_cache else model, sharded=_sharded(accelerator))
+        module = DistillModule(student.model, loss, compile=cfg.compile,  # the loss's modules train with the student
+                               fused_head=self.fused.student)
         module.to(accelerator.device)  # before the optimizer holds its parameters
         optimizer = build_optimizer(module.student, module.loss, cfg)
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
         self.module, self.optimizer = accelerator.prepare(module, optimizer)
         self.student = student.model  # the student itself (its parameters are the prepared module's)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
-        model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
-        self.teacher = CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else LiveTeacher(model)
+        self.teacher = (CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else
+                        LiveTeacher(model, fused=self.fused.teacher))
         self._build_reference(student, teacher)
         self._build_loader()
         self.on_policy = self._build_on_policy()

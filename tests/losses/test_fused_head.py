@@ -1,0 +1,353 @@
+"""Fused output heads (issue 17): the head adapter, the forward without logits, the chunked engine projecting logits
+per chunk, and sft / same-vocabulary kd fused against unfused (values and gradients to 1e-5), down to whole runs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from prefkd.losses.base import LossInputs, ModelOutputs
+from prefkd.losses.chunked import HiddenRows, RowFeatures, chunked_rows_loss
+from prefkd.losses.divergences import DIVERGENCES, cross_entropy
+from prefkd.losses.kd import KDLoss
+from prefkd.losses.sft import SFTLoss
+from prefkd.models.heads import OutputHead, check_output_head, forward_hidden, output_head
+from prefkd.models.tiny import build_tiny
+from prefkd.training.fused_head import FusedHeads, model_outputs, plan_fused_heads
+from tests.helpers.pairs import leaf
+from tests.helpers.runs import QUICK_RUN, assert_same_weights, compose_cfg, quick_run, weights
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+SMALL = dict(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+# ---------------------------------------------------------------------------------------------- models and batches
+class ScaledHead(nn.Linear):
+    """A head the adapter must not trust: an nn.Linear whose forward does something else."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _seeded(seed: int, make):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def _sharpen(model: nn.Module) -> nn.Module:
+    """×4 on the head's weight (the embedding too when tied): sharper distributions than random init's."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4)
+    return model
+
+
+def _with_bias(model: nn.Module, seed: int) -> nn.Module:
+    head = model.lm_head
+    biased = _seeded(seed, lambda: nn.Linear(head.in_features, head.out_features, bias=True))
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.mul_(20)
+    model.lm_head = biased
+    return model
+
+
+def _qwen_padded(seed: int) -> nn.Module:
+    """Qwen-style padding rows: a 104-row head over a 96-token vocabulary."""
+    model = _seeded(seed, lambda: Qwen2ForCausalLM(Qwen2Config(**{**SMALL, "vocab_size": 104})))
+    model.config.vocab_size = 96
+    return model
+
+
+VARIANTS = {  # name -> (seed -> model)
+    "gpt2 tied": lambda seed: build_tiny("a", "gpt2", 16, 1, 2, seed=seed).model,
+    "llama untied": lambda seed: build_tiny("a", "llama", 16, 1, 2, seed=seed).model,
+    "llama head with bias": lambda seed: _with_bias(build_tiny("a", "llama", 16, 1, 2, seed=seed).model, seed),
+    "cohere logit_scale": lambda seed: _seeded(seed, lambda: CohereForCausalLM(CohereConfig(**SMALL,
+                                                                                           logit_scale=0.5))),
+    "gemma2 softcapping": lambda seed: _seeded(seed, lambda: Gemma2ForCausalLM(Gemma2Config(
+        **SMALL, head_dim=8, final_logit_softcapping=1.5))),
+    "qwen2 padded rows": _qwen_padded,
+    "llama LoRA": lambda seed: build_tiny("a", "llama", 16, 1, 2, seed=seed,
+                                          lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+                                          ).model,
+}
+
+
+def variant(name: str, seed: int) -> nn.Module:
+    return _sharpen(VARIANTS[name](seed)).train()
+
+
+def make_batch(vocab: int, B=3, T=10, seed=0) -> dict:
+    """Random ids; labels the next ids, −100 on a 3-token prompt and on row 2's padding (its last 3 positions)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    attention = torch.ones(B, T, dtype=torch.long)
+    labels = ids.roll(-1, dims=1)
+    labels[:, :3], labels[:, -1] = -100, -100
+    attention[2, -3:], labels[2, -4:] = 0, -100
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels, "teacher_input_ids": ids,
+            "teacher_attention_mask": attention, "teacher_labels": labels}
+
+
+def vocab_of(model: nn.Module) -> int:
+    return output_head(model).vocab_size
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_loss(loss, student, teacher, batch, *, fused: bool, teacher_fused: bool | None = None):
+    """(loss value, metrics, {student parameter: gradient}) of one forward + backward through the real models."""
+    student.zero_grad(set_to_none=True)
+    s = model_outputs(student, batch["input_ids"], batch["attention_mask"], hidden=False, fused=fused)
+    t = None
+    if teacher is not None:
+        with torch.no_grad():
+            t = model_outputs(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], hidden=False,
+                              fused=fused if teacher_fused is None else teacher_fused)
+    out = loss(LossInputs(batch=batch, student=s, teacher=t))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainable(student).items() if p.grad is not None}
+    return out.loss.detach(), {k: v.detach() for k, v in out.metrics.items()}, grads
+
+
+def assert_fused_equals_unfused(loss, student, teacher, batch, teacher_fused: bool | None = None):
+    want = run_loss(loss, student, teacher, batch, fused=False)
+    got = run_loss(loss, student, teacher, batch, fused=True, teacher_fused=teacher_fused)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], **TOL, msg=k)
+    assert got[2].keys() == want[2].keys() and want[2]
+    for k in want[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], **TOL, msg=k)
+
+
+def losses():
+    return {"sft": lambda: SFTLoss(chunk_size=7), "kd": lambda: KDLoss(divergence="forward_kl", chunk_size=7)}
+
+
+# ---------------------------------------------------------------------------------------------- the head adapter
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_adapter_reproduces_the_models_own_logits(name):
+    model = variant(name, seed=1)
+    head = output_head(model)
+    assert head is not None and check_output_head(model, head) is None
+    batch = make_batch(vocab_of(model))
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(head.project(hidden), own, rtol=1e-6, atol=1e-5)
+
+
+def test_what_the_adapter_reads():
+    tied, untied = variant("gpt2 tied", 1), variant("llama untied", 1)
+    assert output_head(tied).weight is tied.get_input_embeddings().weight
+    assert output_head(untied).weight is untied.lm_head.weight and output_head(untied).bias is None
+    biased = variant("llama head with bias", 1)
+    assert output_head(biased).bias is biased.lm_head.bias
+    assert output_head(variant("cohere logit_scale", 1)).logit_scale == 0.5
+    assert output_head(variant("gemma2 softcapping", 1)).softcap == 1.5
+    padded = output_head(variant("qwen2 padded rows", 1))
+    assert (padded.rows, padded.vocab_size) == (104, 96)
+    lora = variant("llama LoRA", 1)
+    head = output_head(lora)
+    assert head.weight is lora.get_base_model().lm_head.weight and not head.weight.requires_grad
+
+
+def test_the_adapter_refuses_heads_it_does_not_know():
+    assert output_head(nn.Linear(4, 4)) is None  # no get_output_embeddings
+    wrapped = build_tiny("a", "llama", 16, 1, 2, seed=1,
+                         lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"])).model
+    assert output_head(wrapped) is None  # the head carries the adapter
+    odd = variant("llama untied", 1)
+    odd.lm_head = ScaledHead(16, odd.lm_head.out_features, bias=False)
+    assert output_head(odd) is None
+
+
+def test_the_probe_catches_a_logit_transform_the_adapter_does_not_read():
+    """Granite divides its logits by config.logits_scaling: the head reads fine, its logits are not the model's."""
+    model = _seeded(1, lambda: GraniteForCausalLM(GraniteConfig(**SMALL, logits_scaling=4.0)))
+    reason = check_output_head(model, output_head(model))
+    assert reason is not None and "differs from the model's own logits" in reason
+
+
+@pytest.mark.parametrize("name", ["gpt2 tied", "llama untied", "llama LoRA"])
+def test_the_forward_without_logits_gives_the_last_hidden_state(name):
+    model = variant(name, 1)
+    batch = make_batch(vocab_of(model))
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+    assert hidden.requires_grad  # the student's gradient flows through it
+    torch.testing.assert_close(hidden, full.hidden_states[-1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- the chunked engine
+def leaf_inputs(seed=0, B=3, T=8, H=6, V=13, bias=True):
+    """Student hidden states and a head with bias (all leaves), teacher hidden states and head, a batch."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_batch(V, B, T, seed)
+    s_head = OutputHead(leaf(torch.randn(V, H, generator=g)), leaf(torch.randn(V, generator=g)) if bias else None)
+    t_head = OutputHead(torch.randn(V, H, generator=g) * 2, logit_scale=0.7, softcap=3.0)
+    return batch, leaf(torch.randn(B, T, H, generator=g)), s_head, torch.randn(B, T, H, generator=g), t_head
+
+
+def leaf_grads(loss, batch, h, head, t_hidden, t_head, *, fused: bool, teacher_fused: bool):
+    """(loss, [d/dh, d/dW, d/db]) with the student as logits built from (h, head) or as HiddenRows."""
+    tensors = [h, head.weight, head.bias]
+    s = ModelOutputs(None, h, head=head) if fused else ModelOutputs(head.project(h))
+    t = ModelOutputs(None, t_hidden, head=t_head) if teacher_fused else ModelOutputs(t_head.project(t_hidden))
+    out = loss(LossInputs(batch=batch, student=s, teacher=t))
+    return out.loss.detach(), torch.autograd.grad(out.loss, tensors)
+
+
+@pytest.mark.parametrize("divergence", [None, *DIVERGENCES])
+@pytest.mark.parametrize("teacher_fused", [True, False])
+def test_fused_equals_unfused_at_the_hidden_states_and_the_head(divergence, teacher_fused):
+    """sft (divergence None) and kd with every divergence: the same loss and the same gradients w.r.t. the hidden
+    states, the head's weight and its bias; the teacher as hidden states + head, or as logits (a top-k cache)."""
+    loss = SFTLoss(chunk_size=5) if divergence is None else KDLoss(divergence=divergence, kd_rate=0.6, chunk_size=5,
+                                                                  temperature=1.3)
+    inputs = leaf_inputs(seed=2)
+    want_loss, want = leaf_grads(loss, *inputs, fused=False, teacher_fused=False)
+    got_loss, got = leaf_grads(loss, *inputs, fused=True, teacher_fused=teacher_fused)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        torch.testing.assert_close(g, w, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
+def test_kd_fused_equals_unfused_through_real_models(divergence):
+    """End to end: the student's parameter gradients (untied LLaMA student, tied GPT-2 teacher)."""
+    student, teacher = variant("llama untied", 1), variant("gpt2 tied", 2).requires_grad_(False)
+    loss = KDLoss(divergence=divergence, kd_rate=0.7, chunk_size=7)
+    assert_fused_equals_unfused(loss, student, teacher, make_batch(vocab_of(student)))
+
+
+@pytest.mark.parametrize("loss_name", list(losses()))
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_equals_unfused_for_every_kind_of_head(loss_name, name):
+    student, teacher = variant(name, 1), variant(name, 2).requires_grad_(False)
+    loss = losses()[loss_name]()
+    assert_fused_equals_unfused(loss, student, teacher if loss.needs.teacher else None,
+                                make_batch(vocab_of(student)))
+
+
+def test_a_fused_student_reads_teacher_logits():
+    """A top-k teacher cache hands logits: the fused student takes them as they come."""
+    student, teacher = variant("llama untied", 1), variant("llama untied", 2).requires_grad_(False)
+    assert_fused_equals_unfused(KDLoss(divergence="js", chunk_size=4), student, teacher,
+                                make_batch(vocab_of(student)), teacher_fused=False)
+
+
+def test_without_gradient_fused_equals_unfused():
+    """Dev evaluation runs under no_grad: the same values, no graph."""
+    student, teacher = variant("gpt2 tied", 1), variant("gpt2 tied", 2)
+    batch, loss = make_batch(vocab_of(student)), KDLoss(divergence="tvd", chunk_size=6)
+    with torch.no_grad():
+        values = [loss(LossInputs(batch=batch, student=model_outputs(
+            student, batch["input_ids"], batch["attention_mask"], hidden=False, fused=fused), teacher=model_outputs(
+            teacher, batch["input_ids"], batch["attention_mask"], hidden=False, fused=fused))).loss
+            for fused in (False, True)]
+    assert not values[1].requires_grad
+    torch.testing.assert_close(values[1], values[0], **TOL)
+
+
+def test_bf16_hidden_states_train():
+    batch, h, head, t_hidden, t_head = leaf_inputs(seed=3)
+    h16 = leaf(h.bfloat16())
+    head16 = OutputHead(leaf(head.weight.bfloat16()), leaf(head.bias.bfloat16()))
+    out = KDLoss(divergence="reverse_kl", chunk_size=4)(LossInputs(
+        batch=batch, student=ModelOutputs(None, h16, head=head16), teacher=ModelOutputs(None, t_hidden, head=t_head)))
+    grads = torch.autograd.grad(out.loss, [h16, head16.weight, head16.bias])
+    assert out.loss.dtype == torch.float32
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all() for g in grads)
+
+
+def test_row_features_of_hidden_rows_are_refused():
+    batch, h, head, _, _ = leaf_inputs(seed=4)
+    features = RowFeatures(torch.arange(3), lambda r: r.topk(2, -1).indices, lambda r, i: r.gather(1, i))
+    with pytest.raises(NotImplementedError, match="features"):
+        chunked_rows_loss(cross_entropy, (HiddenRows(h, head),), batch["labels"].ne(-100), batch["labels"],
+                          features=features)
+
+
+# ---------------------------------------------------------------------------------------------- who asks for what
+def test_losses_declare_fused_heads():
+    from prefkd.losses.dpo import DPOLoss
+    from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss
+    from prefkd.losses.mcw_kd import MCWKDLoss
+    from prefkd.losses.mined import MinEDLoss
+    from prefkd.losses.multilevel_ot import MultiLevelOTLoss
+    from prefkd.losses.uld import ULDLoss
+    from tests.helpers.pairs import tiny_pair
+
+    assert SFTLoss().fused_head and KDLoss().fused_head
+    for loss in (ULDLoss(), MinEDLoss(), DSKDLoss(), DSKDCMALoss(), MultiLevelOTLoss(), MCWKDLoss(), DPOLoss()):
+        assert not loss.fused_head, type(loss).__name__
+    cross = KDLoss()
+    teacher, student, _ = tiny_pair()
+    cross.setup(student.tokenizer, teacher.tokenizer)  # two vocabularies: kd is MinED's, on logits
+    assert not cross.fused_head
+
+
+def messages(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "prefkd.training.fused_head"]
+
+
+def test_the_plan_and_its_one_log_line(caplog):
+    student, teacher = variant("gpt2 tied", 1), variant("llama untied", 2)
+    with caplog.at_level(logging.INFO, logger="prefkd.training.fused_head"):
+        assert plan_fused_heads(True, KDLoss(), student, teacher) == FusedHeads(student=True, teacher=True)
+        assert plan_fused_heads(False, KDLoss(), student, teacher) == FusedHeads()
+        assert plan_fused_heads(True, KDLoss(), student, teacher, sharded=True) == FusedHeads(False, True)
+        odd = variant("llama untied", 3)
+        odd.lm_head = ScaledHead(16, odd.lm_head.out_features, bias=False)
+        assert plan_fused_heads(True, SFTLoss(), odd) == FusedHeads()
+    records = messages(caplog)
+    assert [r.levelname for r in records] == ["INFO", "INFO", "WARNING", "WARNING"]
+    assert "trainer.fused_head=false" in records[1].getMessage()
+    assert "sharded" in records[2].getMessage() and "ScaledHead" in records[3].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+@pytest.mark.parametrize("loss", ["loss=kd", "loss=sft"])
+def test_a_fused_run_ends_on_the_unfused_weights(tmp_path, loss):
+    """model=tiny_same: 8 steps and two dev evaluations with trainer.fused_head=true, then false. The weights agree
+    to 1e-4: GPT-2's attention key bias has a gradient of exactly zero in exact arithmetic (a softmax over keys
+    ignores a shift shared by all of them), so AdamW turns the rounding noise there into steps of up to lr (1e-2);
+    every other parameter agrees to about 1e-5."""
+    common = (loss, *QUICK_RUN, "loss.chunk_size=16")
+    fused = quick_run(compose_cfg(*common, "trainer.fused_head=true"), tmp_path / "fused")
+    unfused = quick_run(compose_cfg(*common, "trainer.fused_head=false"), tmp_path / "unfused")
+    assert fused["steps"] == unfused["steps"] == 8
+    assert fused["last_train_loss"] == pytest.approx(unfused["last_train_loss"], rel=1e-5)
+    assert fused["dev_loss_final"] == pytest.approx(unfused["dev_loss_final"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "fused"), weights(tmp_path / "unfused"), atol=1e-4)
+
+
+def test_a_run_whose_head_is_not_recognised_falls_back_and_says_so_once(tmp_path, caplog):
+    """A LoRA adapter on the student's lm_head: the adapter returns None, the run builds the student's logits."""
+    lora = "student.lora={r:4,alpha:8,dropout:0.0,target_modules:[c_attn,lm_head]}"
+    with caplog.at_level(logging.INFO, logger="prefkd.training.fused_head"):
+        summary = quick_run(compose_cfg("loss=kd", *QUICK_RUN, lora), tmp_path / "run")
+    assert summary["finished"] and summary["steps"] == 8
+    (record,) = messages(caplog)
+    assert record.levelname == "WARNING"
+    assert "student: logits built" in record.getMessage() and "teacher: projected per chunk" in record.getMessage()
