@@ -1,9 +1,10 @@
 """Fused output heads (issue 17): the head adapter, the forward without logits, the chunked engine projecting logits
-per chunk, and sft / same-vocabulary kd fused against unfused (values and gradients to 1e-5), down to whole runs."""
+per chunk, and sft, kd, minedit and uld fused against unfused (values and gradients to 1e-5), down to whole runs."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,12 +24,15 @@ from prefkd.losses.base import LossInputs, ModelOutputs
 from prefkd.losses.chunked import HiddenRows, RowFeatures, chunked_rows_loss
 from prefkd.losses.divergences import DIVERGENCES, cross_entropy
 from prefkd.losses.kd import KDLoss
+from prefkd.losses.mined import MinEDLoss
 from prefkd.losses.sft import SFTLoss
+from prefkd.losses.uld import ULDLoss
 from prefkd.models.heads import OutputHead, check_output_head, forward_hidden, output_head
 from prefkd.models.tiny import build_tiny
 from prefkd.training.fused_head import FusedHeads, model_outputs, plan_fused_heads
-from tests.helpers.pairs import leaf
+from tests.helpers.pairs import leaf, model_inputs, real_pair, tiny_pair
 from tests.helpers.runs import QUICK_RUN, assert_same_weights, compose_cfg, quick_run, weights
+from tests.helpers.shared import shared_dir
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SMALL = dict(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -209,8 +213,8 @@ def leaf_inputs(seed=0, B=3, T=8, H=6, V=13, bias=True):
 
 
 def leaf_grads(loss, batch, h, head, t_hidden, t_head, *, fused: bool, teacher_fused: bool):
-    """(loss, [d/dh, d/dW, d/db]) with the student as logits built from (h, head) or as HiddenRows."""
-    tensors = [h, head.weight, head.bias]
+    """(loss, [d/dh, d/dW, d/db (with a bias)]) with the student as logits built from (h, head) or as HiddenRows."""
+    tensors = list(HiddenRows(h, head).tensors())
     s = ModelOutputs(None, h, head=head) if fused else ModelOutputs(head.project(h))
     t = ModelOutputs(None, t_hidden, head=t_head) if teacher_fused else ModelOutputs(t_head.project(t_hidden))
     out = loss(LossInputs(batch=batch, student=s, teacher=t))
@@ -288,23 +292,80 @@ def test_row_features_of_hidden_rows_are_refused():
                           features=features)
 
 
+# ---------------------------------------------------------------------------------------------- across tokenizers
+QWEN_GPT2_MAP = "data/vocab_alignment/qwen_to_gpt2/tea2stu_id_mapping.json"  # published: no one-minute map build
+
+
+def cross_losses(vocab_map: str | None = None) -> dict:
+    """minedit (with ``vocab_map``, a {teacher_id: student_id} file, or the built map) and uld, in chunks of 7."""
+    def mined(**kw):
+        return lambda: MinEDLoss(chunk_size=7, vocab_map=vocab_map, **kw)
+
+    return {
+        "minedit forward_kl": mined(),
+        "minedit forward_kl top_k": mined(top_k=10),
+        "minedit forward_kl top_k merge max": mined(top_k=10, merge="max"),
+        "minedit gjsd": mined(divergence="gjsd", kd_rate=0.7),
+        "minedit gjsd top_k": mined(divergence="gjsd", top_k=10),
+        "uld full": lambda: ULDLoss(chunk_size=7),
+        "uld top_k": lambda: ULDLoss(top_k=16, chunk_size=7),
+        "uld top_k mix paper": lambda: ULDLoss(top_k=16, mix="paper", chunk_size=7),
+    }
+
+
+def cross_inputs_of(bundles, loss, max_length=40):
+    """(batch, student hidden states as a leaf, student head, teacher hidden states, teacher head) of the real
+    forward passes on a pair's records, the batch built with the loss's precompute hook; both heads scaled by 8
+    (logit_scale: sharper distributions than random init's)."""
+    teacher, student, records = bundles
+    loss.setup(student.tokenizer, teacher.tokenizer)
+    inputs = model_inputs(student, teacher, records, 24, max_length, loss.precompute, loss.precompute_version)
+    s_head = replace(output_head(student.model), logit_scale=8.0)
+    t_head = replace(output_head(teacher.model), logit_scale=8.0)
+    return inputs.batch, leaf(inputs.student.hidden), s_head, inputs.teacher.hidden, t_head
+
+
+@pytest.mark.parametrize("name", list(cross_losses()))
+def test_cross_tokenizer_losses_fused_equal_unfused_on_a_real_pair(name):
+    """Qwen1.5 → GPT-2 (real tokenizers, the published vocabulary map; tiny shrunk models): the same loss and the
+    same gradients w.r.t. the student's hidden states and head weight, both sides fused or both as logits."""
+    loss = cross_losses(str(shared_dir() / QWEN_GPT2_MAP))[name]()
+    inputs = cross_inputs_of(real_pair(("qwen1.5", "gpt2")), loss)
+    assert inputs[0]["labels"].ne(-100).sum() > 7 * 2  # several chunks
+    want_loss, want = leaf_grads(loss, *inputs, fused=False, teacher_fused=False)
+    got_loss, got = leaf_grads(loss, *inputs, fused=True, teacher_fused=True)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    for label, g, w in zip(("hidden", "weight"), got, want):
+        torch.testing.assert_close(g, w, **TOL, msg=label)
+
+
+@pytest.mark.parametrize("teacher_fused", [True, False])
+@pytest.mark.parametrize("name", ["minedit forward_kl top_k", "uld full", "kd"])
+def test_cross_tokenizer_losses_fused_equal_unfused_through_the_tiny_pair(name, teacher_fused):
+    """The embedded tiny pair through the real models (kd across tokenizers is MinED's): the student's parameter
+    gradients; the teacher fused too, or as logits (a teacher cache)."""
+    teacher, student, records = tiny_pair()
+    loss = KDLoss(chunk_size=7) if name == "kd" else cross_losses()[name]()
+    loss.setup(student.tokenizer, teacher.tokenizer)
+    batch = model_inputs(student, teacher, records, 24, 64, loss.precompute, loss.precompute_version).batch
+    assert_fused_equals_unfused(loss, student.model, teacher.model, batch, teacher_fused=teacher_fused)
+
+
 # ---------------------------------------------------------------------------------------------- who asks for what
 def test_losses_declare_fused_heads():
     from prefkd.losses.dpo import DPOLoss
     from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss
     from prefkd.losses.mcw_kd import MCWKDLoss
-    from prefkd.losses.mined import MinEDLoss
     from prefkd.losses.multilevel_ot import MultiLevelOTLoss
-    from prefkd.losses.uld import ULDLoss
-    from tests.helpers.pairs import tiny_pair
 
-    assert SFTLoss().fused_head and KDLoss().fused_head
-    for loss in (ULDLoss(), MinEDLoss(), DSKDLoss(), DSKDCMALoss(), MultiLevelOTLoss(), MCWKDLoss(), DPOLoss()):
+    for loss in (SFTLoss(), KDLoss(), MinEDLoss(), ULDLoss()):
+        assert loss.fused_head, type(loss).__name__
+    for loss in (DSKDLoss(), DSKDCMALoss(), MultiLevelOTLoss(), MCWKDLoss(), DPOLoss()):
         assert not loss.fused_head, type(loss).__name__
     cross = KDLoss()
     teacher, student, _ = tiny_pair()
-    cross.setup(student.tokenizer, teacher.tokenizer)  # two vocabularies: kd is MinED's, on logits
-    assert not cross.fused_head
+    cross.setup(student.tokenizer, teacher.tokenizer)  # two vocabularies: kd is MinED's, fused too
+    assert cross.cross_tokenizer is not None and cross.fused_head
 
 
 def messages(caplog) -> list[logging.LogRecord]:
@@ -327,14 +388,17 @@ def test_the_plan_and_its_one_log_line(caplog):
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
-@pytest.mark.parametrize("loss", ["loss=kd", "loss=sft"])
-def test_a_fused_run_ends_on_the_unfused_weights(tmp_path, loss):
-    """model=tiny_same: 8 steps and two dev evaluations with trainer.fused_head=true, then false. The weights agree
-    to 1e-4: GPT-2's attention key bias has a gradient of exactly zero in exact arithmetic (a softmax over keys
-    ignores a shift shared by all of them), so AdamW turns the rounding noise there into steps of up to lr (1e-2);
-    every other parameter agrees to about 1e-5."""
-    common = (loss, *QUICK_RUN, "loss.chunk_size=16")
-    fused = quick_run(compose_cfg(*common, "trainer.fused_head=true"), tmp_path / "fused")
+@pytest.mark.parametrize("loss", ["loss=kd", "loss=sft", "loss=minedit model=tiny", "loss=uld model=tiny"])
+def test_a_fused_run_ends_on_the_unfused_weights(tmp_path, caplog, loss):
+    """model=tiny_same (model=tiny, two tokenizers, for minedit and uld): 8 steps and two dev evaluations with
+    trainer.fused_head=true, then false. The weights agree to 1e-4: GPT-2's attention key bias has a gradient of
+    exactly zero in exact arithmetic (a softmax over keys ignores a shift shared by all of them), so AdamW turns the
+    rounding noise there into steps of up to lr (1e-2); every other parameter agrees to about 1e-5."""
+    common = (*loss.split(), *QUICK_RUN, "loss.chunk_size=16")
+    with caplog.at_level(logging.INFO, logger="prefkd.training.fused_head"):
+        fused = quick_run(compose_cfg(*common, "trainer.fused_head=true"), tmp_path / "fused")
+    (record,) = messages(caplog)
+    assert record.getMessage().startswith("trainer.fused_head: student: projected per chunk")
     unfused = quick_run(compose_cfg(*common, "trainer.fused_head=false"), tmp_path / "unfused")
     assert fused["steps"] == unfused["steps"] == 8
     assert fused["last_train_loss"] == pytest.approx(unfused["last_train_loss"], rel=1e-5)

@@ -63,7 +63,7 @@ def test_at_most_one_logits_sized_tensor_alive(name):
                                f"allocated {tracker.allocated}")
 
 
-@pytest.mark.parametrize("name", ["sft", "kd same vocab"])
+@pytest.mark.parametrize("name", ["sft", "kd same vocab", "kd cross (MinED)", "minedit", "uld full", "uld top_k"])
 def test_fused_losses_stay_under_half_a_logits_tensor_from_the_hidden_states(name):
     """The region starts at the hidden states: unfused, the logits head(h) (the teacher's too) are built in it and
     counted with their gradient; fused, only chunk work, the B×T×H gradient and the head weight's (not counted)."""

@@ -20,6 +20,8 @@ Fused output heads (issue 17): any logits input or other may instead be a :class
 with the model's :class:`~prefkd.models.heads.OutputHead`. Each chunk's logit rows are then projected from its hidden
 rows (the other side's under no_grad), so no B×T×V tensor exists; the gradient w.r.t. the rows becomes one buffer
 B×T×H for the hidden states and one V×H (fp32, accumulated over the chunks) for the head's weight (V for a bias).
+:class:`PartnerRows` reads the other side at one partner position per student position (MinED, ULD): gathered per
+chunk from logits, or from the partners' hidden states (B×n×H) projected per chunk.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class HiddenRows:
         return self.head.weight.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
     def requires_grad(self) -> bool:
         return any(t.requires_grad for t in self.tensors())
 
@@ -77,6 +83,36 @@ class HiddenRows:
 
 
 Logits = torch.Tensor | HiddenRows  # B×T×V logits, or the hidden states and head that give them
+
+
+class PartnerRows:
+    """The other side's logit rows at each student position's partner (MinED's aligned teacher position, ULD's teacher
+    position of the same response rank), for a per-token function of the chunked engine.
+
+    source: the other side's B×m×V logits, or their :class:`HiddenRows`. index: B×n long, the flat partner row
+    ``b·m + i`` of each student position (b, j), or −1 where it has none. Logits: nothing is gathered up front, and
+    :meth:`rows` indexes the (B·m)×V view per chunk (no B×n×V copy). HiddenRows: :meth:`others` gathers the partners'
+    hidden states once (B×n×H, small), which the engine projects per chunk, detached, like any other.
+    """
+
+    def __init__(self, source: Logits, index: torch.Tensor):
+        self.source, self.index = source, index
+        self.vocab = source.shape[-1]
+        self._flat = None if isinstance(source, HiddenRows) else source.reshape(-1, self.vocab)  # a view
+
+    def others(self) -> tuple[Logits, ...]:
+        """What to pass the engine after the other tensors: (HiddenRows of the partners' hidden states B×n×H,
+        the rows at −1 arbitrary) for HiddenRows, nothing for logits."""
+        if self._flat is not None:
+            return ()
+        hidden = self.source.hidden.detach()
+        gathered = hidden.reshape(-1, hidden.shape[-1])[self.index.clamp_min(0)]
+        return (HiddenRows(gathered, self.source.head.detach()),)
+
+    def rows(self, idx: torch.Tensor, sel: torch.Tensor, projected: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The partner logit rows (k×V, the source's dtype) of a chunk's selected positions. idx: the chunk's n index
+        values; sel: n bool, which (partners only: idx ≥ 0); projected: the chunk's rows of :meth:`others` (n×V)."""
+        return projected[0][sel] if self._flat is None else self._flat[idx[sel]]
 
 
 def chunked_token_loss(

@@ -62,11 +62,9 @@ class KDLoss(DistillationLoss):
         self._divergence = divergence_fn(divergence, temperature, teacher_temperature, skew_lambda,
                                          adaptive_alpha, beta)
 
-    @property
-    def fused_head(self) -> bool:
-        """Same vocabulary: both sides read through logit_source (hidden states and head, projected per chunk).
-        Across tokenizers kd is MinED's, which reads logits."""
-        return self.cross_tokenizer is None
+    # both sides through logit_source (hidden states and head, projected per chunk), with the same vocabulary and
+    # across tokenizers (MinED's, which projects the aligned teacher rows per chunk)
+    fused_head = True
 
     def setup(self, student_tokenizer, teacher_tokenizer) -> None:
         """Different vocabularies: MinED alignment (one info line), or an error with ``cross_tokenizer="error"``;

@@ -25,7 +25,10 @@ tokenizer (Qwen1.5: 151,936 vs 151,646), the student model too; ids beyond a mod
 
 −inf target logits follow :mod:`prefkd.losses.divergences` (log-probabilities floored at −1e5: no NaN; the
 reverse directions then charge student mass off the target's support at ≈1e5 per unit, like DSKD's −1e5 logits).
-z̃ is built per chunk inside the chunked per-token function (one chunk of n×V_t + n×V_s fp32 at a time).
+z̃ is built per chunk inside the chunked per-token function (one chunk of n×V_t + n×V_s fp32 at a time). Fused
+output heads (issue 17): either side may come as hidden states and head (``logit_source``); the teacher's hidden
+states are then gathered at the aligned positions (B×n×H_t) and projected per chunk
+(:class:`~prefkd.losses.chunked.PartnerRows`), so neither side's logits are built.
 Metrics (sums): ``ce``, ``kd``, ``aligned`` (positions with a teacher target; the trainer's division by the
 response tokens turns it into the alignment rate).
 """
@@ -40,7 +43,7 @@ import torch
 from prefkd.align.mined import FIELD, MinEDAligner
 from prefkd.align.vocab_map import load_vocab_map, map_to_tensor
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
-from prefkd.losses.chunked import chunked_token_loss
+from prefkd.losses.chunked import PartnerRows, chunked_token_loss
 from prefkd.losses.divergences import cross_entropy, divergence_fn
 
 MERGES = ("lowest", "max")
@@ -79,6 +82,7 @@ class MinEDLoss(DistillationLoss):
     """
 
     needs = Needs(teacher=True)
+    fused_head = True  # both sides through logit_source; the aligned teacher rows are projected per chunk
 
     def __init__(self, kd_rate: float = 0.5, temperature: float = 2.0, divergence: str = "forward_kl",
                  top_k: int | None = None, chunk_size: int = 1024, merge: str = "lowest",
@@ -137,19 +141,20 @@ class MinEDLoss(DistillationLoss):
         index = batch[FIELD].to(labels.device)
         if index.shape != labels.shape:
             raise ValueError(f"{FIELD} {tuple(index.shape)} must have the shape of labels {tuple(labels.shape)}")
-        b, m, v_t = teacher.logits.shape
-        v_s = student.logits.shape[-1]
+        s_source, t_source = student.logit_source, teacher.logit_source
+        b, m, v_t = t_source.shape
+        v_s = s_source.shape[-1]
         flat = torch.where(index.ge(0), index + torch.arange(b, device=index.device).unsqueeze(1) * m, -1)
-        t_rows = teacher.logits.reshape(b * m, v_t)  # a view: aligned rows are gathered per chunk
-        vocab = self._map(v_s, v_t, student.logits.device)
+        partners = PartnerRows(t_source, flat)  # aligned teacher rows, gathered (or projected) per chunk
+        vocab = self._map(v_s, v_t, s_source.device)
         gather = self.merge == "lowest"
         rate, top_k = self.kd_rate, self.top_k
 
-        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor):
+        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, *projected: torch.Tensor):
             target = torch.full_like(s, -math.inf).detach()
             sel = idx.ge(0)
             if sel.any():
-                rows = t_rows[idx[sel]]
+                rows = partners.rows(idx, sel, projected)
                 z = (student_space_logits(rows, s2t=vocab, top_k=top_k) if gather
                      else student_space_logits(rows, t2s=vocab, v_s=v_s, top_k=top_k)).to(s.dtype)
                 ok = torch.isfinite(z).any(-1)  # nothing mapped (possible with top_k): one-hot instead
@@ -161,6 +166,7 @@ class MinEDLoss(DistillationLoss):
             ce, kd = cross_entropy(s, y), self._divergence(s, target)
             return (1 - rate) * ce + rate * kd, {"ce": ce, "kd": kd, "aligned": sel}
 
-        loss, metrics = chunked_token_loss(per_token, student.logits, response_mask(labels), labels, flat,
-                                           chunk_size=self.chunk_size, terms=("ce", "kd", "aligned"))
+        loss, metrics = chunked_token_loss(per_token, s_source, response_mask(labels), labels, flat,
+                                           *partners.others(), chunk_size=self.chunk_size,
+                                           terms=("ce", "kd", "aligned"))
         return LossOutput(loss=loss, metrics=metrics)

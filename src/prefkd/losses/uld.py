@@ -4,7 +4,9 @@ Positions. With M_s, M_t the response masks (``labels ≠ −100``; labels are p
 the target of ``logits[:, j]``), the k-th response position of each side is where the cumulative count of the
 mask reaches k + 1 (k = 0, 1, ...). Student response position k is paired with teacher response position k for
 k < min(n_resp_s, n_resp_t); later student response positions get CE only. :func:`response_alignment` builds the
-pairing as an index (no copy of the teacher logits); the loss gathers the teacher rows per chunk.
+pairing as an index (no copy of the teacher logits); the loss gathers the teacher rows per chunk. Fused output heads
+(issue 17): either side may come as hidden states and head (``logit_source``); the teacher's hidden states are then
+gathered at the paired positions (B×n×H_t) and projected per chunk (:class:`~prefkd.losses.chunked.PartnerRows`).
 
 Per aligned pair, p = softmax(z/τ) on each side (fp32 at least), sorted descending over the whole vocabulary of
 each model, the shorter one zero-padded:
@@ -38,7 +40,7 @@ from typing import Literal
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
-from prefkd.losses.chunked import chunked_token_loss
+from prefkd.losses.chunked import PartnerRows, chunked_token_loss
 from prefkd.losses.divergences import cross_entropy
 
 MIXES = ("dskd", "paper")
@@ -94,6 +96,7 @@ class ULDLoss(DistillationLoss):
     """
 
     needs = Needs(teacher=True)
+    fused_head = True  # both sides through logit_source; the paired teacher rows are projected per chunk
 
     def __init__(self, mix: Literal["dskd", "paper"] = "dskd", kd_rate: float = 0.5, uld_weight: float = 1.5,
                  temperature: float = 1.0, top_k: int | None = None, chunk_size: int = 256):
@@ -121,18 +124,18 @@ class ULDLoss(DistillationLoss):
             ce_coef, kd_coef = 1.0, self.uld_weight
             ratio = mask.sum(1, keepdim=True) / aligned.sum(1, keepdim=True).clamp_min(1)
             weight = aligned * ratio.to(torch.float32)
-        t_rows = teacher.logits.reshape(-1, teacher.logits.shape[-1])  # a view: rows gathered per chunk
+        partners = PartnerRows(teacher.logit_source, partner)  # teacher rows, gathered (or projected) per chunk
         tau, top_k = self.temperature, self.top_k
 
-        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, *projected: torch.Tensor):
             ce = cross_entropy(s, y)
             sel = idx.ge(0)
             uld = torch.zeros_like(ce)
             if sel.any():
-                uld = uld.masked_scatter(sel, uld_distance(s[sel], t_rows[idx[sel]], tau, top_k))
+                uld = uld.masked_scatter(sel, uld_distance(s[sel], partners.rows(idx, sel, projected), tau, top_k))
             return ce_coef * ce + kd_coef * w.to(ce.dtype) * uld, {"ce": ce, "uld": uld}
 
-        loss, metrics = chunked_token_loss(per_token, student.logits, mask, labels, partner, weight,
-                                           chunk_size=self.chunk_size, terms=("ce", "uld"))
+        loss, metrics = chunked_token_loss(per_token, student.logit_source, mask, labels, partner, weight,
+                                           *partners.others(), chunk_size=self.chunk_size, terms=("ce", "uld"))
         metrics["aligned"] = aligned.sum().to(loss.dtype)
         return LossOutput(loss=loss, metrics=metrics)
