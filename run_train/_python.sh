@@ -9,3 +9,11 @@ if [ -z "${PREFKD_SHARED:-}" ] && [ -d "$ROOT/../shared" ]; then
   PREFKD_SHARED=$(cd "$ROOT/../shared" && pwd)
   export PREFKD_SHARED
 fi
+# outdir "$@": OUT, the scripts' first argument as an absolute folder (created); without one, the usage line and exit 2.
+outdir() {
+  if [ $# -lt 1 ]; then
+    echo "usage: $0 OUTDIR [hydra overrides for every training run ...]" >&2
+    exit 2
+  fi
+  OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+}

@@ -22,12 +22,8 @@
 #   TEACHER_CACHE  1: train from one teacher cache (OUTDIR/teacher_cache); 0: run the teacher live   [1]
 #   PYTHON         interpreter                     [the repository's .venv/bin/python when it exists]
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  echo "usage: $0 OUTDIR [hydra overrides for every training run ...]" >&2
-  exit 2
-fi
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
-OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+outdir "$@"
 shift
 METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
 SEEDS=${SEEDS:-"1 2"}

@@ -15,12 +15,8 @@
 # Environment: SEEDS, PYTHON and the evaluation variables of demo_table.sh; SEQKD_TOKENS, the teacher's answer
 # budget [96 = dataset.max_length - max_prompt_length]; SEQKD_LIMIT, its prompts [256]; ROWS, the rows [all three].
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  echo "usage: $0 OUTDIR [hydra overrides for every training run ...]" >&2
-  exit 2
-fi
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
-OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+outdir "$@"
 shift
 cd "$ROOT"
 DATA="$OUT/seqkd"
