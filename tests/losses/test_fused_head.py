@@ -202,6 +202,32 @@ def test_the_forward_without_logits_gives_the_last_hidden_state(name):
     torch.testing.assert_close(hidden, full.hidden_states[-1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_without_gradient_the_forward_keeps_no_layer_states(name, monkeypatch):
+    """A teacher's or reference's forward reads the state at the decoder's output: it never asks for every layer's
+    hidden states (L + 1 of them outweigh the logits of a deep model), and gets the same state."""
+    model = variant(name, 1)
+    batch = make_batch(vocab_of(model))
+    expected = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(kw) or forward(*a, **kw))
+    with torch.no_grad():
+        hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+    assert calls and not any(kw.get("output_hidden_states") for kw in calls)
+    torch.testing.assert_close(hidden, expected.detach(), rtol=0, atol=0)
+
+
+def test_the_probe_catches_a_decoder_whose_output_is_not_the_heads_input(monkeypatch):
+    model = variant("llama untied", 1)
+    monkeypatch.setattr(type(model), "get_decoder", lambda self: self.model.layers[-1])  # a tensor, no final norm
+    reason = check_output_head(model, output_head(model))
+    assert reason is not None and "decoder's output" in reason, reason
+    monkeypatch.setattr(type(model), "get_decoder", lambda self: self.model.rotary_emb)  # (cos, sin): not the state
+    reason = check_output_head(model, output_head(model))
+    assert reason is not None and "decoder's output" in reason, reason
+
+
 # ---------------------------------------------------------------------------------------------- the chunked engine
 def leaf_inputs(seed=0, B=3, T=8, H=6, V=13, bias=True):
     """Student hidden states and a head with bias (all leaves), teacher hidden states and head, a batch."""

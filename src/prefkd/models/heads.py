@@ -9,7 +9,8 @@ Conventions of transformers 5 read here: ``get_output_embeddings()`` is the head
 tied head: the same parameter); ``config.get_text_config()`` holds the text model's settings (multimodal configs nest
 them); ``final_logit_softcapping`` (Gemma-2 style: z ← cap·tanh(z/cap)) and ``logit_scale`` (Cohere style: z ← s·z)
 are applied after the linear map; causal LMs accept ``logits_to_keep`` (an int or a 1-D index tensor of positions,
-``slice_logits_to_keep``), and the last entry of ``hidden_states`` is the final hidden state, final norm applied.
+``slice_logits_to_keep``), and the last entry of ``hidden_states`` is the final hidden state, final norm applied;
+``get_decoder()`` is the body whose output's first element is that state.
 """
 
 from __future__ import annotations
@@ -113,9 +114,48 @@ def _forward_without_logits(model: nn.Module, input_ids: torch.Tensor, attention
                  logits_to_keep=keep)
 
 
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The body whose output's first element is the head's input (transformers' ``get_decoder()``), or None when the
+    model has no separate one."""
+    base = _base_model(model)
+    get_decoder = getattr(base, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (NotImplementedError, AttributeError, ValueError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not base else None
+
+
+def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                    ) -> torch.Tensor | None:
+    """The last hidden state (B×T×H) caught at the output of the model's decoder during the model's own forward
+    without logits and without ``output_hidden_states``, so the states of the other layers die as the forward goes
+    on; None when the model has no separate decoder."""
+    decoder = _decoder(model)
+    if decoder is None:
+        return None
+    caught = []
+    handle = decoder.register_forward_hook(lambda module, args, out: caught.append(out[0]))
+    try:
+        keep = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+    finally:
+        handle.remove()
+    return caught[-1] if caught else None
+
+
 def forward_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
-    """The last hidden state (B×T×H, final norm applied) of a causal LM's forward pass that builds no logits."""
+    """The last hidden state (B×T×H, final norm applied) of a causal LM's forward pass that builds no logits.
+
+    Without gradient (a teacher, a reference model) the state is caught at the decoder's output, so the L + 1 hidden
+    states of ``output_hidden_states`` never live at once: for a deep model they outweigh the logits themselves
+    ((L + 1)·H > V for Mistral-7B). With gradient the layers' outputs are kept for backward anyway, and the model's
+    own forward with ``output_hidden_states`` is used (a hook would break a compiled student's graph)."""
+    if not torch.is_grad_enabled():
+        hidden = _decoder_hidden(model, input_ids, attention_mask)
+        if hidden is not None:
+            return hidden
     return _forward_without_logits(model, input_ids, attention_mask).hidden_states[-1]
 
 
@@ -141,8 +181,17 @@ def check_output_head(model: nn.Module, head: OutputHead, length: int = 6) -> st
     if projected.shape != own.shape:
         return f"its head gives logits of shape {tuple(projected.shape)}, the model {tuple(own.shape)}"
     tol = 1e-4 if own.dtype in (torch.float32, torch.float64) else 2e-2
-    gap = (projected.float() - own.float()).abs().max().item()
-    if gap > tol * (1.0 + own.float().abs().max().item()):
-        return (f"head(last hidden state) differs from the model's own logits by {gap:.3g} (a logit transform the "
+
+    def gap(logits: torch.Tensor) -> float | None:  # None: within tolerance
+        value = (logits.float() - own.float()).abs().max().item()
+        return value if value > tol * (1.0 + own.float().abs().max().item()) else None
+
+    if (value := gap(projected)) is not None:
+        return (f"head(last hidden state) differs from the model's own logits by {value:.3g} (a logit transform the "
                 f"head adapter does not know)")
+    caught = _decoder_hidden(model, ids, mask)  # where the forward without gradient reads the state
+    if caught is not None and caught.shape != without.hidden_states[-1].shape:
+        return f"its decoder's output has shape {tuple(caught.shape)}, not the head's input's"
+    if caught is not None and (value := gap(head.project(caught))) is not None:
+        return f"head(its decoder's output) differs from the model's own logits by {value:.3g}"
     return None
