@@ -25,26 +25,31 @@ from prefkd.utils.config import config_dir, load_env
 
 @torch.no_grad()
 def compute_reference_logps(pairs, reference, out: Path, *, max_length: int = 512, max_prompt_length: int = 256,
-                            eos_parent: bool = True, batch_size: int = 4, progress: bool = True) -> Path:
-    """Append one record per pair with its reference sequence log-probs to ``out`` (resuming after those there)."""
+                            eos_parent: bool = True, batch_size: int = 4, fused_head: bool = True,
+                            progress: bool = True) -> Path:
+    """Append one record per pair with its reference sequence log-probs to ``out`` (resuming after those there).
+    ``fused_head``: a reference whose head :func:`prefkd.training.fused_head.can_fuse` builds no B×T×V logits (its
+    head projects them per chunk)."""
     from prefkd.data.preference import PreferencePair, pairs_as_records
     from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
     from prefkd.losses.logps import sequence_logps
+    from prefkd.training.fused_head import can_fuse, model_outputs
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = len([line for line in out.read_text().splitlines() if line.strip()]) if out.exists() else 0
     device = next(reference.model.parameters()).device
     tok = reference.tokenizer
+    fused = fused_head and can_fuse(reference.model)
     with out.open("a") as f:
         for lo in tqdm(range(start, len(pairs), batch_size), desc="reference log-probs", disable=not progress):
             chunk = pairs[lo:lo + batch_size]
             ds = PreferenceDataset(chunk, tok, max_length=max_length, max_prompt_length=max_prompt_length,
                                    eos_parent=eos_parent, source=f"pairs {lo + 1}..")
             batch = collate_pairs(list(ds), tok.pad_token_id)
-            logits = reference.model(input_ids=batch["input_ids"].to(device),
-                                     attention_mask=batch["attention_mask"].to(device)).logits
-            lp = sequence_logps(logits.float(), batch["labels"].to(device)).double().cpu()
+            ref = model_outputs(reference.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                hidden=False, fused=fused)
+            lp = sequence_logps(ref.logit_source, batch["labels"].to(device)).double().cpu()
             b = len(chunk)
             for i, p in enumerate(chunk):
                 rec = pairs_as_records([PreferencePair(p.prompt, p.chosen, p.rejected, p.chosen_weight,

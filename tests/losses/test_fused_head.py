@@ -379,14 +379,14 @@ def test_cross_tokenizer_losses_fused_equal_unfused_through_the_tiny_pair(name, 
 
 # ---------------------------------------------------------------------------------------------- who asks for what
 def test_losses_declare_fused_heads():
-    from prefkd.losses.dpo import DPOLoss
+    from prefkd.losses.dpo import TISDPOKDAlignLoss
     from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss
     from prefkd.losses.mcw_kd import MCWKDLoss
     from prefkd.losses.multilevel_ot import MultiLevelOTLoss
 
     for loss in (SFTLoss(), KDLoss(), MinEDLoss(), ULDLoss()):
         assert loss.fused_head, type(loss).__name__
-    for loss in (DSKDLoss(), DSKDCMALoss(), MultiLevelOTLoss(), MCWKDLoss(), DPOLoss()):
+    for loss in (DSKDLoss(), DSKDCMALoss(), MultiLevelOTLoss(), MCWKDLoss(), TISDPOKDAlignLoss()):
         assert not loss.fused_head, type(loss).__name__
     cross = KDLoss()
     teacher, student, _ = tiny_pair()

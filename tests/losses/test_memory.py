@@ -90,6 +90,42 @@ def test_fused_losses_stay_under_half_a_logits_tensor_from_the_hidden_states(nam
     assert peak(fused=True) <= 0.5
 
 
+@pytest.mark.parametrize("name", ["dpo", "tisdpo", "kd_tisdpo"])
+def test_fused_preference_losses_stay_under_half_a_logits_tensor_from_the_hidden_states(name):
+    """The same region for the preference losses on 2B = 8 rows: from the policy's hidden states (a leaf) and the
+    reference's (the teacher's for kd_tisdpo, no grad) to the gradients; unfused, both models' logits are built in
+    it. Chunks of 7 rows stay below the threshold, the B×T×H gradient is counted."""
+    from prefkd.models.heads import forward_hidden
+    from prefkd.models.tiny import build_tiny
+    from tests.losses.test_fused_head import make_batch
+    from tests.losses.test_fused_head_preference import preference_losses, with_parents
+
+    loss = preference_losses()[name]()
+    student = build_tiny("b", "gpt2", 32, num_layers=1, seed=2).model
+    other = build_tiny("b", "llama", 32, num_layers=1, seed=1, freeze=True).model
+    weight = output_head(student).weight
+    B, T, V = 8, 64, weight.shape[0]
+    batch = with_parents(make_batch(V, B, T, seed=3))
+    with torch.no_grad():
+        h = leaf(forward_hidden(student, batch["input_ids"], batch["attention_mask"]))
+        o = forward_hidden(other, batch["teacher_input_ids"], batch["teacher_attention_mask"])
+    threshold = B * T * V // 64
+    assert loss.chunk_size * V < threshold < h.numel()
+
+    def peak(fused: bool) -> float:
+        with LargeTensorTracker(threshold, skip=(tuple(weight.shape),)) as tracker:
+            s = outputs_from_hidden(student, h, fused=fused)
+            with torch.no_grad():
+                r = outputs_from_hidden(other, o, fused=fused)
+            out = loss(LossInputs(batch=batch, student=s, **{"teacher" if loss.needs.teacher else "reference": r}))
+            grads = torch.autograd.grad(out.loss, [h, weight])
+        assert all(torch.isfinite(g).all() for g in grads)
+        return tracker.peak_bytes / (B * T * V * 4)
+
+    assert peak(fused=False) >= 2
+    assert peak(fused=True) <= 0.5
+
+
 def test_the_tracker_sees_an_unchunked_loss():
     s = leaf(torch.randn(4, 32, 50))
     with LargeTensorTracker(s.numel() // 4) as tracker:

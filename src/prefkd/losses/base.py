@@ -68,6 +68,12 @@ class ModelOutputs:
             raise ValueError("ModelOutputs has no logits and no hidden states with an output head")
         return HiddenRows(self.hidden, self.head)
 
+    def rows(self, index: slice | torch.Tensor) -> ModelOutputs:
+        """The same outputs for the batch rows ``index`` (a slice or an index over B, e.g. ``slice(None, b)``): the
+        logits and the hidden states it has, sliced; the model and the head as they are."""
+        return ModelOutputs(None if self.logits is None else self.logits[index],
+                            None if self.hidden is None else self.hidden[index], self.model, self.head)
+
 
 @dataclass
 class LossInputs:

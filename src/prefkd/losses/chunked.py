@@ -27,7 +27,7 @@ chunk from logits, or from the partners' hidden states (B×n×H) projected per c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -427,25 +427,37 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits],
 RowTermsFn = Callable[..., torch.Tensor]  # (rows n×V, *other rows) -> n×K
 
 
-def _terms_loop(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.Tensor,
-                others: tuple[torch.Tensor, ...], chunk_size: int) -> torch.Tensor:
-    """B×T×K values of ``fn`` at the masked positions (0 elsewhere), chunked, no graph."""
-    dtype = _compute_dtype(logits.dtype)
-    out = torch.zeros(*mask.shape, k, dtype=dtype, device=logits.device)
+def _terms_loop(fn: RowTermsFn, k: int, slot: _LogitsSlot | _HiddenSlot, mask: torch.Tensor,
+                others: tuple[Logits, ...], chunk_size: int) -> torch.Tensor:
+    """B×T×K values of ``fn`` on the rows of one input (its slot, wanting no gradient) at the masked positions (0
+    elsewhere), chunked, no graph."""
+    dtype = _compute_dtype(slot.dtype)
+    out = torch.zeros(*mask.shape, k, dtype=dtype, device=mask.device)
     for r, c in _chunks(mask, chunk_size):
-        out[r, c] = fn(logits[r, c].to(dtype), *[o[r, c] for o in others]).to(dtype)
+        out[r, c] = fn(slot.rows(slot.leaf(r, c)), *[o[r, c] for o in others]).to(dtype)
     return out
+
+
+def _rebuild(source: Logits, tensors: Sequence[torch.Tensor]) -> Logits:
+    """``source`` with its tensors (:func:`_tensors`) replaced by ``tensors`` (the ones saved for backward)."""
+    if not isinstance(source, HiddenRows):
+        return tensors[0]
+    hidden, weight, *bias = tensors
+    return HiddenRows(hidden, replace(source.head, weight=weight, bias=bias[0] if bias else None))
 
 
 class _ChunkedRowTerms(torch.autograd.Function):
     """Forward: per-row terms B×T×K, chunked under no_grad. Backward: per chunk, recompute the rows with a graph and
-    write their vector-Jacobian product with the incoming B×T×K gradient into one logits-shaped buffer."""
+    write their vector-Jacobian product with the incoming B×T×K gradient into the input's buffers (one shaped like
+    the logits; or, for :class:`HiddenRows`, B×T×H, V×H and V: :class:`_HiddenSlot`). ``source`` is the input
+    object, ``tensors`` its tensors (:func:`_tensors`, for the graph)."""
 
     @staticmethod
-    def forward(ctx, logits, fn, k, mask, chunk_size, *others):
-        out = _terms_loop(fn, k, logits, mask, others, chunk_size)
-        ctx.fn, ctx.chunk_size, ctx.n_others, ctx.consumed = fn, chunk_size, len(others), False
-        ctx.save_for_backward(logits, mask, *others)
+    def forward(ctx, fn, k, mask, chunk_size, source, others, *tensors):
+        out = _terms_loop(fn, k, _slots([source], [False] * len(tensors))[0], mask, others, chunk_size)
+        ctx.fn, ctx.chunk_size, ctx.others, ctx.consumed = fn, chunk_size, others, False
+        ctx.source = source.detach()  # its structure (the head's settings); the tensors are saved
+        ctx.save_for_backward(mask, *tensors)
         return out
 
     @staticmethod
@@ -455,22 +467,23 @@ class _ChunkedRowTerms(torch.autograd.Function):
             raise RuntimeError("chunked_row_terms: backward can run only once per forward (the gradient is "
                                "recomputed into one buffer); recompute the terms instead of retain_graph=True")
         ctx.consumed = True
-        logits, mask, *others = ctx.saved_tensors
-        dtype = _compute_dtype(logits.dtype)
-        buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        for r, c in _chunks(mask, ctx.chunk_size):
-            with torch.enable_grad():
-                leaf = logits[r, c].to(dtype).detach().requires_grad_(True)
-                values = ctx.fn(leaf, *[o[r, c] for o in others])
-                if not values.requires_grad:
-                    continue
-                (grad,) = torch.autograd.grad(values, leaf, grad_out[r, c].to(values.dtype), allow_unused=True)
-            if grad is not None:
-                buffer[r, c] = grad.to(buffer.dtype)
-        return (buffer, None, None, None, None) + (None,) * ctx.n_others
+        mask, *tensors = ctx.saved_tensors
+        wants = ctx.needs_input_grad[6:]
+        slot = _slots([_rebuild(ctx.source, tensors)], wants)[0]
+        fn = ctx.fn
+
+        def inner(rows: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:  # ⟨fn(rows), g⟩ per row: n
+            *other_rows, g = rest
+            values = fn(rows, *other_rows)
+            return (values * g.to(values.dtype)).sum(-1)
+
+        # the gradient of Σ ⟨fn, grad_out⟩ over the chunks, stored per chunk by the slot (_chunk, as the sums do)
+        _row_loop(inner, [slot], mask, (*ctx.others, grad_out), ctx.chunk_size)
+        grads = [None if b is None else b.to(t.dtype) for b, t in zip(slot.buffers(), tensors)]
+        return (None, None, None, None, None, None, *grads)
 
 
-def chunked_row_terms(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.Tensor, *others: torch.Tensor,
+def chunked_row_terms(fn: RowTermsFn, k: int, logits: Logits, mask: torch.Tensor, *others: Logits,
                       chunk_size: int = 1024) -> torch.Tensor:
     """B×T×K per-row terms fn(logits[b,t], others[b,t]...) at the masked positions (0 elsewhere), chunked.
 
@@ -478,10 +491,16 @@ def chunked_row_terms(fn: RowTermsFn, k: int, logits: torch.Tensor, mask: torch.
     sums then enter a nonlinearity, as in DPO): the forward keeps no graph, and the backward recomputes each chunk
     and writes d(⟨grad_out, terms⟩)/d(logits) into one logits-shaped buffer. Under no_grad (or for logits that need
     no gradient) it is a plain chunked computation. Backward may run once per forward.
+
+    logits: B×T×V, or :class:`HiddenRows` (each chunk's rows projected from the hidden states; the backward
+    recomputes them from the head's linear map z and writes g·W into a B×T×H buffer, gᵀ·h into a V×H fp32 one for
+    the head's weight and Σg into its bias). others: B×T×... tensors or :class:`HiddenRows` (projected per chunk),
+    read detached. Returns B×T×K (fp32; fp64 for fp64 logits).
     """
     mask = mask.detach().bool()
     others = tuple(o.detach() for o in others)
+    tensors = _tensors(logits)
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _ChunkedRowTerms.apply(logits, fn, k, mask, chunk_size, *others)
+        return _ChunkedRowTerms.apply(fn, k, mask, chunk_size, logits, others, *tensors)
     with torch.no_grad():
-        return _terms_loop(fn, k, logits.detach(), mask, others, chunk_size)
+        return _terms_loop(fn, k, _slots([logits], [False] * len(tensors))[0], mask, others, chunk_size)

@@ -12,6 +12,10 @@ the LoRA adapter disabled, or a frozen copy for full fine-tuning), ``teacher`` (
 share the student's tokenizer) or, for dpo/ipo, ``precomputed`` (the pairs' ``reference_*_logps`` fields, written by
 ``python -m prefkd.reference_logps``: no reference model in memory). The trainer runs it on the student's rows and hands
 its logits in ``LossInputs.reference``. ``kd_tisdpo`` always uses the teacher (its own tokenizer, compared per parent).
+
+Fused output heads (issue 17): dpo, ipo, tisdpo and kd_tisdpo read every model's logits through
+:attr:`~prefkd.losses.base.ModelOutputs.logit_source` (``fused_head``): the policy's, the reference's and the
+teacher's may each be hidden states and a head, projected per chunk by :mod:`prefkd.losses.logps`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class DPOLoss(DistillationLoss):
     −(1−ε)·log σ(βh) − ε·log σ(−βh), or (h − 1/(2β))², h the DPO margin of the sequence log-probs."""
 
     name = "dpo"
+    fused_head = True
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "dpo",
                  reference: str = "initial", chunk_size: int = 1024):
@@ -76,7 +81,7 @@ class DPOLoss(DistillationLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         labels = inputs.batch["labels"]
-        pi = sequence_logps(inputs.student.logits, labels, chunk_size=self.chunk_size)
+        pi = sequence_logps(inputs.student.logit_source, labels, chunk_size=self.chunk_size)
         if self.needs.reference is None:  # reference=precomputed
             if "reference_logps" not in inputs.batch:
                 raise ValueError(f"loss={self.name} reference=precomputed: the pairs carry no reference_chosen_logps/"
@@ -84,7 +89,7 @@ class DPOLoss(DistillationLoss):
             ref_lp = inputs.batch["reference_logps"].to(pi.device, pi.dtype)
         else:
             with torch.no_grad():
-                ref_lp = sequence_logps(_reference(inputs, self.name).logits.detach(), labels,
+                ref_lp = sequence_logps(_reference(inputs, self.name).logit_source.detach(), labels,
                                         chunk_size=self.chunk_size)
         (pi_w, pi_l), (ref_w, ref_l) = _halves(pi), _halves(ref_lp)
         h = dpo_margin(pi_w, pi_l, ref_w, ref_l)
@@ -98,6 +103,7 @@ class TISDPOLoss(DistillationLoss):
     (one parent per token with one tokenizer), optional token-level KL term α·(KL_w − KL_l) (``kl_alpha`` > 0)."""
 
     name = "tisdpo"
+    fused_head = True
 
     def __init__(self, beta: float = 0.1, kl_alpha: float = 0.5, token_kl: bool = True,
                  reference: str = "initial", chunk_size: int = 1024):
@@ -111,14 +117,14 @@ class TISDPOLoss(DistillationLoss):
     def forward(self, inputs: LossInputs) -> LossOutput:
         batch = inputs.batch
         labels, mask = batch["labels"], response_mask(batch["labels"])
-        ref = _reference(inputs, self.name)
+        policy, ref = inputs.student.logit_source, _reference(inputs, self.name).logit_source.detach()
         weights = tokens_from_parents(batch["parent_weight"], batch["parent_index"])
         if self.token_kl:
-            pi, ref_lp, kl = token_logps_and_kl(inputs.student.logits, ref.logits.detach(), labels, self.chunk_size)
+            pi, ref_lp, kl = token_logps_and_kl(policy, ref, labels, self.chunk_size)
         else:
-            pi, kl = token_logps(inputs.student.logits, labels, self.chunk_size), None
+            pi, kl = token_logps(policy, labels, self.chunk_size), None
             with torch.no_grad():
-                ref_lp = token_logps(ref.logits.detach(), labels, self.chunk_size)
+                ref_lp = token_logps(ref, labels, self.chunk_size)
         (pi_w, pi_l), (ref_w, ref_l), (w_w, w_l), (m_w, m_l) = (_halves(pi), _halves(ref_lp), _halves(weights),
                                                                 _halves(mask))
         kl_w, kl_l = _halves(kl) if kl is not None else (None, None)
@@ -136,6 +142,7 @@ class KDTISDPOLoss(DistillationLoss):
 
     name = "kd_tisdpo"
     needs = Needs(teacher=True, normalize_by="sequences", pairs=True)
+    fused_head = True
 
     def __init__(self, beta: float = 0.5, chunk_size: int = 1024):
         super().__init__()
@@ -150,9 +157,9 @@ class KDTISDPOLoss(DistillationLoss):
                              f"tokenizer (dataset=hh with a teacher in the config)")
         weights = batch["parent_weight"]
         n_par = weights.shape[1]
-        s_tok = token_logps(inputs.student.logits, batch["labels"], self.chunk_size)
+        s_tok = token_logps(inputs.student.logit_source, batch["labels"], self.chunk_size)
         with torch.no_grad():
-            t_tok = token_logps(teacher.logits.detach(), batch["teacher_labels"], self.chunk_size)
+            t_tok = token_logps(teacher.logit_source.detach(), batch["teacher_labels"], self.chunk_size)
         s_par = parent_sums(s_tok, batch["parent_index"], n_par)
         t_par = parent_sums(t_tok.to(s_par.dtype), batch["teacher_parent_index"], n_par)
         return s_par, t_par, weights, parent_mask(batch["parent_index"], n_par)
@@ -182,6 +189,7 @@ class TISDPOKDAlignLoss(KDTISDPOLoss):
 
     name = "tisdpo_kdalign"
     needs = Needs(teacher=True, hidden_states=True, normalize_by="sequences", pairs=True)
+    fused_head = False  # the DSKD-CMA term reads full logits (its fused head is a later increment of issue 17)
 
     def __init__(self, beta: float = 0.5, alpha: float = 0.5, kd_rate: float = 0.5, divergence: str = "forward_kl",
                  temperature: float = 1.0, chunk_size: int = 1024):
@@ -195,16 +203,13 @@ class TISDPOKDAlignLoss(KDTISDPOLoss):
         self.cma.build(student_model, teacher_model)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        from prefkd.losses.base import ModelOutputs
-
         loss, metrics = self.pair_loss(inputs)
         b = inputs.batch["labels"].shape[0] // 2
         keys = ("input_ids", "attention_mask", "labels", "teacher_input_ids", "teacher_attention_mask",
                 "teacher_labels")
         chosen = LossInputs(
             batch={k: inputs.batch[k][:b] for k in keys},
-            student=ModelOutputs(inputs.student.logits[:b], inputs.student.hidden[:b], inputs.student.model),
-            teacher=ModelOutputs(inputs.teacher.logits[:b], inputs.teacher.hidden[:b], inputs.teacher.model))
+            student=inputs.student.rows(slice(None, b)), teacher=inputs.teacher.rows(slice(None, b)))
         out = self.cma(chosen)
         scale = b / response_mask(chosen.batch["labels"]).sum().clamp_min(1)
         loss = loss + self.alpha * scale * out.loss

@@ -21,6 +21,11 @@ into ONE zero-initialised buffer shaped like the logits (logits dtype), which is
 Nothing logits-sized is kept between forward and backward except the logits themselves (and, for the KL,
 the reference logits). Backward may run once per forward (:func:`prefkd.losses.chunked.chunked_row_terms`).
 
+**Fused output heads** (issue 17): the policy's and the reference's logits may each be given as
+:class:`~prefkd.losses.chunked.HiddenRows` (B×T×H hidden states and the model's output head); each chunk's rows
+are then projected from the hidden states, no B×T×V tensor exists at all, and the policy's gradient lands in a
+B×T×H buffer for the hidden states and a V×H fp32 one for the head's weight (and V for its bias).
+
 **Parents** (:func:`parent_sums`): ℓ_p = Σ_{t: index[t] = p} token_logps[t], a differentiable scatter-add
 (:func:`prefkd.align.parent_tokens.parent_logprobs`) over the parent index map of
 :func:`prefkd.align.parent_tokens.parent_index_map` (−1 for positions in no parent; any negative index,
@@ -32,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from prefkd.align.parent_tokens import parent_logprobs
-from prefkd.losses.chunked import RowTermsFn, _compute_dtype, chunked_row_terms
+from prefkd.losses.chunked import Logits, RowTermsFn, _compute_dtype, chunked_row_terms
 from prefkd.losses.divergences import reverse_kl
 from prefkd.utils.labels import IGNORE_INDEX
 
@@ -57,26 +62,28 @@ def _logp_ref_kl_terms(rows: torch.Tensor, ref_rows: torch.Tensor, labels: torch
                         reverse_kl(rows, ref_rows).to(rows.dtype)], dim=-1)
 
 
-def _check_bt(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int, name: str = "logits") -> None:
+def _check_bt(logits: Logits, labels: torch.Tensor, chunk_size: int, name: str = "logits") -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if logits.dim() != 3:
-        raise ValueError(f"{name} must be B×T×V, got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must be B×T = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    shape = logits.shape  # a HiddenRows's is that of the logits it stands for
+    if len(shape) != 3:
+        raise ValueError(f"{name} must be B×T×V, got shape {tuple(shape)}")
+    if labels.shape != shape[:2]:
+        raise ValueError(f"labels must be B×T = {tuple(shape[:2])}, got {tuple(labels.shape)}")
 
 
-def _token_terms(fn: RowTermsFn, k: int, logits: torch.Tensor, labels: torch.Tensor,
-                 others: tuple[torch.Tensor, ...], chunk_size: int) -> torch.Tensor:
+def _token_terms(fn: RowTermsFn, k: int, logits: Logits, labels: torch.Tensor,
+                 others: tuple[Logits, ...], chunk_size: int) -> torch.Tensor:
     return chunked_row_terms(fn, k, logits, labels.ne(IGNORE_INDEX), *others, labels.detach().long(),
                              chunk_size=chunk_size)
 
 
 # -------------------------------------------------------------------------------------- public: log-probs
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def token_logps(logits: Logits, labels: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Per-token log-probs: log softmax(logits[b, t])[labels[b, t]], 0 where labels = −100.
 
-    logits: B×T×V, any float dtype (fp32 compute per chunk; fp64 stays fp64). labels: B×T, already shifted.
+    logits: B×T×V, any float dtype (fp32 compute per chunk; fp64 stays fp64), or their
+    :class:`~prefkd.losses.chunked.HiddenRows`. labels: B×T, already shifted.
     Returns B×T (fp32, or fp64 for fp64 logits). Chunked; under no_grad (or for logits that need no
     gradient: references, weight models) it is a plain chunked computation. When the logits require a
     gradient it is differentiable, memory-bounded (see the module docstring): use it for the student's
@@ -86,12 +93,12 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 10
     return _token_terms(_logp_terms, 1, logits, labels, (), chunk_size)[..., 0]
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+def sequence_logps(logits: Logits, labels: torch.Tensor, weights: torch.Tensor | None = None,
                    chunk_size: int = 1024) -> torch.Tensor:
     """s_b = Σ_{t: labels ≠ −100} w[b, t] · log softmax(logits[b, t])[labels[b, t]].
 
-    logits: B×T×V (any float dtype); labels: B×T (already shifted); weights: optional B×T, read detached
-    (values at ignored positions never enter, even NaN). Returns B (fp32, or fp64 for fp64 logits).
+    logits: B×T×V (any float dtype) or their HiddenRows; labels: B×T (already shifted); weights: optional B×T,
+    read detached (values at ignored positions never enter, even NaN). Returns B (fp32, or fp64 for fp64 logits).
     Gradient: ∂s_b/∂logits[b, t] = w[b, t]·(onehot(labels[b, t]) − softmax(logits[b, t])), written chunk by
     chunk into one logits-shaped buffer (logits dtype) during backward. Backward may run once per forward.
     """
@@ -101,12 +108,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Te
     return weighted_sums(token_logps(logits, labels, chunk_size), weights, labels.ne(IGNORE_INDEX))
 
 
-def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+def token_kl(policy_logits: Logits, ref_logits: Logits, labels: torch.Tensor,
              chunk_size: int = 1024) -> torch.Tensor:
     """Per-position KL(π_θ ‖ π_ref) = Σ_v p_θ (log p_θ − log p_ref) at the label positions, 0 elsewhere.
 
     policy_logits: B×T×V (gets the gradient, memory-bounded); ref_logits: B×T×V_ref at the same positions
-    (read detached, kept for the backward's recomputation). The convention of
+    (read detached, kept for the backward's recomputation); either may be HiddenRows. The convention of
     :func:`prefkd.losses.divergences.reverse_kl` (this is its value with s = policy, t = reference): fp32 at
     least, reference log-probs floored at LOGP_FLOOR, 0·log 0 = 0, vocabularies cut to the shared prefix.
     Returns B×T. Use :func:`token_logps_and_kl` when the policy log-probs are needed too (one buffer).
@@ -116,7 +123,7 @@ def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torc
     return _token_terms(_kl_terms, 1, policy_logits, labels, (ref_logits,), chunk_size)[..., 0]
 
 
-def token_logps_and_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+def token_logps_and_kl(policy_logits: Logits, ref_logits: Logits, labels: torch.Tensor,
                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(policy token log-probs, reference token log-probs, token KL(π_θ ‖ π_ref)), each B×T, 0 at ignored
     positions, from ONE chunked pass over both logits and ONE gradient buffer (what TIS-DPO with its
@@ -128,7 +135,7 @@ def token_logps_and_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, la
     return out[..., 0], out[..., 1].detach(), out[..., 2]
 
 
-def sequence_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+def sequence_kl(policy_logits: Logits, ref_logits: Logits, labels: torch.Tensor,
                 weights: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
     """KL_b = Σ_{t: labels ≠ −100} w[b, t] · KL(π_θ(·|t) ‖ π_ref(·|t)) (:func:`token_kl`). Returns B."""
     if weights is not None and weights.shape != labels.shape:

@@ -28,6 +28,7 @@ class FusedHeads:
 
     student: bool = False
     teacher: bool = False
+    reference: bool = False  # the preference losses' reference model (Needs.reference)
 
 
 def _head_problem(model: nn.Module) -> str | None:
@@ -40,11 +41,21 @@ def _head_problem(model: nn.Module) -> str | None:
     return check_output_head(model, head)
 
 
+def can_fuse(model: nn.Module) -> bool:
+    """Whether ``model``'s logits can be projected inside a loss: its head is recognised and gives its own logits on
+    a probe input. For the tools outside training that score sequences (no log line)."""
+    return _head_problem(model) is None
+
+
 def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, teacher: nn.Module | None = None,
-                     *, sharded: bool = False) -> FusedHeads:
+                     *, reference: nn.Module | None = None, sharded: bool = False) -> FusedHeads:
     """The fused heads of a run, logged in one line. ``enabled``: ``trainer.fused_head``. ``teacher``: the live
     teacher model when the loss needs one (None otherwise, and with a teacher cache, which hands its own outputs).
-    ``sharded``: the student's parameters are sharded (FSDP, ZeRO-3), where fused heads are not verified yet."""
+    ``reference``: the model whose head the reference forward uses when the loss needs one (``Needs.reference``):
+    the teacher, or the student itself for the initial policy (a frozen copy of it, or its base with the LoRA
+    adapter disabled: the same head; it then shares the student's verdict, sharding included).
+    ``sharded``: the student's parameters are sharded (FSDP, ZeRO-3), where fused heads are not verified yet.
+    Each model's head is probed once, however many roles it plays."""
     if not enabled:
         log.info("trainer.fused_head=false: the models' logits are built and handed to the loss")
         return FusedHeads()
@@ -56,11 +67,16 @@ def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, 
                 if sharded else _head_problem(student)}
     if teacher is not None and loss.needs.teacher:
         problems["teacher"] = _head_problem(teacher)
+    if reference is not None and loss.needs.reference:
+        roles = {"student": student, "teacher": teacher}
+        probed = [role for role in problems if roles[role] is reference]  # the student's verdict: sharding too
+        problems["reference"] = problems[probed[0]] if probed else _head_problem(reference)
     fused = {role: problem is None for role, problem in problems.items()}
     said = "; ".join(f"{role}: " + ("projected per chunk inside the loss" if problem is None else
                                     f"logits built, because {problem}") for role, problem in problems.items())
     (log.info if all(fused.values()) else log.warning)("trainer.fused_head: %s", said)
-    return FusedHeads(student=fused["student"], teacher=fused.get("teacher", False))
+    return FusedHeads(student=fused["student"], teacher=fused.get("teacher", False),
+                      reference=fused.get("reference", False))
 
 
 def model_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, hidden: bool,

@@ -32,7 +32,7 @@ from prefkd.losses.base import DistillationLoss, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
 from prefkd.training.distill_module import DistillModule
-from prefkd.training.fused_head import plan_fused_heads
+from prefkd.training.fused_head import model_outputs, plan_fused_heads
 from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.on_policy import OnPolicySampler, OnPolicySettings, SampledStep
@@ -105,9 +105,12 @@ class Trainer:
         self._build_sampler()
         model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
         student.model.to(accelerator.device)  # plan_fused_heads probes both heads on the device
-        # trainer.fused_head: which models hand the loss hidden states and head instead of logits (one log line)
+        # trainer.fused_head: which models hand the loss hidden states and head instead of logits (one log line);
+        # the reference (_build_reference) is the teacher, or the initial student: a copy or the adapter disabled
+        reference = {"teacher": model, "initial": student.model}.get(loss.needs.reference)
         self.fused = plan_fused_heads(cfg.get("fused_head", True), loss, student.model,
-                                      None if teacher_cache else model, sharded=_sharded(accelerator))
+                                      None if teacher_cache else model, reference=reference,
+                                      sharded=_sharded(accelerator))
         module = DistillModule(student.model, loss, compile=cfg.compile,  # the loss's modules train with the student
                                fused_head=self.fused.student)
         module.to(accelerator.device)  # before the optimizer holds its parameters
@@ -214,16 +217,21 @@ class Trainer:
 
     @torch.no_grad()
     def _reference_forward(self, batch: dict) -> ModelOutputs:
-        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        """The reference's outputs on the student's rows: its logits, or (``self.fused.reference``) its last hidden
+        state and head, projected per chunk inside the loss."""
+        def forward(model) -> ModelOutputs:
+            return model_outputs(model, batch["input_ids"], batch["attention_mask"], hidden=False,
+                                 fused=self.fused.reference)
+
         if self.reference_disables_adapter:
             model = self.student
             was_training = model.training
             model.eval()
             with model.disable_adapter():
-                logits = model(**kwargs).logits
+                out = forward(model)
             model.train(was_training)
-            return ModelOutputs(logits)
-        return ModelOutputs(self.reference(**kwargs).logits, model=self.reference)
+            return out
+        return forward(self.reference)
 
     def _batch(self, indices: list[int], dataset) -> dict:
         """A dev micro-batch of ``indices``, on the device (training batches come from :attr:`loader`)."""

@@ -28,18 +28,20 @@ from tqdm.auto import tqdm
 from prefkd.data.preference import PreferencePair, pairs_as_records
 from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
 from prefkd.losses.logps import parent_sums, token_logps
+from prefkd.training.fused_head import can_fuse, model_outputs
 from prefkd.weights.transforms import parent_weights, transform_weights
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def parent_logps(model, batch: dict, prefix: str, num_parents: int) -> torch.Tensor:
-    """2B×P parent log-probs of a :func:`collate_pairs` batch under ``model`` (``prefix`` "" or "teacher_")."""
+def parent_logps(model, batch: dict, prefix: str, num_parents: int, fused: bool = False) -> torch.Tensor:
+    """2B×P parent log-probs of a :func:`collate_pairs` batch under ``model`` (``prefix`` "" or "teacher_").
+    ``fused``: the model builds no logits; its head projects them per chunk (:func:`can_fuse` must hold)."""
     device = next(model.parameters()).device
-    logits = model(input_ids=batch[f"{prefix}input_ids"].to(device),
-                   attention_mask=batch[f"{prefix}attention_mask"].to(device)).logits
-    tok = token_logps(logits.float(), batch[f"{prefix}labels"].to(device))
+    out = model_outputs(model, batch[f"{prefix}input_ids"].to(device), batch[f"{prefix}attention_mask"].to(device),
+                        hidden=False, fused=fused)
+    tok = token_logps(out.logit_source, batch[f"{prefix}labels"].to(device))
     return parent_sums(tok, batch[f"{prefix}parent_index"].to(device), num_parents).double().cpu()
 
 
@@ -70,14 +72,15 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
                     max_length: int = 512, max_prompt_length: int = 256, eos_parent: bool = True,
                     batch_size: int = 4, k: float = 1.0, lower: float = -0.5, upper: float = 1.5,
                     transform: str = "origin", transform_params: dict | None = None, seed: int = 0,
-                    per_token: bool = False, progress: bool = True) -> Path:
+                    per_token: bool = False, fused_head: bool = True, progress: bool = True) -> Path:
     """Score every pair with π⁺ (``positive``) and π⁻ (``negative``), two ModelBundles sharing one tokenizer, and
     append one weighted record per pair to ``out`` (resuming after the records already there).
 
     ``per_token=False`` (PrefKD, ``loss=kd_tisdpo``): one weight per parent between the policy's and the models'
     tokenizers, exactly as training builds them (the data then has a teacher tokenizer), even when the tokenizers
     are the same. ``per_token=True`` (TIS-DPO, ``loss=tisdpo``, no teacher in the data): one weight per token; the
-    policy must share the models' tokenizer."""
+    policy must share the models' tokenizer. ``fused_head``: a model whose head :func:`can_fuse` builds no B×T×V
+    logits (they are projected per chunk)."""
     if positive.tokenizer.get_vocab() != negative.tokenizer.get_vocab():
         raise ValueError("the positive and negative models must share one tokenizer (both are fine-tuned from the "
                          "same teacher)")
@@ -92,6 +95,7 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
     generator = torch.Generator().manual_seed(seed)
     params = dict(transform_params or {})
     prefix = "" if per_token else "teacher_"
+    fused = [fused_head and can_fuse(m.model) for m in (positive, negative)]
     bar = tqdm(total=len(pairs), initial=start, desc="weights", unit="pair", disable=not progress)
     with out.open("a") as f:
         for lo in range(start, len(pairs), batch_size):
@@ -102,8 +106,7 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
             batch = collate_pairs(list(ds), policy_tokenizer.pad_token_id,
                                   None if per_token else positive.tokenizer.pad_token_id)
             n_par = batch["parent_weight"].shape[1]
-            pos, neg = parent_logps(positive.model, batch, prefix, n_par), parent_logps(negative.model, batch,
-                                                                                         prefix, n_par)
+            pos, neg = (parent_logps(m.model, batch, prefix, n_par, f) for m, f in zip((positive, negative), fused))
             b = len(chunk)
             for i, (pair, ex) in enumerate(zip(chunk, ds)):
                 ws = [response_weights(pos[row], neg[row], len(ex[f"{side}_weight"]), side == "chosen", k, lower,
