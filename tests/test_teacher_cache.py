@@ -56,6 +56,7 @@ def test_a_hidden_state_cache_trains_like_the_live_teacher(tmp_path, model, loss
     assert manifest["store"] == "hidden" and manifest["top_k"] is None
     live = quick_run(compose_cfg(*common), tmp_path / "live")
     cached = quick_run(compose_cfg(*common, f"trainer.teacher_cache={cache}"), tmp_path / "cached")
+    assert cached["fused_head"] == live["fused_head"]  # the cached teacher hands hidden states and head, as live
     assert cached["first_train_loss"] == pytest.approx(live["first_train_loss"], rel=1e-5, abs=1e-6)
     for key in ("last_train_loss", "dev_loss_final"):
         assert cached[key] == pytest.approx(live[key], rel=later, abs=1e-6), key
@@ -85,6 +86,9 @@ def test_hidden_rows_are_the_teacher_last_hidden_states(tmp_path):
     torch.testing.assert_close(out.hidden[mask], live.hidden_states[-1][mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.logits[mask], live.logits[mask], rtol=1e-4, atol=1e-4)
     assert (out.hidden[~mask] == 0).all() and out.model is teacher.model
+    fused = cache.outputs("train", [2, 5], m, "cpu", teacher.model, fused=True)  # no logits: hidden states and head
+    assert fused.logits is None and fused.head.weight is teacher.model.get_output_embeddings().weight
+    torch.testing.assert_close(fused.logit_source[mask], live.logits[mask], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cache.store=topk"):
         check_head(teacher.model, live.hidden_states[-1], live.logits * 2 + 1, mask)
 

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from prefkd.losses.base import ModelOutputs
+from prefkd.models.heads import output_head
 from prefkd.utils.devices import resolve_device
 
 FORMAT = 2  # 2: the split key covers the token ids only (one cache serves every loss on the same data)
@@ -173,13 +174,17 @@ class TeacherCache:
             out[b, :len(h)] = h.to(device)
         return out
 
-    def outputs(self, split: str, examples: list[int], length: int, device, model=None) -> ModelOutputs:
+    def outputs(self, split: str, examples: list[int], length: int, device, model=None, *,
+                fused: bool = False) -> ModelOutputs:
         """The teacher's outputs for ``examples`` as the loss reads them: from a ``hidden`` cache, logits = head(h)
-        with ``model``'s head (B×length×V) and h (B×length×d); from a ``topk`` cache, the log-probs only."""
+        with ``model``'s head (B×length×V) and h (B×length×d), or with ``fused`` h and the head
+        (:func:`prefkd.models.heads.output_head`) and no logits; from a ``topk`` cache, the log-probs only."""
         if self.store != "hidden":
             return ModelOutputs(self.logits(split, examples, length, device))
-        hidden = self.hidden(split, examples, length, device)
-        return ModelOutputs(head_logits(model, hidden), hidden.to(model.get_output_embeddings().weight.dtype), model)
+        hidden = self.hidden(split, examples, length, device).to(model.get_output_embeddings().weight.dtype)
+        if fused:
+            return ModelOutputs(None, hidden, model, output_head(model))
+        return ModelOutputs(head_logits(model, hidden), hidden, model)
 
     def logits(self, split: str, examples: list[int], length: int, device, dtype=torch.float32) -> torch.Tensor:
         """B×length×V teacher log-probs of ``examples`` (padding positions: uniform), missing mass explicit."""

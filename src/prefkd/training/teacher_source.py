@@ -32,10 +32,11 @@ class LiveTeacher:
 class CachedTeacher:
     """Reads the teacher's outputs for the batch's examples (``example_index`` of split ``cache_split``) from a
     :class:`prefkd.training.teacher_cache.TeacherCache`; ``model`` (the teacher, never run) gives a hidden-state
-    cache its output head and embeddings."""
+    cache its output head and embeddings. ``fused``: a hidden-state cache hands the loss the hidden states and the
+    head, not head(h)."""
 
-    def __init__(self, cache, model=None, device: torch.device | str = "cpu"):
-        self.cache, self.model, self.device = cache, model, device
+    def __init__(self, cache, model=None, device: torch.device | str = "cpu", fused: bool = False):
+        self.cache, self.model, self.device, self.fused = cache, model, device, fused
 
     def batch_fields(self, split: str, indices: list[int]) -> dict:
         """The examples' split, by which (with their ``example_index``) the cache is read."""
@@ -44,4 +45,4 @@ class CachedTeacher:
     @torch.no_grad()
     def __call__(self, batch: dict, hidden: bool) -> ModelOutputs:
         return self.cache.outputs(batch["cache_split"], batch["example_index"].tolist(),
-                                  batch["teacher_input_ids"].shape[1], self.device, self.model)
+                                  batch["teacher_input_ids"].shape[1], self.device, self.model, fused=self.fused)

@@ -20,7 +20,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -108,9 +108,10 @@ class Trainer:
         # trainer.fused_head: which models hand the loss hidden states and head instead of logits (one log line);
         # the reference (_build_reference) is the teacher, or the initial student: a copy or the adapter disabled
         reference = {"teacher": model, "initial": student.model}.get(loss.needs.reference)
+        # a cache of hidden states hands the teacher's last hidden state and head too; a top-k cache, log-probs
         self.fused = plan_fused_heads(cfg.get("fused_head", True), loss, student.model,
-                                      None if teacher_cache else model, reference=reference,
-                                      sharded=_sharded(accelerator))
+                                      model if not teacher_cache or teacher_cache.store == "hidden" else None,
+                                      reference=reference, sharded=_sharded(accelerator))
         module = DistillModule(student.model, loss, compile=cfg.compile,  # the loss's modules train with the student
                                fused_head=self.fused.student)
         module.to(accelerator.device)  # before the optimizer holds its parameters
@@ -120,7 +121,8 @@ class Trainer:
         self.student = student.model  # the student itself (its parameters are the prepared module's)
         self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
-        self.teacher = (CachedTeacher(teacher_cache, model, accelerator.device) if teacher_cache else
+        self.teacher = (CachedTeacher(teacher_cache, model, accelerator.device, fused=self.fused.teacher)
+                        if teacher_cache else
                         LiveTeacher(model, fused=self.fused.teacher))
         self._build_reference(student, teacher)
         self._build_loader()
@@ -540,6 +542,7 @@ class Trainer:
             "best": st.best, "nonfinite_steps": st.nonfinite_steps,
             "peak_mem_mb": peak_memory_mb(self.acc.device),
             "checkpoints": self.checkpoints.listing(),
+            "fused_head": asdict(self.fused),  # which models handed the loss hidden states, not logits
         } | ({"on_policy": self._on_policy_summary()} if self.on_policy is not None else {})
 
     def _on_policy_summary(self) -> dict:
