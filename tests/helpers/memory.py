@@ -38,11 +38,18 @@ class LargeTensorTracker(TorchDispatchMode):
         return out
 
 
-def prepared(loss, same_tokenizer: bool, n_records=8):
+def prepared(loss, same_tokenizer: bool, n_records=8, head_rows: int = 1):
     """The loss set up and built on the embedded tiny pair (cross tokenizers "a" → "b", or "b" → "b"); LossInputs
-    from real forward passes (student logits and hidden states as leaves). Returns (loss, inputs)."""
+    from real forward passes (student logits and hidden states as leaves). ``head_rows``: both models' vocabularies
+    (embeddings and heads) grown to this many times their tokenizer's, the new rows padding no token uses (as Qwen's
+    head has), so that V ≫ H and V ≫ T as in real models. Returns (loss, inputs)."""
     teacher = build_tiny("b" if same_tokenizer else "a", "llama", 32, num_layers=1, seed=1)
     student = build_tiny("b", "gpt2", 32, num_layers=1, seed=2)
+    if head_rows != 1:
+        for bundle in (teacher, student):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                bundle.model.resize_token_embeddings(head_rows * len(bundle.tokenizer), mean_resizing=False)
     loss.setup(student.tokenizer, teacher.tokenizer)
     loss.build(student.model, teacher.model)
     inputs = model_inputs(student, teacher, generate_records(n_records, seed=3), 64, 128, loss.precompute,

@@ -60,6 +60,7 @@ def preference_losses() -> dict:
         "tisdpo": lambda: TISDPOLoss(beta=0.5, kl_alpha=0.7, chunk_size=7),
         "tisdpo without kl": lambda: TISDPOLoss(beta=0.5, token_kl=False, chunk_size=7),
         "kd_tisdpo": lambda: KDTISDPOLoss(beta=0.5, chunk_size=7),
+        "tisdpo_kdalign": lambda: TISDPOKDAlignLoss(beta=0.5, alpha=0.5, chunk_size=7),  # + DSKD-CMA's projectors
     }
 
 
@@ -73,6 +74,9 @@ class AsReference(nn.Module):
 
     def forward(self, inputs: LossInputs):
         return self.inner(replace(inputs, reference=inputs.teacher, teacher=None))
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return self.inner.trainable_modules()
 
 
 def with_other(loss: nn.Module) -> nn.Module:
@@ -162,7 +166,7 @@ def leaf_grads(loss, batch, h, head, o_hidden, o_head, *, fused: bool, other_fus
 
 
 @pytest.mark.parametrize("other_fused", [True, False])
-@pytest.mark.parametrize("name", list(preference_losses()))
+@pytest.mark.parametrize("name", [n for n in preference_losses() if n != "tisdpo_kdalign"])  # that one needs models
 def test_fused_equals_unfused_at_the_hidden_states_and_the_head(name, other_fused):
     """The same loss, metrics and gradients w.r.t. the policy's hidden states, head weight and bias; the reference
     (the teacher for kd_tisdpo; a head with logit_scale and softcap) as hidden states + head, or as logits."""
@@ -192,7 +196,7 @@ def test_fused_equals_unfused_for_every_kind_of_head(loss_name, name):
 
 
 @pytest.mark.parametrize("other_fused", [True, False])
-@pytest.mark.parametrize("loss_name", ["tisdpo", "kd_tisdpo"])
+@pytest.mark.parametrize("loss_name", ["tisdpo", "kd_tisdpo", "tisdpo_kdalign"])
 def test_fused_equals_unfused_on_collated_pairs(loss_name, other_fused):
     """Real pairs through the embedded tiny pair: kd_tisdpo's parents across the two tokenizers, the teacher fused
     or as logits; tisdpo on the student's tokenizer alone, the reference (a second student) fused or as logits."""
@@ -206,6 +210,7 @@ def test_fused_equals_unfused_on_collated_pairs(loss_name, other_fused):
     g = torch.Generator().manual_seed(4)
     batch["parent_weight"] = batch["parent_weight"] * (torch.rand(batch["parent_weight"].shape, generator=g) + 0.5)
     other = teacher.model if loss.needs.teacher else build_tiny("b", "gpt2", 32, 1, 2, seed=5, freeze=True).model
+    loss.build(student.model, other)  # tisdpo_kdalign's projectors (the others build nothing)
     assert batch["labels"].ne(-100).sum() > 7 * 2  # several chunks
     assert_fused_equals_unfused(with_other(loss), student.model, other, batch, teacher_fused=other_fused)
 
@@ -231,13 +236,13 @@ def test_model_outputs_rows():
     torch.testing.assert_close(fused.logit_source[torch.tensor([1]), torch.tensor([2])], head.project(hidden[1:2, 2]))
 
 
-def test_losses_declare_fused_heads():
-    for loss in (DPOLoss(), DPOLoss(loss_type="ipo"), TISDPOLoss(), KDTISDPOLoss()):
-        assert loss.fused_head, type(loss).__name__
-    assert not TISDPOKDAlignLoss().fused_head  # its DSKD-CMA term reads full logits for now
-
-
 # ---------------------------------------------------------------------------------------------- the plan
+class FullLogits(DPOLoss):
+    """A preference loss that has not declared a fused head (reads ``ModelOutputs.logits``)."""
+
+    fused_head = False
+
+
 def test_the_plan_names_the_reference_in_its_one_log_line(caplog):
     """The reference is probed with the student's verdict (the initial policy: a copy of it, or its base with the
     adapter disabled) or as a model of its own (the teacher); a reference whose head is not recognised builds its
@@ -252,15 +257,16 @@ def test_the_plan_names_the_reference_in_its_one_log_line(caplog):
         assert plan_fused_heads(True, KDTISDPOLoss(), student, teacher) == FusedHeads(True, True, False)
         assert plan_fused_heads(True, DPOLoss(reference="teacher"), student, reference=odd) == FusedHeads(True)
         assert plan_fused_heads(True, DPOLoss(), student, reference=student, sharded=True) == FusedHeads()
-        assert plan_fused_heads(True, TISDPOKDAlignLoss(), student, teacher) == FusedHeads()
+        assert plan_fused_heads(True, TISDPOKDAlignLoss(), student, teacher) == FusedHeads(True, True, False)
+        assert plan_fused_heads(True, FullLogits(), student, reference=student) == FusedHeads()
     said = [r.getMessage() for r in messages(caplog)]
-    assert len(said) == 6
+    assert len(said) == 7
     assert said[0] == ("trainer.fused_head: student: projected per chunk inside the loss; reference: projected per "
                        "chunk inside the loss")
     assert "teacher: projected per chunk" in said[2] and "reference" not in said[2]
     assert "reference: logits built" in said[3] and "ScaledHead" in said[3]
     assert said[4].count("sharded") == 2
-    assert "TISDPOKDAlignLoss reads full logits" in said[5]
+    assert "FullLogits reads full logits" in said[6]
 
 
 # ---------------------------------------------------------------------------------------------- the tools

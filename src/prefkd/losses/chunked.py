@@ -21,7 +21,10 @@ with the model's :class:`~prefkd.models.heads.OutputHead`. Each chunk's logit ro
 rows (the other side's under no_grad), so no B×T×V tensor exists; the gradient w.r.t. the rows becomes one buffer
 B×T×H for the hidden states and one V×H (fp32, accumulated over the chunks) for the head's weight (V for a bias).
 :class:`PartnerRows` reads the other side at one partner position per student position (MinED, ULD): gathered per
-chunk from logits, or from the partners' hidden states (B×n×H) projected per chunk.
+chunk from logits, or from the partners' hidden states (B×n×H) projected per chunk. :class:`RowFeatures` of a
+HiddenRows input are projected per chunk, and again per chunk in backward, where their gradient joins the same
+buffers. :func:`map_rows` reads the other side's rows at flat indices per chunk (Multi-Level OT's and MCW-KD's
+teacher top-k).
 """
 
 from __future__ import annotations
@@ -115,6 +118,28 @@ class PartnerRows:
         return projected[0][sel] if self._flat is None else self._flat[idx[sel]]
 
 
+@torch.no_grad()
+def map_rows(source: Logits, index: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+             chunk_size: int = 1024) -> torch.Tensor:
+    """fn of the other side's logit rows at flat rows ``index`` (N long, ``b·T + t``), chunked, no grad: per chunk
+    the n×V rows (the source's dtype; a :class:`HiddenRows` source projects them from its hidden rows) go through
+    ``fn`` (n×V -> n×…, e.g. a top-k), and the results are concatenated: N×…. No B×T×V tensor is built (for logits,
+    rows are indexed on a view), and only ``fn``'s outputs outlive a chunk."""
+    if isinstance(source, HiddenRows):
+        hidden, head = source.hidden.detach(), source.head.detach()
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+
+        def rows(i: torch.Tensor) -> torch.Tensor:
+            return head.project(hidden[i])
+    else:
+        flat = source.detach().reshape(-1, source.shape[-1])  # a view
+
+        def rows(i: torch.Tensor) -> torch.Tensor:
+            return flat[i]
+    starts = range(0, max(index.numel(), 1), chunk_size)  # an empty index still gives fn's trailing shape
+    return torch.cat([fn(rows(index[start:start + chunk_size])) for start in starts])
+
+
 def chunked_token_loss(
     per_token_fn: PerTokenFn,
     student_logits: Logits,
@@ -168,9 +193,10 @@ def chunked_token_loss(
 @dataclass
 class RowFeatures:
     """Differentiable per-row features of ``inputs[0]`` (the student logits) at some rows, returned next to the
-    chunked sum by :func:`chunked_rows_loss` without a second logits-sized gradient buffer.
+    chunked sum by :func:`chunked_rows_loss` without a second gradient buffer.
 
-    index: N flat row indices into ``inputs[0].view(-1, V)``.
+    index: N flat row indices into the B·T positions (``b·T + t``: ``inputs[0].view(-1, V)`` for logits; for a
+    :class:`HiddenRows` input, the rows of its hidden states, projected per chunk).
     select(rows n×V) -> n×k int64: which entries to keep (run under no_grad, once; ties then resolve once).
     value(rows n×V, idx n×k) -> n×k: the differentiable features (e.g. ``rows.gather(1, idx)``).
     """
@@ -203,11 +229,15 @@ def _split_terms(out, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Te
 
 
 class _LogitsSlot:
-    """A logits input (B×T×V) of :func:`_row_loop`; when it wants a gradient, one buffer shaped like it."""
+    """A logits input (B×T×V) of :func:`_row_loop`; when it wants a gradient, one buffer shaped like it (``buffers``:
+    the one to write into instead, or None)."""
 
-    def __init__(self, logits: torch.Tensor, wants: Sequence[bool]):
+    def __init__(self, logits: torch.Tensor, wants: Sequence[bool], buffers: Sequence[torch.Tensor | None] = ()):
         self.logits, self.dtype = logits, logits.dtype
-        self.buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if wants[0] else None
+        if buffers:
+            self.buffer = buffers[0]
+        else:
+            self.buffer = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if wants[0] else None
         self.wants = self.buffer is not None
 
     def leaf(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -219,8 +249,9 @@ class _LogitsSlot:
         """What fn reads: the leaf itself."""
         return leaf
 
-    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor) -> None:
-        self.buffer[r, c] = grad.to(self.buffer.dtype)
+    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor, accumulate: bool = False) -> None:
+        """Write (``accumulate``: add) the rows' gradient at (r, c)."""
+        self.buffer.index_put_((r, c), grad.to(self.buffer.dtype), accumulate=accumulate)
 
     def buffers(self) -> list[torch.Tensor | None]:
         return [self.buffer]
@@ -229,19 +260,22 @@ class _LogitsSlot:
 class _HiddenSlot:
     """A :class:`HiddenRows` input of :func:`_row_loop`. The leaf is the head's linear map z = h Wᵀ + b of the chunk's
     hidden rows (n×V, upcast); fn reads the finished logits. Its gradient g (n×V) becomes g·W in the hidden states'
-    buffer (B×T×H), gᵀ·h added into the weight's (V×H, fp32) and Σ_rows g into the bias's (V)."""
+    buffer (B×T×H), gᵀ·h added into the weight's (V×H, fp32) and Σ_rows g into the bias's (V). ``buffers``: the ones
+    to write into instead (one per tensor of the input, None where none is wanted)."""
 
-    def __init__(self, rows: HiddenRows, wants: Sequence[bool]):
+    def __init__(self, rows: HiddenRows, wants: Sequence[bool], buffers: Sequence[torch.Tensor | None] = ()):
         self.head, self.hidden, self.dtype = rows.head, rows.hidden.detach(), rows.dtype
         dtype = _compute_dtype(self.dtype)
 
         def buffer(t: torch.Tensor, want: bool, as_dtype: torch.dtype) -> torch.Tensor | None:
             return torch.zeros(t.shape, dtype=as_dtype, device=t.device) if want else None
 
-        self._buffers = [buffer(self.hidden, wants[0], self.hidden.dtype),
-                         *(buffer(t, w, dtype) for t, w in zip(rows.tensors()[1:], wants[1:]))]
+        self._buffers = list(buffers) if buffers else [
+            buffer(self.hidden, wants[0], self.hidden.dtype),
+            *(buffer(t, w, dtype) for t, w in zip(rows.tensors()[1:], wants[1:]))]
         self.wants = any(b is not None for b in self._buffers)
-        self.weight = _upcast(self.head.weight.detach()) if wants[0] else None  # W in fp32 once, for g·W
+        wants_hidden = self._buffers[0] is not None
+        self.weight = _upcast(self.head.weight.detach()) if wants_hidden else None  # W in fp32 once, for g·W
 
     def leaf(self, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """z = h Wᵀ + b at the rows (r, c), upcast: n×V, a leaf that records fn's gradient when wanted."""
@@ -253,10 +287,11 @@ class _HiddenSlot:
         """What fn reads: the head's scale and soft cap applied to the leaf (the model's own logits)."""
         return self.head.finish(leaf)
 
-    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor) -> None:
+    def store(self, r: torch.Tensor, c: torch.Tensor, grad: torch.Tensor, accumulate: bool = False) -> None:
+        """Write (``accumulate``: add) g·W at the hidden rows (r, c); add gᵀ·h and Σ g into the head's buffers."""
         hidden, weight, *bias = self._buffers
         if hidden is not None:
-            hidden[r, c] = (grad @ self.weight).to(hidden.dtype)
+            hidden.index_put_((r, c), (grad @ self.weight).to(hidden.dtype), accumulate=accumulate)
         if weight is not None:
             weight.addmm_(grad.t(), self.hidden[r, c].to(grad.dtype))
         if bias and bias[0] is not None:
@@ -271,13 +306,19 @@ def _tensors(x: Logits) -> tuple[torch.Tensor, ...]:
     return x.tensors() if isinstance(x, HiddenRows) else (x,)
 
 
+def _slot(x: Logits, wants: Sequence[bool], buffers: Sequence[torch.Tensor | None] = ()):
+    """The slot of one input (:class:`_LogitsSlot` or :class:`_HiddenSlot`), with new buffers where ``wants`` (one
+    per tensor of :func:`_tensors`), or writing into ``buffers``."""
+    return (_HiddenSlot if isinstance(x, HiddenRows) else _LogitsSlot)(x, wants, buffers)
+
+
 def _slots(inputs: Sequence[Logits], wants: Sequence[bool]) -> list[_LogitsSlot | _HiddenSlot]:
     """One slot per input; ``wants``: per tensor of :func:`_tensors` of every input, flat, whether it needs a
     gradient."""
     slots, start = [], 0
     for x in inputs:
         n = len(_tensors(x))
-        slots.append((_HiddenSlot if isinstance(x, HiddenRows) else _LogitsSlot)(x, wants[start:start + n]))
+        slots.append(_slot(x, wants[start:start + n]))
         start += n
     return slots
 
@@ -316,26 +357,50 @@ def _row_loop(fn, slots, mask, others, chunk_size, terms: Sequence[str] = ()):
     return total, term_sums
 
 
+def _feature_chunks(index: torch.Tensor, width: int, chunk_size: int):
+    """(slice of ``index``, rows, cols) per chunk of the flat row indices ``index`` (``b·width + t``)."""
+    for start in range(0, index.numel(), chunk_size):
+        flat = index[start:start + chunk_size]
+        yield slice(start, start + chunk_size), flat.div(width, rounding_mode="floor"), flat.remainder(width)
+
+
 @torch.no_grad()
-def _feature_loop(logits: torch.Tensor, features: RowFeatures, chunk_size: int):
-    """(values N×k, idx N×k) of ``features`` on the rows of ``logits`` (B×T×V), chunked, no grad."""
-    flat = logits.reshape(-1, logits.shape[-1])
+def _feature_loop(source: Logits, features: RowFeatures, chunk_size: int):
+    """(values N×k, idx N×k) of ``features`` on the rows of ``source`` (B×T×V logits, or :class:`HiddenRows`
+    projected per chunk), chunked, no grad."""
+    slot = _slot(source.detach(), [False] * len(_tensors(source)))
     values, indices = [], []
-    for start in range(0, features.index.numel(), chunk_size):
-        rows = _upcast(flat[features.index[start:start + chunk_size]])
+    for _, r, c in _feature_chunks(features.index, source.shape[1], chunk_size):
+        rows = slot.rows(slot.leaf(r, c))
         idx = features.select(rows)
         values.append(features.value(rows, idx))
         indices.append(idx)
     if not values:
-        return flat.new_zeros(0, 0, dtype=_compute_dtype(flat.dtype)), features.index.new_zeros(0, 0)
+        return (torch.zeros(0, 0, dtype=_compute_dtype(source.dtype), device=source.device),
+                features.index.new_zeros(0, 0))
     return torch.cat(values), torch.cat(indices)
+
+
+def _feature_backward(source: Logits, buffers: Sequence[torch.Tensor | None], features: RowFeatures,
+                      idx: torch.Tensor, grad_values: torch.Tensor, chunk_size: int) -> None:
+    """Add the features' vector-Jacobian product with ``grad_values`` (N×k) into ``buffers`` (the source's, one per
+    tensor of :func:`_tensors`), recomputing each chunk's rows with a graph (HiddenRows: projected again)."""
+    slot = _slot(source.detach(), [], buffers)
+    if not slot.wants:
+        return
+    for sl, r, c in _feature_chunks(features.index, source.shape[1], chunk_size):
+        leaf = slot.leaf(r, c)
+        with torch.enable_grad():
+            values = features.value(slot.rows(leaf), idx[sl])
+            (g,) = torch.autograd.grad(values, leaf, grad_values[sl].to(values.dtype))
+        slot.store(r, c, g, accumulate=True)
 
 
 class _ChunkedRows(torch.autograd.Function):
     """Forward: the chunked sum with the gradients precomputed into buffers (one per tensor of each input, see
     :func:`_slots`), and the features. Backward: buffer·g, plus the features' gradient recomputed per chunk and added
-    into the first buffer. ``inputs`` are the input objects; ``tensors`` their tensors (:func:`_tensors`, flat, for
-    the graph), then the others."""
+    into the first input's buffers. ``inputs`` are the input objects; ``tensors`` their tensors (:func:`_tensors`,
+    flat, for the graph), then the others."""
 
     @staticmethod
     def forward(ctx, fn, mask, chunk_size, inputs, features, terms, *tensors):
@@ -345,6 +410,7 @@ class _ChunkedRows(torch.autograd.Function):
         slots = _slots(inputs, wants)
         buffers = [b for slot in slots for b in slot.buffers()]
         total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
+        del slots  # with them the fp32 copy of a head's weight
         ctx.mark_non_differentiable(*term_sums)
         ctx.wants, ctx.dtypes = [b is not None for b in buffers], [t.dtype for t in flat]
         ctx.n_others, ctx.consumed, ctx.chunk_size = len(others), False, chunk_size
@@ -352,8 +418,8 @@ class _ChunkedRows(torch.autograd.Function):
             ctx.save_for_backward(*[b for b in buffers if b is not None])
             return (total, *term_sums)
         values, idx = _feature_loop(inputs[0], features, chunk_size)
-        ctx.features = features
-        ctx.save_for_backward(*[b for b in buffers if b is not None], inputs[0], idx)
+        ctx.features, ctx.source, ctx.n_first = features, inputs[0].detach(), len(_tensors(inputs[0]))
+        ctx.save_for_backward(*[b for b in buffers if b is not None], idx)
         return (total, values, *term_sums)
 
     @staticmethod
@@ -365,20 +431,13 @@ class _ChunkedRows(torch.autograd.Function):
                                "place); recompute the loss instead of retain_graph=True")
         ctx.consumed = True
         saved = list(ctx.saved_tensors)
-        grads = []
-        for w, dtype in zip(ctx.wants, ctx.dtypes):
-            buffer = saved.pop(0) if w else None
-            grads.append(None if buffer is None else buffer.mul_(grad_output.to(buffer.dtype)).to(dtype))
-        if grad_values is not None and grads[0] is not None:
-            logits, idx = saved
-            flat, out = logits.reshape(-1, logits.shape[-1]), grads[0].view(-1, logits.shape[-1])
-            index = ctx.features.index
-            for start in range(0, index.numel(), ctx.chunk_size):
-                sl = slice(start, start + ctx.chunk_size)
-                with torch.enable_grad():
-                    leaf = _upcast(flat[index[sl]]).detach().requires_grad_(True)
-                    (g,) = torch.autograd.grad(ctx.features.value(leaf, idx[sl]), leaf, grad_values[sl].to(leaf.dtype))
-                out.index_add_(0, index[sl], g.to(out.dtype))
+        buffers = [saved.pop(0) if w else None for w in ctx.wants]
+        for buffer in buffers:
+            if buffer is not None:
+                buffer.mul_(grad_output.to(buffer.dtype))
+        if grad_values is not None:
+            _feature_backward(ctx.source, buffers[:ctx.n_first], ctx.features, saved[0], grad_values, ctx.chunk_size)
+        grads = [None if b is None else b.to(dtype) for b, dtype in zip(buffers, ctx.dtypes)]
         return (None, None, None, None, None, None, *grads, *([None] * ctx.n_others))
 
 
@@ -392,7 +451,8 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits],
     reads their projected logit rows; the gradient reaches the hidden states and the head); mask: B×T bool;
     others: B×T×... tensors or :class:`HiddenRows`. fn(rows of inputs [n×D_k]..., rows of others...) -> n values.
     features: optional :class:`RowFeatures` of ``inputs[0]``; then returns (sum, N×k features), whose gradient
-    lands in the same buffer as the sum's (one logits-sized tensor in all).
+    lands in the same buffers as the sum's (one logits-sized tensor in all; for a HiddenRows input, the hidden
+    states' and the head's, the rows projected again per chunk in backward).
     terms: names of per-row quantities to sum beside the loss (its parts, for metrics): fn then returns
     (values, {name: n values}), and the result gets one more element, {name: Σ_masked, detached scalar}.
     Returns a scalar sum (fp32 at least). Backward may run once per forward.
@@ -403,9 +463,6 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits],
     for t in (*inputs, *others):
         if t.shape[:2] != bt:
             raise ValueError(f"every tensor must start with B×T = {tuple(bt)}, got {tuple(t.shape)}")
-    if features is not None and isinstance(inputs[0], HiddenRows):
-        raise NotImplementedError("chunked_rows_loss: features of a HiddenRows input are not supported yet (issue 17 "
-                                  "fuses the heads of sft and kd first); pass the logits")
     mask = mask.detach().bool()
     others = tuple(o.detach() for o in others)
     terms = tuple(terms)

@@ -189,7 +189,7 @@ class TISDPOKDAlignLoss(KDTISDPOLoss):
 
     name = "tisdpo_kdalign"
     needs = Needs(teacher=True, hidden_states=True, normalize_by="sequences", pairs=True)
-    fused_head = False  # the DSKD-CMA term reads full logits (its fused head is a later increment of issue 17)
+    fused_head = True  # its DPO part (logps) and its DSKD-CMA part both read logit_source
 
     def __init__(self, beta: float = 0.5, alpha: float = 0.5, kd_rate: float = 0.5, divergence: str = "forward_kl",
                  temperature: float = 1.0, chunk_size: int = 1024):

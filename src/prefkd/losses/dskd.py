@@ -30,7 +30,12 @@ before the optimizer exists and before a checkpoint is restored (forward refuses
 Memory: z^{t→s} and z^{s→t} are never materialised for the whole batch. :func:`chunked_rows_loss` walks the
 masked tokens in chunks; per chunk it multiplies the rows of h̃ (h̃') by the head, computes the terms, and
 takes the gradient w.r.t. the chunk's rows of every differentiable input (z^s and h̃; h̃') into one buffer per
-input. Backward scales the buffers; autograd carries them on into the projectors and h^s.
+input. Backward scales the buffers; autograd carries them on into the projectors and h^s. Fused output heads
+(issue 17): z^s and z^t are read through ``logit_source``, so with hidden states and heads the student's rows are
+projected per chunk of the student-side pass (their gradient lands in a B×T×H buffer and the head's V×H one) and the
+teacher's per chunk of the teacher-side pass (read detached): no B×T×V tensor exists. The head products z^{t→s},
+z^{s→t} are the same either way (W^s, W^t detached, weight only). Cross-model attention reads embeddings and hidden
+states, never logits; its own work (about 20 tensors of B×T×d or B×n×m alive at once) does not grow with V.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class _DualSpaceLoss(DistillationLoss):
     """The shared dual-space terms; subclasses give :meth:`projected` (h̃, h̃') and say whether a_i = acc_i."""
 
     needs = Needs(teacher=True, hidden_states=True)
+    fused_head = True  # both sides' logits through logit_source: z^s and z^t projected per chunk of their passes
     name = "dskd"
     use_query = False
     accuracy_weighted = False
@@ -142,7 +148,7 @@ class _DualSpaceLoss(DistillationLoss):
             kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
             return kd_tea * (0.0 if pretrain else rate), {"kd_tea": kd_tea}
 
-        s_logits = student.logits.detach() if pretrain else student.logits
+        s_logits = student.logit_source.detach() if pretrain else student.logit_source
         out = chunked_rows_loss(student_side, (s_logits, t2s_hidden), response_mask(batch["labels"]), batch["labels"],
                                 chunk_size=self.chunk_size, features=features, terms=STUDENT_SIDE)
         loss, values, metrics = out if features is not None else (out[0], None, out[1])
@@ -150,7 +156,7 @@ class _DualSpaceLoss(DistillationLoss):
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
             tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs,
-                                                      response_mask(batch["teacher_labels"]), teacher.logits,
+                                                      response_mask(batch["teacher_labels"]), teacher.logit_source,
                                                       chunk_size=self.chunk_size, terms=("kd_tea",))
             loss = loss + tea_loss
             metrics["kd_tea"] = tea_metrics["kd_tea"].to(loss.dtype)

@@ -38,8 +38,11 @@ CE/KD terms), ``ot_logits`` and ``ot_hidden`` (two :class:`OTTerm`, each λ, its
 (P_ot and the salience layer, shared by both terms' clouds) and ``transport`` (:mod:`prefkd.ot.transport`, shared).
 
 Memory. The student's top-k logits come out of DSKD-CMA's chunked pass (:class:`prefkd.losses.chunked.RowFeatures`),
-so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad.
-The OT work is B×P×P (plus B×P×k and B×P×d clouds).
+so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad
+(:func:`prefkd.losses.chunked.map_rows`). The OT work is B×P×P (plus B×P×k and B×P×d clouds). Fused output heads
+(issue 17): both sides are read through ``logit_source``; with hidden states and heads, the student's rows (its top-k
+included, projected again per chunk in backward) and the teacher's are projected per chunk, and the gradient buffer is
+B×T×H plus the head's V×H: no B×T×V tensor exists (see :mod:`prefkd.losses.dskd` for DSKD-CMA's own work).
 
 ``projector_warmup_steps`` and ``teacher_space`` are DSKD-CMA's (see :mod:`prefkd.losses.dskd`); during the warm-up
 the OT terms are off too (the loss is DSKD-CMA's warm-up loss with ``ce_weight``), so P_ot and the salience layer
@@ -57,7 +60,7 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
-from prefkd.losses.chunked import RowFeatures
+from prefkd.losses.chunked import RowFeatures, map_rows
 from prefkd.losses.dskd import DSKDCMALoss
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
 from prefkd.ot import (
@@ -164,6 +167,7 @@ class MCWKDLoss(DistillationLoss):
     """
 
     needs = Needs(teacher=True, hidden_states=True)
+    fused_head = True  # both sides through logit_source (DSKD-CMA's pass and the teacher's top-k, per chunk)
     name = "mcw_kd"
 
     def __init__(self, ce_weight: float = 1.0, kd_rate: float = 0.5, divergence: str = "forward_kl",
@@ -265,7 +269,7 @@ class MCWKDLoss(DistillationLoss):
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
         labels = batch["labels"]
         t_pts, s_pts = self.clouds(batch)
-        k = min(self.top_k, student.logits.shape[-1], teacher.logits.shape[-1])
+        k = min(self.top_k, student.logit_source.shape[-1], teacher.logit_source.shape[-1])
         dual_only = self.dual_space.pretrain_projectors or self.dual_space.warming_up(inputs)  # no OT terms
         features = None
         if self.ot_logits.active and not dual_only:
@@ -311,11 +315,9 @@ class MCWKDLoss(DistillationLoss):
     def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k, mix: float = 1.0):
         """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch; ``mix`` < 1 interpolates the
         student's sorted logits index-wise towards the teacher's (module docstring)."""
-        flat_t = teacher.logits.detach().reshape(-1, teacher.logits.shape[-1])
-        index = t_pts.rows * teacher.logits.shape[1] + t_pts.cols
-        with torch.no_grad():  # the teacher's sorted top-k logits, per chunk
-            top_t = torch.cat([flat_t[index[i:i + self.chunk_size]].float().topk(k, dim=-1).values
-                               for i in range(0, index.numel(), self.chunk_size)] or [flat_t.new_zeros(0, k).float()])
+        source = teacher.logit_source
+        index = t_pts.rows * source.shape[1] + t_pts.cols  # the teacher's sorted top-k logits, per chunk, no grad
+        top_t = map_rows(source, index, lambda r: r.float().topk(k, dim=-1).values, self.chunk_size)
         sorted_t, sorted_s = t_pts.pack_rows(top_t), s_pts.pack_rows(top_s.float())
         if mix < 1.0:
             width = min(sorted_t.shape[1], sorted_s.shape[1])

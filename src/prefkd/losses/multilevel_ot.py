@@ -32,8 +32,11 @@ from one :func:`prefkd.losses.chunked.chunked_rows_loss` call with :class:`~pref
 walks the positions in chunks of ``chunk_size``, writes CE's gradient into one buffer shaped like the student logits
 (the only B×T×V tensor the loss allocates) and keeps the N×K top-K values and indices; backward recomputes each
 chunk's p with autograd (the same indices, so ties resolve the same way) and adds its gradient into that buffer. The
-teacher side is gathered per chunk through the alignment index (no copy of the teacher logits). Alive after forward:
-the buffer, the N×K values of both sides, the N×K int64 indices, and the small HAD/SL/Sinkhorn graph (B×A×A).
+teacher's top-K is taken per chunk of the aligned rows (:func:`~prefkd.losses.chunked.map_rows`, no copy of the
+teacher logits). Alive after forward: the buffer, the N×K values of both sides, the N×K int64 indices, and the small
+HAD/SL/Sinkhorn graph (B×A×A). Fused output heads (issue 17): both sides are read through ``logit_source``; with
+hidden states and heads, the student's rows are projected per chunk (in backward too, for the top-K's gradient) and
+the buffer is B×T×H plus the head's V×H, and the teacher's aligned rows are projected per chunk: no B×T×V tensor.
 
 Metrics (sums on the scale of the loss, normalised by the trainer like it): ``ce`` (Σ_{M_s} CE), ``had``
 (Σ_b n_b·mean_b HAD), ``sl`` (Σ_b n_b·mean_b SL), ``sd`` (Σ_b n_b·SD_b), so loss = ce + λ·(had + sl_weight·sl +
@@ -45,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
-from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
+from prefkd.losses.chunked import Logits, RowFeatures, chunked_rows_loss, map_rows
 from prefkd.losses.divergences import cross_entropy
 from prefkd.losses.uld import response_alignment
 from prefkd.ot import sinkhorn
@@ -59,18 +62,13 @@ def std_normalized_probs(logits: torch.Tensor, temperature: float) -> torch.Tens
     return torch.softmax(z / temperature, dim=-1)
 
 
-def _topk_rows(rows: torch.Tensor, index: torch.Tensor, k: int, temperature: float, chunk_size: int,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (values, indices) of the std-normalised probabilities of ``rows[index]`` (rows R×V), chunked, no grad."""
-    k = min(k, rows.shape[-1])
-    values = torch.empty(index.numel(), k, dtype=dtype, device=rows.device)
-    indices = torch.empty(index.numel(), k, dtype=torch.long, device=rows.device)
-    with torch.no_grad():
-        for start in range(0, index.numel(), chunk_size):
-            sl = slice(start, start + chunk_size)
-            top = std_normalized_probs(rows[index[sl]].to(dtype), temperature).topk(k, dim=-1)
-            values[sl], indices[sl] = top.values, top.indices
-    return values, indices
+def _topk_rows(source: Logits, index: torch.Tensor, k: int, temperature: float, chunk_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Top-k values (N×k, descending) of the std-normalised probabilities of the logit rows at flat rows ``index``
+    (N) of ``source`` (B×T×V logits or :class:`HiddenRows`), chunked, no grad (:func:`map_rows`)."""
+    k = min(k, source.shape[-1])
+    return map_rows(source, index, lambda r: std_normalized_probs(r.to(dtype), temperature).topk(k, dim=-1).values,
+                    chunk_size)
 
 
 def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -89,6 +87,7 @@ class MultiLevelOTLoss(DistillationLoss):
     """
 
     needs = Needs(teacher=True)
+    fused_head = True  # both sides through logit_source: the student's rows and the teacher's top-k projected per chunk
 
     def __init__(self, lambda_: float = 1.5, sl_weight: float = 0.1, sd_weight: float = 0.1, top_k: int = 50,
                  temperature: float = 1.0, sd_temperature: float = 2.0, eps: float = 0.1, max_iter: int = 1000,
@@ -110,14 +109,14 @@ class MultiLevelOTLoss(DistillationLoss):
         batch, student = inputs.batch, inputs.student
         teacher = require_teacher(inputs, "multilevel_ot", check_labels=True)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
-        s_logits = student.logits
+        s_logits, t_logits = student.logit_source, teacher.logit_source
         mask = response_mask(labels)
         partner = response_alignment(labels, t_labels.to(labels.device))
         aligned = partner.ge(0)
         bsz, n = labels.shape
         rows, cols = aligned.nonzero(as_tuple=True)  # token order: grouped by example
         s_index = rows * n + cols
-        dtype = torch.promote_types(torch.promote_types(s_logits.dtype, torch.float32), teacher.logits.dtype)
+        dtype = torch.promote_types(torch.promote_types(s_logits.dtype, torch.float32), t_logits.dtype)
         k, temperature = min(self.top_k, s_logits.shape[-1]), self.temperature
         top = RowFeatures(s_index, select=lambda r: std_normalized_probs(r.to(dtype), temperature).topk(k, -1).indices,
                           value=lambda r, idx: std_normalized_probs(r.to(dtype), temperature).gather(1, idx))
@@ -125,8 +124,7 @@ class MultiLevelOTLoss(DistillationLoss):
         zero = ce.new_zeros(())
         had = sl = sd = zero
         if rows.numel() > 0:
-            t_rows = teacher.logits.detach().reshape(-1, teacher.logits.shape[-1])  # a view: rows gathered per chunk
-            p_t = _topk_rows(t_rows, partner[rows, cols], self.top_k, self.temperature, self.chunk_size, dtype)[0]
+            p_t = _topk_rows(t_logits, partner[rows, cols], self.top_k, self.temperature, self.chunk_size, dtype)
             width = max(p_s.shape[-1], p_t.shape[-1])
             p_s, p_t = _pad(p_s, width), _pad(p_t, width)
 
