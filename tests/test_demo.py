@@ -19,6 +19,7 @@ def test_one_demo_step_runs(tmp_path):
     assert cfg.student._target_.endswith("load_transplanted") and "gpt2" in cfg.student.tokenizer
     summary = run(cfg, tmp_path / "run")
     assert summary["steps"] == 1 and summary["dev_loss_start"] is not None and summary["dev_loss_final"] is not None
+    assert summary["fused_head"] == {"student": True, "teacher": True, "reference": False}  # no logits built
     assert (tmp_path / "run" / "checkpoints" / "last" / "config.json").exists()
     info = (tmp_path / "run" / "run_info.json").read_text()
     assert '"tokenizers": "different"' in info

@@ -40,6 +40,8 @@ def test_every_preference_loss_trains(tmp_path, model, loss):
     summary = quick_run(compose_cfg(f"model={model}", f"loss={loss}", *teacher, *HH, LR), tmp_path / "run")
     assert summary["steps"] == 6 and summary["nonfinite_steps"] == 0
     assert summary["last_train_loss"] < summary["first_train_loss"]
+    fused = summary["fused_head"]  # fused heads (issue 17): the policy, and the teacher or the reference it reads
+    assert fused["student"] and fused["teacher"] != fused["reference"], fused
 
 
 def test_kd_tisdpo_reads_a_weight_file(tmp_path):

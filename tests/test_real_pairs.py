@@ -46,3 +46,4 @@ def test_loss_trains_on_a_real_pair(preset, loss, extra, tmp_path):
     assert summary["on_policy"]["sampled_steps"] == 2 and summary["on_policy"]["dataset_steps"] == 1
     assert summary["first_train_loss"] == summary["first_train_loss"]  # finite, not NaN
     assert summary["dev_loss_final"] is not None and summary["nonfinite_steps"] == 0
+    assert summary["fused_head"] == {"student": True, "teacher": True, "reference": False}  # no logits built

@@ -57,6 +57,7 @@ def test_a_hidden_state_cache_trains_like_the_live_teacher(tmp_path, model, loss
     live = quick_run(compose_cfg(*common), tmp_path / "live")
     cached = quick_run(compose_cfg(*common, f"trainer.teacher_cache={cache}"), tmp_path / "cached")
     assert cached["fused_head"] == live["fused_head"]  # the cached teacher hands hidden states and head, as live
+    assert cached["fused_head"]["teacher"]
     assert cached["first_train_loss"] == pytest.approx(live["first_train_loss"], rel=1e-5, abs=1e-6)
     for key in ("last_train_loss", "dev_loss_final"):
         assert cached[key] == pytest.approx(live[key], rel=later, abs=1e-6), key

@@ -545,9 +545,21 @@ def test_a_fused_run_ends_on_the_unfused_weights(tmp_path, caplog, loss):
     assert record.getMessage().startswith("trainer.fused_head: student: projected per chunk")
     unfused = quick_run(compose_cfg(*common, "trainer.fused_head=false"), tmp_path / "unfused")
     assert fused["steps"] == unfused["steps"] == 8
+    assert fused["fused_head"]["student"] and not any(unfused["fused_head"].values())
     assert fused["last_train_loss"] == pytest.approx(unfused["last_train_loss"], rel=1e-5)
     assert fused["dev_loss_final"] == pytest.approx(unfused["dev_loss_final"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "fused"), weights(tmp_path / "unfused"), atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["loss=dskd model=tiny_same", "loss=multilevel_ot model=tiny",
+                                  "loss=mcw_kd_dual model=tiny", "loss=mcw_kd_released model=tiny"])
+def test_the_other_losses_train_fused(tmp_path, loss):
+    """The losses without a whole fused-against-unfused run above train fused end to end (both models' heads
+    projected inside the loss, as train_summary.json records) with finite losses."""
+    summary = quick_run(compose_cfg(*loss.split(), *QUICK_RUN, "trainer.max_steps=3"), tmp_path / "run")
+    assert summary["fused_head"] == {"student": True, "teacher": True, "reference": False}
+    assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0
+    assert summary["last_train_loss"] == summary["last_train_loss"] and summary["dev_loss_final"] is not None
 
 
 def test_a_run_whose_head_is_not_recognised_falls_back_and_says_so_once(tmp_path, caplog):
