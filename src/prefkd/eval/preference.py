@@ -33,7 +33,10 @@ from prefkd.data.preference import load_pairs as _load_pairs
 from prefkd.data.records import DataError
 from prefkd.eval.generation import Sampling, generate
 from prefkd.eval.sets import resolve_data_path
+from prefkd.losses.chunked import HiddenRows
+from prefkd.losses.logps import sequence_logps as token_sequence_logps
 from prefkd.losses.preference import preference_metrics as pair_sums
+from prefkd.models.heads import OutputHead, check_output_head, forward_hidden, output_head
 from prefkd.utils.labels import IGNORE_INDEX
 
 
@@ -55,8 +58,18 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 512,
 
 
 @torch.no_grad()
-def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    """(B,) float64: Σ over label positions of log π(label_t | ids_<t) for right-padded rows."""
+def scoring_head(model) -> OutputHead | None:
+    """``model``'s output head when log-probs can be scored from its last hidden state chunk by chunk (the head
+    recognised and checked on a probe input, docs/methods.md §12), else None (its logits are built)."""
+    head = output_head(model)
+    return head if head is not None and check_output_head(model, head) is None else None
+
+
+def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                   head: OutputHead | None = None) -> torch.Tensor:
+    """(B,) float64: Σ over label positions of log π(label_t | ids_<t) for right-padded rows. ``head``
+    (:func:`scoring_head`): the logits are projected per chunk of response tokens from the last hidden state, never
+    B×T×V; None: the model's logits are built."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -64,22 +77,25 @@ def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: i
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-    target = labels[:, 1:].to(device)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * target.ne(IGNORE_INDEX)).sum(-1).double().cpu()
+    ids, mask = ids.to(device), mask.to(device)
+    if head is None:
+        source = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    else:
+        source = HiddenRows(forward_hidden(model, ids, mask)[:, :-1], head)
+    return token_sequence_logps(source, labels[:, 1:].to(device)).double().cpu()
 
 
 def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_size: int, max_length: int,
                    max_prompt_length: int, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,), (N,): log π(y_w | x) and log π(y_l | x) for every pair (chosen and rejected share a batch)."""
     model.eval()
+    head = scoring_head(model)  # None: the logits are built
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = pairs[start:start + batch_size]
         rows = ([encode(tokenizer, p.prompt, p.chosen, max_length, max_prompt_length) for p in batch]
                 + [encode(tokenizer, p.prompt, p.rejected, max_length, max_prompt_length) for p in batch])
-        lp = sequence_logps(model, rows, tokenizer.pad_token_id)
+        lp = sequence_logps(model, rows, tokenizer.pad_token_id, head)
         chosen.append(lp[:len(batch)])
         rejected.append(lp[len(batch):])
     return torch.cat(chosen), torch.cat(rejected)
