@@ -165,7 +165,14 @@ def assert_fused_equals_unfused(loss, student, teacher, batch, teacher_fused: bo
         torch.testing.assert_close(got[1][k], want[1][k], **TOL, msg=k)
     assert got[2].keys() == want[2].keys() and want[2]
     for k in want[2]:
-        torch.testing.assert_close(got[2][k], want[2][k], **TOL, msg=k)
+        assert_close_to_scale(got[2][k], want[2][k], msg=k)
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
+    """Equal to 1e-5 relative to the tensor's scale: a gradient whose largest entry is 100 (IPO's squared margin
+    through an embedding table) carries float noise of ~1e-5 · 100 in every entry, small ones included."""
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * scale, msg=msg)
 
 
 def losses():
