@@ -28,19 +28,20 @@ def compute_reference_logps(pairs, reference, out: Path, *, max_length: int = 51
                             eos_parent: bool = True, batch_size: int = 4, fused_head: bool = True,
                             progress: bool = True) -> Path:
     """Append one record per pair with its reference sequence log-probs to ``out`` (resuming after those there).
-    ``fused_head``: a reference whose head :func:`prefkd.training.fused_head.can_fuse` builds no B×T×V logits (its
+    ``fused_head``: a reference whose head :func:`prefkd.models.heads.fusable_head` builds no B×T×V logits (its
     head projects them per chunk)."""
     from prefkd.data.preference import PreferencePair, pairs_as_records
     from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
     from prefkd.losses.logps import sequence_logps
-    from prefkd.training.fused_head import can_fuse, model_outputs
+    from prefkd.models.heads import fusable_head
+    from prefkd.training.fused_head import model_outputs
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = len([line for line in out.read_text().splitlines() if line.strip()]) if out.exists() else 0
     device = next(reference.model.parameters()).device
     tok = reference.tokenizer
-    fused = fused_head and can_fuse(reference.model)
+    fused = fused_head and fusable_head(reference.model) is not None
     with out.open("a") as f:
         for lo in tqdm(range(start, len(pairs), batch_size), desc="reference log-probs", disable=not progress):
             chunk = pairs[lo:lo + batch_size]

@@ -123,7 +123,8 @@ def test_preference_command_in_process(tiny_dir, tiny_tokenizer, tmp_path):
 def test_log_probs_from_hidden_states_equal_those_from_built_logits():
     """A model whose head is recognised is scored chunk by chunk from its last hidden state (no B×T×V logits), and
     the sequence log-probs equal those of its built logits; a model without one is scored from its logits."""
-    from prefkd.eval.preference import scoring_head, sequence_logps
+    from prefkd.eval.preference import sequence_logps
+    from prefkd.models.heads import fusable_head
     from prefkd.models.tiny import build_tiny
 
     model = build_tiny("a", "gpt2", 32, 2, 2, seed=3, freeze=True).model.eval()
@@ -133,8 +134,8 @@ def test_log_probs_from_hidden_states_equal_those_from_built_logits():
     for n_prompt, n_response in ((3, 5), (6, 2), (1, 9)):
         ids = torch.randint(0, vocab, (n_prompt + n_response,), generator=g).tolist()
         rows.append((ids, [-100] * n_prompt + ids[n_prompt:]))
-    head = scoring_head(model)
-    assert head is not None and scoring_head(ShiftedUniform(vocab, 1, 1.0)) is None
+    head = fusable_head(model)
+    assert head is not None and fusable_head(ShiftedUniform(vocab, 1, 1.0)) is None
     with torch.no_grad():
         fused, built = sequence_logps(model, rows, 0, head), sequence_logps(model, rows, 0)
     assert (built < 0).all()

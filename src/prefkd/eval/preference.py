@@ -36,7 +36,7 @@ from prefkd.eval.sets import resolve_data_path
 from prefkd.losses.chunked import HiddenRows
 from prefkd.losses.logps import sequence_logps as token_sequence_logps
 from prefkd.losses.preference import preference_metrics as pair_sums
-from prefkd.models.heads import OutputHead, check_output_head, forward_hidden, output_head
+from prefkd.models.heads import OutputHead, forward_hidden, fusable_head
 from prefkd.utils.labels import IGNORE_INDEX
 
 
@@ -58,18 +58,11 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 512,
 
 
 @torch.no_grad()
-def scoring_head(model) -> OutputHead | None:
-    """``model``'s output head when log-probs can be scored from its last hidden state chunk by chunk (the head
-    recognised and checked on a probe input, docs/methods.md §12), else None (its logits are built)."""
-    head = output_head(model)
-    return head if head is not None and check_output_head(model, head) is None else None
-
-
 def sequence_logps(model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
                    head: OutputHead | None = None) -> torch.Tensor:
     """(B,) float64: Σ over label positions of log π(label_t | ids_<t) for right-padded rows. ``head``
-    (:func:`scoring_head`): the logits are projected per chunk of response tokens from the last hidden state, never
-    B×T×V; None: the model's logits are built."""
+    (:func:`~prefkd.models.heads.fusable_head`): the logits are projected per chunk of response tokens from the last
+    hidden state, never B×T×V; None: the model's logits are built."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -89,7 +82,7 @@ def response_logps(model, tokenizer, pairs: Sequence[PreferencePair], *, batch_s
                    max_prompt_length: int, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,), (N,): log π(y_w | x) and log π(y_l | x) for every pair (chosen and rejected share a batch)."""
     model.eval()
-    head = scoring_head(model)  # None: the logits are built
+    head = fusable_head(model)  # None: the logits are built
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = pairs[start:start + batch_size]

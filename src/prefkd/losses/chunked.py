@@ -511,7 +511,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fn, k, mask, chunk_size, source, others, *tensors):
-        out = _terms_loop(fn, k, _slots([source], [False] * len(tensors))[0], mask, others, chunk_size)
+        out = _terms_loop(fn, k, _slot(source, [False] * len(tensors)), mask, others, chunk_size)
         ctx.fn, ctx.chunk_size, ctx.others, ctx.consumed = fn, chunk_size, others, False
         ctx.source = source.detach()  # its structure (the head's settings); the tensors are saved
         ctx.save_for_backward(mask, *tensors)
@@ -526,7 +526,7 @@ class _ChunkedRowTerms(torch.autograd.Function):
         ctx.consumed = True
         mask, *tensors = ctx.saved_tensors
         wants = ctx.needs_input_grad[6:]
-        slot = _slots([_rebuild(ctx.source, tensors)], wants)[0]
+        slot = _slot(_rebuild(ctx.source, tensors), wants)
         fn = ctx.fn
 
         def inner(rows: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:  # ⟨fn(rows), g⟩ per row: n
@@ -560,4 +560,4 @@ def chunked_row_terms(fn: RowTermsFn, k: int, logits: Logits, mask: torch.Tensor
     if torch.is_grad_enabled() and logits.requires_grad:
         return _ChunkedRowTerms.apply(fn, k, mask, chunk_size, logits, others, *tensors)
     with torch.no_grad():
-        return _terms_loop(fn, k, _slots([logits], [False] * len(tensors))[0], mask, others, chunk_size)
+        return _terms_loop(fn, k, _slot(logits, [False] * len(tensors)), mask, others, chunk_size)

@@ -195,3 +195,20 @@ def check_output_head(model: nn.Module, head: OutputHead, length: int = 6) -> st
     if caught is not None and (value := gap(head.project(caught))) is not None:
         return f"head(its decoder's output) differs from the model's own logits by {value:.3g}"
     return None
+
+
+def head_problem(model: nn.Module) -> str | None:
+    """Why ``model``'s logits cannot be projected from its last hidden state (the head adapter does not recognise its
+    head, or :func:`check_output_head` finds the projection differs from its own logits), or None when they can."""
+    head = output_head(model)
+    if head is None:
+        get_head = getattr(model, "get_output_embeddings", None)
+        module = get_head() if callable(get_head) else None
+        return f"the head adapter does not recognise its output head ({type(module).__name__})"
+    return check_output_head(model, head)
+
+
+def fusable_head(model: nn.Module) -> OutputHead | None:
+    """``model``'s :class:`OutputHead` when its logits may be projected chunk by chunk from its last hidden state
+    (:func:`head_problem` finds nothing), else None: the logits must be built."""
+    return output_head(model) if head_problem(model) is None else None

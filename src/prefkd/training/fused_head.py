@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, ModelOutputs
-from prefkd.models.heads import check_output_head, forward_hidden, output_head
+from prefkd.models.heads import forward_hidden, head_problem, output_head
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,6 @@ class FusedHeads:
     student: bool = False
     teacher: bool = False
     reference: bool = False  # the preference losses' reference model (Needs.reference)
-
-
-def _head_problem(model: nn.Module) -> str | None:
-    """Why ``model``'s logits cannot be projected inside the loss, or None when they can."""
-    head = output_head(model)
-    if head is None:
-        get_head = getattr(model, "get_output_embeddings", None)
-        module = get_head() if callable(get_head) else None
-        return f"the head adapter does not recognise its output head ({type(module).__name__})"
-    return check_output_head(model, head)
-
-
-def can_fuse(model: nn.Module) -> bool:
-    """Whether ``model``'s logits can be projected inside a loss: its head is recognised and gives its own logits on
-    a probe input. For the tools outside training that score sequences (no log line)."""
-    return _head_problem(model) is None
 
 
 def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, teacher: nn.Module | None = None,
@@ -64,13 +48,13 @@ def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, 
                  "built", type(loss).__name__)
         return FusedHeads()
     problems = {"student": "its parameters are sharded (FSDP / ZeRO-3: fused heads not verified there yet)"
-                if sharded else _head_problem(student)}
+                if sharded else head_problem(student)}
     if teacher is not None and loss.needs.teacher:
-        problems["teacher"] = _head_problem(teacher)
+        problems["teacher"] = head_problem(teacher)
     if reference is not None and loss.needs.reference:
         roles = {"student": student, "teacher": teacher}
         probed = [role for role in problems if roles[role] is reference]  # the student's verdict: sharding too
-        problems["reference"] = problems[probed[0]] if probed else _head_problem(reference)
+        problems["reference"] = problems[probed[0]] if probed else head_problem(reference)
     fused = {role: problem is None for role, problem in problems.items()}
     said = "; ".join(f"{role}: " + ("projected per chunk inside the loss" if problem is None else
                                     f"logits built, because {problem}") for role, problem in problems.items())

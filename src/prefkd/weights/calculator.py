@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from prefkd.data.preference import PreferencePair, pairs_as_records
 from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
 from prefkd.losses.logps import parent_sums, token_logps
-from prefkd.training.fused_head import can_fuse, model_outputs
+from prefkd.models.heads import fusable_head
+from prefkd.training.fused_head import model_outputs
 from prefkd.weights.transforms import parent_weights, transform_weights
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def parent_logps(model, batch: dict, prefix: str, num_parents: int, fused: bool = False) -> torch.Tensor:
     """2B×P parent log-probs of a :func:`collate_pairs` batch under ``model`` (``prefix`` "" or "teacher_").
-    ``fused``: the model builds no logits; its head projects them per chunk (:func:`can_fuse` must hold)."""
+    ``fused``: the model builds no logits; its head projects them per chunk (:func:`fusable_head` must
+    give one)."""
     device = next(model.parameters()).device
     out = model_outputs(model, batch[f"{prefix}input_ids"].to(device), batch[f"{prefix}attention_mask"].to(device),
                         hidden=False, fused=fused)
@@ -79,8 +81,8 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
     ``per_token=False`` (PrefKD, ``loss=kd_tisdpo``): one weight per parent between the policy's and the models'
     tokenizers, exactly as training builds them (the data then has a teacher tokenizer), even when the tokenizers
     are the same. ``per_token=True`` (TIS-DPO, ``loss=tisdpo``, no teacher in the data): one weight per token; the
-    policy must share the models' tokenizer. ``fused_head``: a model whose head :func:`can_fuse` builds no B×T×V
-    logits (they are projected per chunk)."""
+    policy must share the models' tokenizer. ``fused_head``: a model with a :func:`fusable_head`
+    builds no B×T×V logits (they are projected per chunk)."""
     if positive.tokenizer.get_vocab() != negative.tokenizer.get_vocab():
         raise ValueError("the positive and negative models must share one tokenizer (both are fine-tuned from the "
                          "same teacher)")
@@ -95,7 +97,7 @@ def compute_weights(pairs: Sequence[PreferencePair], positive, negative, policy_
     generator = torch.Generator().manual_seed(seed)
     params = dict(transform_params or {})
     prefix = "" if per_token else "teacher_"
-    fused = [fused_head and can_fuse(m.model) for m in (positive, negative)]
+    fused = [fused_head and fusable_head(m.model) is not None for m in (positive, negative)]
     bar = tqdm(total=len(pairs), initial=start, desc="weights", unit="pair", disable=not progress)
     with out.open("a") as f:
         for lo in range(start, len(pairs), batch_size):
