@@ -23,12 +23,9 @@ QUICK = dict(device="cpu", warmup=0, repeats=1, precompute_examples=0, sinkhorn=
 
 
 def test_fused_losses_are_derived_from_the_loss_configs():
-    fused, skipped = bench.fused_losses()
-    assert {"sft", "kd", "minedit", "uld"} <= set(fused)  # fused on this branch; more join as they take fused heads
-    for name in fused:
-        loss = bench.make_loss(name, [])
-        assert loss.fused_head and not loss.needs.pairs
-    assert set(fused).isdisjoint(skipped) and set(fused) | set(skipped) <= set(bench.loss_configs())
+    fused = bench.fused_losses()
+    assert set(fused) == set(bench.loss_configs())  # every loss takes a fused head, the preference losses too
+    assert all(bench.make_loss(name, []).fused_head for name in fused)
 
 
 def test_shape_presets_and_overrides():
@@ -76,8 +73,9 @@ def test_presets_build_the_real_geometries(preset):
 @pytest.mark.slow
 def test_tiny_run_fused_comparison_and_peers(tmp_path, capsys):
     """Main table, the fused comparison of every fused loss (kd on the same-vocabulary pair, the others on the
-    cross-tokenizer pair) and every peer, on a tiny shape of the Mistral → TinyLLaMA pair (32k vocabularies)."""
-    fused, _ = bench.fused_losses()
+    cross-tokenizer pair, the preference losses on HH pairs) and every peer, on a tiny shape of the Mistral →
+    TinyLLaMA pair (32k vocabularies)."""
+    fused = bench.fused_losses()
     result = bench.run(["sft", "minedit"], bench.parse_shape(TINY)[0], "mistral_tinyllama", fused=fused,
                        peers=list(PEERS), loss_overrides=["loss.chunk_size=8"], **QUICK)
     main = result["losses"]

@@ -18,10 +18,12 @@ builds every model's logits. Reported per loss, after ``warmup`` untimed steps, 
   student logits' size; a fused head's V×H weight gradient not counted).
 
 Fused output heads (issue 17, ``--fused``, default: every loss config whose loss sets ``fused_head``, derived from
-``config/loss``; preference losses are listed as skipped): each loss with the models' logits built and with the heads
-fused into the loss, in the same run. Losses that read the teacher at the student's own positions
-(:data:`SAME_VOCABULARY`) run on a same-vocabulary pair (the student's tokenizer on both sides, the teacher of the
-teacher's shape); the others on the real cross-tokenizer pair of the run:
+``config/loss``): each loss with the models' logits built and with the heads fused into the loss, in the same run.
+Losses that read the teacher at the student's own positions (:data:`SAME_VOCABULARY`) run on a same-vocabulary pair
+(the student's tokenizer on both sides, the teacher of the teacher's shape); the others on the real cross-tokenizer
+pair of the run. The preference losses run on the ``batch`` longest HH pairs of :data:`PREFERENCE_DATA` (2·batch
+rows, parents on both sides, parent weights 1), with their reference model (a frozen copy of the student, or the
+teacher) fused or not like the other models:
 
 - ``step_ms_unfused`` / ``step_ms_fused`` and their ``ratio`` (fused / unfused; the target is ≤ 1.0);
 - ``peak_btv_unfused`` / ``peak_btv_fused``: the peak bytes of live tensors from the hidden states to the gradients
@@ -39,9 +41,10 @@ as in training (they are data).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,16 +71,29 @@ PRESETS = {
                                "teacher_heads": 32, "teacher_intermediate": 14336},
 }
 PAIRS = {"qwen_gpt2": ("qwen1.5", "gpt2"), "mistral_tinyllama": ("mistral", "tinyllama")}
+PREFERENCE_DATA = "data/preference/hh_harmless_test.jsonl"  # the preference losses' batch: the `batch` longest pairs
 
 
 @dataclass
 class Pair:
-    """A teacher and a student (model bundles) with the records they read."""
+    """A teacher and a student (model bundles) with the records they read: instruction records, and preference
+    pairs for the preference losses."""
 
     name: str
     teacher: object
     student: object
     records: list
+    preference: list = field(default_factory=list)
+    _initial: object = None
+
+    def reference(self, kind: str):
+        """The reference model of ``Needs.reference``: the teacher, or a frozen copy of the student as it starts
+        (``initial``), made on first use."""
+        if kind == "teacher":
+            return self.teacher.model
+        if self._initial is None:
+            self._initial = copy.deepcopy(self.student.model).requires_grad_(False).eval()
+        return self._initial
 
 
 def shared_dir() -> Path:
@@ -108,41 +124,46 @@ def loss_configs() -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / "loss").glob("*.yaml"))
 
 
-def fused_losses() -> tuple[list[str], dict[str, str]]:
-    """(the loss configs whose loss takes a fused output head, {config: why it is not benchmarked}): derived from
-    ``config/loss`` and each loss's ``fused_head``; preference losses (``needs.pairs``) are skipped (the bench builds
-    instruction batches)."""
-    fused, skipped = [], {}
-    for name in loss_configs():
-        loss = make_loss(name, [])
-        if not loss.fused_head:
-            continue
-        if loss.needs.pairs:
-            skipped[name] = "a preference loss (needs preference pairs; the bench builds instruction batches)"
-        else:
-            fused.append(name)
-    return fused, skipped
+def fused_losses() -> list[str]:
+    """The loss configs whose loss takes a fused output head: derived from ``config/loss`` and each loss's
+    ``fused_head`` (preference losses included: they run on preference pairs)."""
+    return [name for name in loss_configs() if make_loss(name, []).fused_head]
+
+
+def _batch(loss, pair: Pair, shape: dict) -> tuple[dict, int]:
+    """(the collated batch of the pair's records, its normalising count): instruction records tokenised by both
+    tokenizers (the loss's precompute hook run, as in training), or, for a preference loss (``needs.pairs``), the
+    preference pairs as 2B rows with parents on both sides (weights 1: the bench times the loss; ``prefkd.weights``
+    computes real ones). The count: response tokens, or pairs."""
+    from prefkd.data.dataset import DistillDataset
+    from prefkd.data.preference_dataset import PreferenceDataset, collate_pairs
+
+    s_tok, t_tok = pair.student.tokenizer, pair.teacher.tokenizer
+    lengths = dict(max_prompt_length=shape["max_prompt_length"], max_length=shape["max_length"])
+    if loss.needs.pairs:
+        ds = PreferenceDataset(pair.preference, s_tok, t_tok, **lengths)
+        batch = collate_pairs(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
+        return batch, batch["labels"].shape[0] // 2
+    ds = DistillDataset(pair.records, s_tok, t_tok, **lengths, precompute=loss.precompute,
+                        precompute_version=loss.precompute_version, use_cache=False)
+    batch = ds.collate(list(ds), s_tok.pad_token_id, t_tok.pad_token_id)
+    return batch, max(int(batch["labels"].ne(IGNORE_INDEX).sum()), 1)
 
 
 def _prepared(name: str, pair: Pair, shape: dict, device: torch.device, loss_overrides: list[str]):
-    """(loss set up and built, the collated batch on ``device``, AdamW over the student and the loss's modules, the
-    batch's response tokens)."""
-    from prefkd.data.dataset import DistillDataset
-
+    """(loss set up and built, the collated batch on ``device`` (:func:`_batch`), AdamW over the student and the
+    loss's modules, the batch's normalising count)."""
     teacher, student = pair.teacher, pair.student
     loss = make_loss(name, loss_overrides)
     loss.setup(student.tokenizer, teacher.tokenizer)
     loss.build(student.model, teacher.model)
     loss.to(device)
-    ds = DistillDataset(pair.records, student.tokenizer, teacher.tokenizer,
-                        max_prompt_length=shape["max_prompt_length"], max_length=shape["max_length"],
-                        precompute=loss.precompute, precompute_version=loss.precompute_version, use_cache=False)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in
-             ds.collate(list(ds), student.tokenizer.pad_token_id, teacher.tokenizer.pad_token_id).items()}
+    batch, n_units = _batch(loss, pair, shape)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     params = [p for p in student.model.parameters() if p.requires_grad]
     params += [p for m in loss.trainable_modules() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    return loss, batch, opt, max(int(batch["labels"].ne(IGNORE_INDEX).sum()), 1)
+    return loss, batch, opt, n_units
 
 
 def _teacher_outputs(loss, teacher, batch: dict, fused: bool):
@@ -159,15 +180,28 @@ def _teacher_outputs(loss, teacher, batch: dict, fused: bool):
                              hidden=loss.needs.hidden_states, fused=fused)
 
 
+def _reference_outputs(loss, pair: Pair, batch: dict, fused: bool):
+    """The reference model's outputs on the student rows (no grad) when the loss has one (``Needs.reference``)."""
+    from prefkd.training.fused_head import model_outputs
+
+    if not loss.needs.reference:
+        return None
+    with torch.no_grad():
+        return model_outputs(pair.reference(loss.needs.reference), batch["input_ids"], batch["attention_mask"],
+                             hidden=False, fused=fused)
+
+
 def _step(loss, pair: Pair, batch: dict, opt, n_units: int, fused: bool) -> None:
-    """One optimizer step: the teacher, the student's forward (fused: no logits), the loss, backward, AdamW."""
+    """One optimizer step: the teacher, the reference model (a preference loss's), the student's forward (fused: no
+    logits), the loss, backward, AdamW."""
     from prefkd.losses.base import LossInputs
     from prefkd.training.fused_head import model_outputs
 
     t = _teacher_outputs(loss, pair.teacher.model, batch, fused)
+    r = _reference_outputs(loss, pair, batch, fused)
     s = model_outputs(pair.student.model, batch["input_ids"], batch["attention_mask"],
                       hidden=loss.needs.hidden_states, fused=fused)
-    (loss(LossInputs(batch=batch, student=s, teacher=t)).loss / n_units).backward()
+    (loss(LossInputs(batch=batch, student=s, teacher=t, reference=r)).loss / n_units).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -180,6 +214,9 @@ def bench_loss(name: str, pair: Pair, shape: dict, device: torch.device, warmup:
     from prefkd.training.fused_head import outputs_from_hidden
 
     loss, batch, opt, n_units = _prepared(name, pair, shape, device, loss_overrides)
+    if loss.needs.pairs:
+        raise SystemExit(f"--losses {name}: a preference loss; the main table times instruction losses (compare it "
+                         f"fused against built logits with --fused {name})")
     fused = fused_steps and loss.fused_head
     student = pair.student.model
     with torch.no_grad():  # inputs of the loss-only timing: detached leaves
@@ -223,11 +260,12 @@ def bench_loss(name: str, pair: Pair, shape: dict, device: torch.device, warmup:
                        int(batch["teacher_attention_mask"].sum()), "response": n_units}}
 
 
-def peak_from_hidden(loss, batch: dict, student, teacher, *, fused: bool) -> float:
+def peak_from_hidden(loss, batch: dict, student, teacher, *, fused: bool, reference=None) -> float:
     """Peak bytes of live tensors from the hidden states to the gradients w.r.t. the student's hidden states and head
     weight (the head weight's gradient excluded), in B×T×V fp32 units (V: the student's head rows). ``fused``: the
     loss gets hidden states and heads; otherwise the logits head(h) are built inside the measured region. ``student``
-    and ``teacher`` are the models (the teacher is read only when the loss needs it)."""
+    and ``teacher`` are the models (the teacher is read only when the loss needs it), ``reference`` the reference
+    model of a preference loss (its logits, or head, from its hidden states inside the region too)."""
     from prefkd.losses.base import LossInputs
     from prefkd.models.heads import forward_hidden, output_head
     from prefkd.training.fused_head import outputs_from_hidden
@@ -236,6 +274,8 @@ def peak_from_hidden(loss, batch: dict, student, teacher, *, fused: bool) -> flo
         s_hidden = forward_hidden(student, batch["input_ids"], batch["attention_mask"])
         t_hidden = (forward_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"])
                     if loss.needs.teacher else None)
+        r_hidden = (forward_hidden(reference, batch["input_ids"], batch["attention_mask"])
+                    if reference is not None else None)
     h = s_hidden.detach().requires_grad_(True)
     weight = output_head(student).weight
     tracker = LiveBytes(skip=(tuple(weight.shape),))
@@ -243,7 +283,8 @@ def peak_from_hidden(loss, batch: dict, student, teacher, *, fused: bool) -> flo
         s = outputs_from_hidden(student, h, fused=fused)
         with torch.no_grad():
             t = None if t_hidden is None else outputs_from_hidden(teacher, t_hidden, fused=fused)
-        out = loss(LossInputs(batch=batch, student=s, teacher=t))
+            r = None if r_hidden is None else outputs_from_hidden(reference, r_hidden, fused=fused)
+        out = loss(LossInputs(batch=batch, student=s, teacher=t, reference=r))
         torch.autograd.grad(out.loss, [h, weight])
     return tracker.peak / (h.shape[0] * h.shape[1] * weight.shape[0] * 4)
 
@@ -255,12 +296,14 @@ def bench_fused(name: str, pair: Pair, shape: dict, device: torch.device, warmup
     loss, batch, opt, n_units = _prepared(name, pair, shape, device, loss_overrides)
     if not loss.fused_head:
         raise SystemExit(f"--fused {name}: this loss takes no fused output head (yet); fused losses: "
-                         f"{', '.join(fused_losses()[0])}")
+                         f"{', '.join(fused_losses())}")
     result = {"pair": pair.name}
     for fused, label in ((False, "unfused"), (True, "fused")):
         result[f"step_ms_{label}"] = round(median_ms(lambda f=fused: _step(loss, pair, batch, opt, n_units, f),
                                                      warmup, repeats, device), 2)
+        reference = pair.reference(loss.needs.reference) if loss.needs.reference else None
         result[f"peak_btv_{label}"] = round(peak_from_hidden(loss, batch, pair.student.model, pair.teacher.model,
+                                                             reference=reference,
                                                              fused=fused), 3)
     result["ratio"] = round(result["step_ms_fused"] / result["step_ms_unfused"], 3)
     return result
@@ -360,6 +403,7 @@ def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warm
         fused=None, peers=(), fused_steps: bool = True) -> dict:
     """The whole benchmark (module docstring). ``fused``: the losses of the fused comparison (None: every fused loss,
     :func:`fused_losses`); ``peers``: the peers of :mod:`prefkd.bench.peers` to run."""
+    from prefkd.data.preference import load_pairs
     from prefkd.data.records import read_jsonl
 
     dev = resolve_device(device)
@@ -371,7 +415,9 @@ def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warm
     student.model.to(dev)
     all_records = read_jsonl(root / "data/instruct/dolly_dev.jsonl")
     records = sorted(all_records, key=lambda r: -len(r["prompt"]) - len(r["output"]))[:shape["batch"]]
-    cross = Pair(f"{t_name} -> {s_name}", teacher, student, records)
+    pairs_read = load_pairs(root / PREFERENCE_DATA, skip_invalid=True)
+    preference = sorted(pairs_read, key=lambda p: -len(p.prompt) - len(p.chosen) - len(p.rejected))[:shape["batch"]]
+    cross = Pair(f"{t_name} -> {s_name}", teacher, student, records, preference)
     pairs = Pairs(cross, root, s_name, shape, dev)
     overrides = list(loss_overrides or [])
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
@@ -388,14 +434,9 @@ def run(losses, shape: dict, pair: str = "qwen_gpt2", device: str = "auto", warm
         for r in result["losses"].values():
             r["ratio_vs_sft"] = round(r["step_ms"] / base, 3)
     if fused is None:
-        fused, skipped = fused_losses()
-    else:
-        skipped = {}
+        fused = fused_losses()
     if fused:
         result["fused_head"] = run_fused(fused, pairs, shape, dev, warmup, repeats, overrides)
-        result["fused_head"]["skipped"] = skipped
-        for name, why in skipped.items():
-            print(f"{name + ' fused':>16}: skipped ({why})", flush=True)
     if peers:
         result["peers"] = run_peers(peers, pairs, shape, dev, warmup, repeats, overrides)
     if precompute_examples:

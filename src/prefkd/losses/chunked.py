@@ -23,8 +23,10 @@ B×T×H for the hidden states and one V×H (fp32, accumulated over the chunks) f
 :class:`PartnerRows` reads the other side at one partner position per student position (MinED, ULD): gathered per
 chunk from logits, or from the partners' hidden states (B×n×H) projected per chunk. :class:`RowFeatures` of a
 HiddenRows input are projected per chunk, and again per chunk in backward, where their gradient joins the same
-buffers. :func:`map_rows` reads the other side's rows at flat indices per chunk (Multi-Level OT's and MCW-KD's
-teacher top-k).
+buffers; when every feature row is a distinct row of the sum (Multi-Level OT's and MCW-KD's student top-k), the
+features instead ride in the sum's own chunks (:class:`_ChunkedRowsShared`: each chunk projected once in forward, once
+in backward). :func:`map_rows` reads the other side's rows at flat indices per chunk (Multi-Level OT's and MCW-KD's
+teacher top-k); :func:`rows_per_chunk` sizes a pass over the teacher's wider rows.
 """
 
 from __future__ import annotations
@@ -115,7 +117,17 @@ class PartnerRows:
     def rows(self, idx: torch.Tensor, sel: torch.Tensor, projected: Sequence[torch.Tensor]) -> torch.Tensor:
         """The partner logit rows (k×V, the source's dtype) of a chunk's selected positions. idx: the chunk's n index
         values; sel: n bool, which (partners only: idx ≥ 0); projected: the chunk's rows of :meth:`others` (n×V)."""
-        return projected[0][sel] if self._flat is None else self._flat[idx[sel]]
+        if self._flat is not None:
+            return self._flat[idx[sel]]
+        return projected[0] if bool(sel.all()) else projected[0][sel]
+
+
+def rows_per_chunk(chunk_size: int, width: int, reference: int) -> int:
+    """How many rows of ``width`` entries hold as many as ``chunk_size`` rows of ``reference`` entries (at least 1,
+    at most ``chunk_size``): a loss's ``chunk_size`` counts rows of the student's vocabulary, and a pass over the
+    teacher's wider rows (Qwen's 151,936 against GPT-2's 50,257) walks proportionally fewer, so that its chunk work
+    stays the same size."""
+    return max(1, min(chunk_size, chunk_size * reference // max(width, 1)))
 
 
 @torch.no_grad()
@@ -198,12 +210,18 @@ class RowFeatures:
     index: N flat row indices into the B·T positions (``b·T + t``: ``inputs[0].view(-1, V)`` for logits; for a
     :class:`HiddenRows` input, the rows of its hidden states, projected per chunk).
     select(rows n×V) -> n×k int64: which entries to keep (run under no_grad, once; ties then resolve once).
-    value(rows n×V, idx n×k) -> n×k: the differentiable features (e.g. ``rows.gather(1, idx)``).
+    value(rows n×V, idx n×k) -> n×k: the differentiable features; None: the logits themselves, ``rows.gather(1,
+    idx)``, whose gradient is sparse: for a HiddenRows input the engine then writes it from the head's rows at idx
+    (g·W[idx] to the hidden states, gᵀh into W[idx]) without projecting the rows again.
     """
 
     index: torch.Tensor
     select: Callable[[torch.Tensor], torch.Tensor]
-    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def values(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The features of ``rows`` (n×V) at ``idx`` (n×k): ``value``, or the gathered logits."""
+        return rows.gather(1, idx) if self.value is None else self.value(rows, idx)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -373,7 +391,7 @@ def _feature_loop(source: Logits, features: RowFeatures, chunk_size: int):
     for _, r, c in _feature_chunks(features.index, source.shape[1], chunk_size):
         rows = slot.rows(slot.leaf(r, c))
         idx = features.select(rows)
-        values.append(features.value(rows, idx))
+        values.append(features.values(rows, idx))
         indices.append(idx)
     if not values:
         return (torch.zeros(0, 0, dtype=_compute_dtype(source.dtype), device=source.device),
@@ -391,9 +409,33 @@ def _feature_backward(source: Logits, buffers: Sequence[torch.Tensor | None], fe
     for sl, r, c in _feature_chunks(features.index, source.shape[1], chunk_size):
         leaf = slot.leaf(r, c)
         with torch.enable_grad():
-            values = features.value(slot.rows(leaf), idx[sl])
+            values = features.values(slot.rows(leaf), idx[sl])
             (g,) = torch.autograd.grad(values, leaf, grad_values[sl].to(values.dtype))
         slot.store(r, c, g, accumulate=True)
+
+
+def _gathered_backward(source: HiddenRows, buffers: Sequence[torch.Tensor | None], index: torch.Tensor,
+                       idx: torch.Tensor, values: torch.Tensor, grad_values: torch.Tensor, chunk_size: int) -> None:
+    """Add the gradient of gathered logits (``RowFeatures.value`` None: y = finish(z)[idx] at the flat rows
+    ``index``, N×k) with ``grad_values`` into a HiddenRows input's ``buffers`` without projecting any row: per chunk
+    g_z = grad·finish'(z) (read off the values y themselves), then g_z·W[idx] into the hidden rows, g_zᵀ·h into the
+    weight's rows idx and Σ g_z into the bias at idx. O(N·k·H) work instead of O(N·V·H)."""
+    hidden_buffer, weight_buffer, *bias_buffer = buffers
+    head, hidden = source.head, source.hidden.detach()
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight = _upcast(head.weight.detach())
+    for start in range(0, index.numel(), chunk_size):
+        rows, cols = index[start:start + chunk_size], idx[start:start + chunk_size]
+        g = grad_values[start:start + chunk_size].to(weight.dtype) * head.finish_grad(
+            values[start:start + chunk_size].to(weight.dtype))  # n×k
+        if hidden_buffer is not None:
+            flat = hidden_buffer.view(-1, hidden_buffer.shape[-1])
+            flat.index_add_(0, rows, torch.bmm(g.unsqueeze(1), weight[cols]).squeeze(1).to(flat.dtype))
+        if weight_buffer is not None:
+            h = hidden[rows].to(weight.dtype)
+            weight_buffer.index_add_(0, cols.reshape(-1), (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(-1, h.shape[-1]))
+        if bias_buffer and bias_buffer[0] is not None:
+            bias_buffer[0].index_add_(0, cols.reshape(-1), g.reshape(-1))
 
 
 class _ChunkedRows(torch.autograd.Function):
@@ -403,13 +445,17 @@ class _ChunkedRows(torch.autograd.Function):
     flat, for the graph), then the others."""
 
     @staticmethod
-    def forward(ctx, fn, mask, chunk_size, inputs, features, terms, *tensors):
+    def forward(ctx, fn, mask, chunk_size, inputs, features, terms, numbers, *tensors):
         n_flat = sum(len(_tensors(x)) for x in inputs)
         flat, others = tensors[:n_flat], tensors[n_flat:]
-        wants = ctx.needs_input_grad[6:6 + n_flat]
+        wants = ctx.needs_input_grad[7:7 + n_flat]
         slots = _slots(inputs, wants)
         buffers = [b for slot in slots for b in slot.buffers()]
-        total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
+        if numbers is not None:  # gathered logits of a HiddenRows input: taken in the sum's pass
+            total, term_sums, values, idx = _sum_and_features(fn, slots, mask, others, chunk_size, terms, features,
+                                                              numbers)
+        else:
+            total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
         del slots  # with them the fp32 copy of a head's weight
         ctx.mark_non_differentiable(*term_sums)
         ctx.wants, ctx.dtypes = [b is not None for b in buffers], [t.dtype for t in flat]
@@ -417,9 +463,11 @@ class _ChunkedRows(torch.autograd.Function):
         if features is None:
             ctx.save_for_backward(*[b for b in buffers if b is not None])
             return (total, *term_sums)
-        values, idx = _feature_loop(inputs[0], features, chunk_size)
+        if numbers is None:
+            values, idx = _feature_loop(inputs[0], features, chunk_size)
         ctx.features, ctx.source, ctx.n_first = features, inputs[0].detach(), len(_tensors(inputs[0]))
-        ctx.save_for_backward(*[b for b in buffers if b is not None], idx)
+        ctx.sparse = numbers is not None
+        ctx.save_for_backward(*[b for b in buffers if b is not None], idx, values if ctx.sparse else None)
         return (total, values, *term_sums)
 
     @staticmethod
@@ -435,10 +483,117 @@ class _ChunkedRows(torch.autograd.Function):
         for buffer in buffers:
             if buffer is not None:
                 buffer.mul_(grad_output.to(buffer.dtype))
-        if grad_values is not None:
+        if grad_values is not None and ctx.sparse:
+            _gathered_backward(ctx.source, buffers[:ctx.n_first], ctx.features.index, saved[0], saved[1],
+                               grad_values, ctx.chunk_size)
+        elif grad_values is not None:
             _feature_backward(ctx.source, buffers[:ctx.n_first], ctx.features, saved[0], grad_values, ctx.chunk_size)
         grads = [None if b is None else b.to(dtype) for b, dtype in zip(buffers, ctx.dtypes)]
-        return (None, None, None, None, None, None, *grads, *([None] * ctx.n_others))
+        return (None,) * 7 + (*grads, *([None] * ctx.n_others))
+
+
+# ------------------------------------------------ features in the sum's own pass (fused heads): recompute in backward
+def _feature_numbers(features: RowFeatures, mask: torch.Tensor) -> torch.Tensor | None:
+    """B×T long: at each row of ``features.index`` its number i (0..N−1), −1 elsewhere; None unless every feature
+    row is a distinct masked row (then the features can ride in the sum's chunks)."""
+    flat = torch.full((mask.numel(),), -1, dtype=torch.long, device=mask.device)
+    flat[features.index] = torch.arange(features.index.numel(), device=mask.device)
+    if int(flat.ge(0).sum()) != features.index.numel() or not bool(mask.reshape(-1)[features.index].all()):
+        return None
+    return flat.view(mask.shape)
+
+
+def _feature_rows(rows: torch.Tensor, number: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the chunk's rows that carry a feature, their feature numbers); no copy when every row carries one."""
+    sel = number.ge(0)
+    if bool(sel.all()):
+        return rows, number
+    return rows[sel], number[sel]
+
+
+def _sum_and_features(fn, slots, mask, others, chunk_size, terms, features: RowFeatures, numbers: torch.Tensor):
+    """One chunked pass: (Σ_masked fn, [term sums], feature values N×k, their indices N×k), the features without a
+    gradient; slots that want one store fn's (:func:`_chunk`). Each chunk's rows of the first input are projected
+    once and serve both fn and the features."""
+    found: dict[str, torch.Tensor] = {}
+    n = features.index.numel()
+
+    def both(*args):
+        *rest, number = args
+        rows, number = _feature_rows(args[0], number)
+        if number.numel():
+            with torch.no_grad():
+                idx = features.select(rows)
+                values = features.values(rows, idx)
+            if not found:
+                found["values"] = values.new_zeros(n, values.shape[-1])
+                found["idx"] = idx.new_zeros(n, idx.shape[-1])
+            found["values"][number], found["idx"][number] = values, idx
+        return fn(*rest)
+
+    total, term_sums = _row_loop(both, slots, mask, (*others, numbers), chunk_size, terms)
+    if not found:
+        found = {"values": torch.zeros(0, 0, dtype=total.dtype, device=mask.device),
+                 "idx": features.index.new_zeros(0, 0)}
+    return total, term_sums, found["values"], found["idx"]
+
+
+def _rebuild_inputs(inputs: Sequence[Logits], tensors: Sequence[torch.Tensor]) -> list[Logits]:
+    """Every input with its tensors replaced by ``tensors`` (flat, :func:`_tensors` order)."""
+    rebuilt, start = [], 0
+    for x in inputs:
+        n = len(_tensors(x))
+        rebuilt.append(_rebuild(x, tensors[start:start + n]))
+        start += n
+    return rebuilt
+
+
+class _ChunkedRowsShared(torch.autograd.Function):
+    """:class:`_ChunkedRows` for a :class:`HiddenRows` first input whose features lie on the sum's rows. Forward:
+    one pass without gradient (:func:`_sum_and_features`). Backward: one pass that recomputes each chunk with a graph
+    and stores the gradient of g·fn + ⟨features, g_features⟩ into the buffers. Per chunk the head projects the rows
+    twice (forward, backward) instead of three times for the precomputed sum plus twice for the features' own passes,
+    and the head weight's V×H buffer takes one accumulation instead of two."""
+
+    @staticmethod
+    def forward(ctx, fn, mask, chunk_size, inputs, features, terms, numbers, others, *tensors):
+        slots = _slots(inputs, [False] * len(tensors))
+        total, term_sums, values, idx = _sum_and_features(fn, slots, mask, others, chunk_size, terms, features,
+                                                          numbers)
+        ctx.mark_non_differentiable(*term_sums)
+        ctx.fn, ctx.chunk_size, ctx.inputs, ctx.features, ctx.terms = fn, chunk_size, inputs, features, terms
+        ctx.others, ctx.consumed = others, False
+        ctx.save_for_backward(mask, numbers, idx, *tensors)
+        return (total, values, *term_sums)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_values, *grad_terms):
+        if ctx.consumed:
+            raise RuntimeError("chunked_rows_loss: backward can run only once per forward; recompute the loss "
+                               "instead of retain_graph=True")
+        ctx.consumed = True
+        mask, numbers, idx, *tensors = ctx.saved_tensors
+        wants = ctx.needs_input_grad[8:]
+        slots = _slots(_rebuild_inputs(ctx.inputs, tensors), wants)
+        fn, features, terms = ctx.fn, ctx.features, ctx.terms
+
+        def inner(*args):  # g·fn(rows...) + ⟨features(rows), g_features⟩ per row: n
+            *rest, number = args
+            values, _ = _split_terms(fn(*rest), terms)
+            out = values * grad_output.to(values.dtype)
+            rows, picked = _feature_rows(args[0], number)
+            if picked.numel():
+                g = grad_values[picked].to(values.dtype)
+                extra = (features.values(rows, idx[picked]) * g).sum(-1)
+                out = out + extra if picked.numel() == number.numel() else \
+                    out.index_add(0, number.ge(0).nonzero().squeeze(-1), extra)
+            return out
+
+        _row_loop(inner, slots, mask, (*ctx.others, numbers), ctx.chunk_size)
+        buffers = [b for slot in slots for b in slot.buffers()]
+        grads = [None if b is None else b.to(t.dtype) for b, t in zip(buffers, tensors)]
+        return (None,) * 8 + tuple(grads)
 
 
 def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits], mask: torch.Tensor,
@@ -466,14 +621,29 @@ def chunked_rows_loss(fn: Callable[..., torch.Tensor], inputs: Sequence[Logits],
     mask = mask.detach().bool()
     others = tuple(o.detach() for o in others)
     terms = tuple(terms)
+    tensors = [t for x in inputs for t in _tensors(x)]
+    # fused head with features on the sum's rows: taken in the sum's own pass (gathered logits: their sparse gradient
+    # in backward, _gathered_backward; any other features: recomputed with the sum in backward, _ChunkedRowsShared)
+    numbers = _feature_numbers(features, mask) if features is not None and isinstance(inputs[0], HiddenRows) \
+        else None
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        tensors = [t for x in inputs for t in _tensors(x)]
-        out = _ChunkedRows.apply(fn, mask, chunk_size, tuple(inputs), features, terms, *tensors, *others)
+        if numbers is not None and features.value is not None:
+            structure = tuple(x.detach() for x in inputs)
+            out = _ChunkedRowsShared.apply(fn, mask, chunk_size, structure, features, terms, numbers, others,
+                                           *tensors)
+        else:
+            out = _ChunkedRows.apply(fn, mask, chunk_size, tuple(inputs), features, terms, numbers, *tensors,
+                                     *others)
     else:
         with torch.no_grad():
-            slots = _slots(inputs, [False] * sum(len(_tensors(x)) for x in inputs))
-            total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
-            head = (total,) if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])
+            slots = _slots(inputs, [False] * len(tensors))
+            if numbers is not None:
+                total, term_sums, values, _ = _sum_and_features(fn, slots, mask, others, chunk_size, terms,
+                                                                features, numbers)
+                head = (total, values)
+            else:
+                total, term_sums = _row_loop(fn, slots, mask, others, chunk_size, terms)
+                head = (total,) if features is None else (total, _feature_loop(inputs[0], features, chunk_size)[0])
             out = (*head, *term_sums)
     head, term_sums = out[:len(out) - len(terms)], out[len(out) - len(terms):]
     result = (*head, dict(zip(terms, term_sums))) if terms else head

@@ -50,15 +50,21 @@ def log_probs(
     dtype = _float(s_logits, t_logits)
     log_s = torch.log_softmax(s_logits[..., :v].to(dtype) / temperature, dim=-1)
     t = t_logits.detach()[..., :v].to(dtype)
-    log_t = torch.log_softmax(t / (temperature * teacher_temperature), dim=-1).clamp_min(LOGP_FLOOR)
+    log_t = torch.log_softmax(t / (temperature * teacher_temperature), dim=-1).clamp_min_(LOGP_FLOOR)
     return log_s, log_t
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ_v p (log p − log q) over the last dim, with 0·log 0 = 0 (NaN-free values and grads)."""
+    """KL(p‖q) = Σ_v p (log p − log q) over the last dim, with 0·log 0 = 0 (NaN-free values and grads). A detached
+    p (the teacher's, floored at LOGP_FLOOR, so p·log p is finite) takes the form Σ p log p − Σ p log q, which keeps
+    fewer V-wide tensors alive."""
     p = log_p.exp()
     keep = p > 0
     zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    if not log_p.requires_grad:
+        with torch.no_grad():
+            entropy = torch.linalg.vecdot(p, log_p)
+        return entropy - torch.linalg.vecdot(p, torch.where(keep, log_q, zero))
     return (p * (torch.where(keep, log_p, zero) - torch.where(keep, log_q, zero))).sum(-1)
 
 

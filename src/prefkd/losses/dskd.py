@@ -33,19 +33,23 @@ takes the gradient w.r.t. the chunk's rows of every differentiable input (z^s an
 input. Backward scales the buffers; autograd carries them on into the projectors and h^s. Fused output heads
 (issue 17): z^s and z^t are read through ``logit_source``, so with hidden states and heads the student's rows are
 projected per chunk of the student-side pass (their gradient lands in a B×T×H buffer and the head's V×H one) and the
-teacher's per chunk of the teacher-side pass (read detached): no B×T×V tensor exists. The head products z^{t→s},
+teacher's per chunk of the teacher-side pass (read detached): no B×T×V tensor exists. The teacher-side pass walks
+``chunk_size``·V_s/V_t rows per chunk (:func:`~prefkd.losses.chunked.rows_per_chunk`), so its chunks hold as many
+entries as the student side's. The head products z^{t→s},
 z^{s→t} are the same either way (W^s, W^t detached, weight only). Cross-model attention reads embeddings and hidden
 states, never logits; its own work (about 20 tensors of B×T×d or B×n×m alive at once) does not grow with V.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, require_teacher, response_mask
-from prefkd.losses.chunked import RowFeatures, chunked_rows_loss
+from prefkd.losses.chunked import HiddenRows, RowFeatures, chunked_rows_loss, rows_per_chunk
 from prefkd.losses.divergences import cross_entropy, divergence_fn, forward_kl
 from prefkd.losses.projectors import cross_model_attention, ensure_projectors, fp32_region, project, projector_shapes
 
@@ -56,6 +60,30 @@ STUDENT_SIDE = ("ce", "ce_t2s", "kd_stu", "t2s_acc")  # the metrics summed by th
 def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """rows n×d times a detached head V×d -> n×V logits, computed in the head's dtype, returned fp32 at least."""
     return F.linear(rows.to(head.dtype), head.detach()).to(torch.promote_types(rows.dtype, torch.float32))
+
+
+class _TeacherHeadProducts(torch.autograd.Function):
+    """(z^{s→t}, z^t) of a chunk of the teacher-side pass from ONE matmul: the rows [h̃'; h^t] (2n×d_t) stacked
+    against the teacher's head weight W_t, which is then read once per chunk instead of twice (fused heads: z^t is
+    projected here, not by the engine). h̃' n×d_t (gradient), weight V_t×d_t (detached), t_hidden n×d_t, head the
+    teacher's :class:`~prefkd.models.heads.OutputHead` -> z^{s→t} = h̃' W_tᵀ (n×V_t, fp32 at least, as
+    :func:`head_logits`) and z^t = head(h^t) (n×V_t, the head's dtype, no gradient). Backward: g·W_t to h̃' only."""
+
+    @staticmethod
+    def forward(ctx, h, weight, t_hidden, head):
+        n = h.shape[0]
+        z = F.linear(torch.cat([h.to(weight.dtype), t_hidden.to(weight.dtype)]), weight)
+        z_t = z[n:] if head.bias is None else z[n:] + head.bias
+        z_t = head.finish(z_t)
+        ctx.mark_non_differentiable(z_t)
+        ctx.save_for_backward(weight)
+        ctx.dtype = h.dtype
+        return z[:n].to(torch.promote_types(h.dtype, torch.float32)), z_t
+
+    @staticmethod
+    def backward(ctx, grad_st, grad_t):
+        (weight,) = ctx.saved_tensors
+        return (grad_st.to(weight.dtype) @ weight).to(ctx.dtype), None, None, None
 
 
 # ------------------------------------------------------------------------------------------ the losses
@@ -112,14 +140,19 @@ class _DualSpaceLoss(DistillationLoss):
                                "forward (and before building the optimizer)")
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        loss, metrics, _ = self.dual_space_terms(inputs)
+        loss, metrics, _, _ = self.dual_space_terms(inputs)
         return LossOutput(loss=loss, metrics=metrics)
 
     def dual_space_terms(self, inputs: LossInputs, features: RowFeatures | None = None,
-                         ce_weight: float | None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        """(loss, metrics, student features) of the dual-space KD: ce_weight·CE + kd_rate·KD (ce_weight None:
-        1 − kd_rate, docs/methods.md §4). ``features``: :class:`RowFeatures` of the student logits, computed in the same
-        chunked pass (one gradient buffer), returned third (else None)."""
+                         ce_weight: float | None = None, teacher_rows: Callable[[torch.Tensor], torch.Tensor] |
+                         None = None) -> tuple[torch.Tensor, dict, torch.Tensor | None, torch.Tensor | None]:
+        """(loss, metrics, student features, teacher rows' values) of the dual-space KD: ce_weight·CE + kd_rate·KD
+        (ce_weight None: 1 − kd_rate, docs/methods.md §4). ``features``: :class:`RowFeatures` of the student logits,
+        computed in the same chunked pass (one gradient buffer), returned third (else None). ``teacher_rows``: a
+        function of the teacher's logit rows (n×V_t -> n×k, no gradient) applied in the teacher-side pass, where
+        those rows are projected anyway; returned fourth, N_t×k in the order of the teacher's response positions
+        (``response_mask(teacher_labels).nonzero()``), or None when that pass does not run (``teacher_space=False``)
+        or has no rows."""
         self.check_inputs(inputs)
         batch, student, teacher = inputs.batch, inputs.student, inputs.teacher
         t2s_hidden, s2t_hidden = self.projected(inputs)
@@ -144,8 +177,22 @@ class _DualSpaceLoss(DistillationLoss):
                 return ce_t2s, parts
             return w_ce * ce + rate * (ce_t2s if warm else ce_t2s + kd_stu), parts
 
-        def teacher_side(h: torch.Tensor, z_t: torch.Tensor):
-            kd_tea = forward_kl(head_logits(h, head_t), z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
+        collected: list[torch.Tensor] = []  # teacher_rows of each chunk of the teacher-side pass, in order
+
+        source_t = teacher.logit_source
+        # fused teacher whose head is W_t itself: z^t and z^{s→t} from one matmul per chunk (_TeacherHeadProducts)
+        stacked = isinstance(source_t, HiddenRows) and source_t.head.weight.shape == head_t.shape and \
+            source_t.head.weight.data_ptr() == head_t.data_ptr()
+
+        def teacher_side(h: torch.Tensor, t_rows: torch.Tensor):
+            if stacked:  # t_rows: the teacher's hidden rows
+                z_st, z_t = _TeacherHeadProducts.apply(h, head_t, t_rows, source_t.head.detach())
+            else:  # t_rows: the teacher's logit rows
+                z_st, z_t = head_logits(h, head_t), t_rows
+            if teacher_rows is not None:
+                with torch.no_grad():
+                    collected.append(teacher_rows(z_t))
+            kd_tea = forward_kl(z_st, z_t, self.temperature)  # KL(p_t ‖ p_{s→t})
             return kd_tea * (0.0 if pretrain else rate), {"kd_tea": kd_tea}
 
         s_logits = student.logit_source.detach() if pretrain else student.logit_source
@@ -153,15 +200,23 @@ class _DualSpaceLoss(DistillationLoss):
                                 chunk_size=self.chunk_size, features=features, terms=STUDENT_SIDE)
         loss, values, metrics = out if features is not None else (out[0], None, out[1])
         metrics["kd_tea"] = torch.zeros_like(loss.detach())
+        rows_t = None
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
-            tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs,
-                                                      response_mask(batch["teacher_labels"]), teacher.logit_source,
-                                                      chunk_size=self.chunk_size, terms=("kd_tea",))
+            mask_t = response_mask(batch["teacher_labels"])
+            chunk_t = rows_per_chunk(self.chunk_size, source_t.shape[-1], student.logit_source.shape[-1])
+            tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs, mask_t,
+                                                      source_t.hidden if stacked else source_t, chunk_size=chunk_t,
+                                                      terms=("kd_tea",))
             loss = loss + tea_loss
             metrics["kd_tea"] = tea_metrics["kd_tea"].to(loss.dtype)
+            if collected:  # None when there were no rows (the caller's own pass then gives the right empty shape)
+                rows_t = torch.cat(collected)
+                if rows_t.shape[0] != int(mask_t.sum()):
+                    raise RuntimeError(f"loss={self.name}: teacher_rows ran on {rows_t.shape[0]} rows, the teacher "
+                                       f"has {int(mask_t.sum())} response positions")
         metrics["kd"] = metrics["ce_t2s"] + metrics["kd_stu"] + metrics["kd_tea"]
-        return loss, {k: metrics[k].to(loss.dtype) for k in METRICS}, values
+        return loss, {k: metrics[k].to(loss.dtype) for k in METRICS}, values, rows_t
 
 
 class DSKDLoss(_DualSpaceLoss):

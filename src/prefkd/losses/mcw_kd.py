@@ -38,11 +38,14 @@ CE/KD terms), ``ot_logits`` and ``ot_hidden`` (two :class:`OTTerm`, each λ, its
 (P_ot and the salience layer, shared by both terms' clouds) and ``transport`` (:mod:`prefkd.ot.transport`, shared).
 
 Memory. The student's top-k logits come out of DSKD-CMA's chunked pass (:class:`prefkd.losses.chunked.RowFeatures`),
-so the loss still allocates one logits-sized gradient buffer; the teacher's top-k is taken per chunk under no_grad
-(:func:`prefkd.losses.chunked.map_rows`). The OT work is B×P×P (plus B×P×k and B×P×d clouds). Fused output heads
-(issue 17): both sides are read through ``logit_source``; with hidden states and heads, the student's rows (its top-k
-included, projected again per chunk in backward) and the teacher's are projected per chunk, and the gradient buffer is
-B×T×H plus the head's V×H: no B×T×V tensor exists (see :mod:`prefkd.losses.dskd` for DSKD-CMA's own work).
+so the loss still allocates one logits-sized gradient buffer; the teacher's top-k comes out of DSKD-CMA's teacher-side
+pass, which projects those rows anyway (``dual_space_terms(teacher_rows=...)``), or, when the teacher points are not
+its rows (``include_prompt``, ``teacher_space=False``), per chunk, no grad (:func:`~prefkd.losses.chunked.map_rows`).
+The OT work is B×P×P (plus B×P×k and B×P×d clouds). Fused output heads (issue 17): both sides are read through
+``logit_source``; with hidden states and heads, the student's rows and the teacher's are projected per chunk, and the
+gradient buffer is B×T×H plus the head's V×H: no B×T×V tensor exists (see :mod:`prefkd.losses.dskd` for DSKD-CMA's own
+work). The student's top-k are its logits themselves, so their gradient is sparse: the engine writes it from the
+head's rows at the top-k indices (g·W[idx], gᵀh into W[idx]) without projecting the rows again.
 
 ``projector_warmup_steps`` and ``teacher_space`` are DSKD-CMA's (see :mod:`prefkd.losses.dskd`); during the warm-up
 the OT terms are off too (the loss is DSKD-CMA's warm-up loss with ``ce_weight``), so P_ot and the salience layer
@@ -60,7 +63,7 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
-from prefkd.losses.chunked import RowFeatures, map_rows
+from prefkd.losses.chunked import RowFeatures, map_rows, rows_per_chunk
 from prefkd.losses.dskd import DSKDCMALoss
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
 from prefkd.ot import (
@@ -274,8 +277,12 @@ class MCWKDLoss(DistillationLoss):
         features = None
         if self.ot_logits.active and not dual_only:
             features = RowFeatures(s_pts.rows * labels.shape[1] + s_pts.cols,
-                                   select=lambda r: r.topk(k, dim=-1).indices, value=lambda r, idx: r.gather(1, idx))
-        loss, metrics, top_s = self.dual_space.dual_space_terms(inputs, features, ce_weight=self.ce_weight)
+                                   select=lambda r: r.topk(k, dim=-1).indices)  # value: the logits themselves
+        # the teacher's sorted top-k logits, taken in DSKD-CMA's teacher-side pass when its rows are the teacher points
+        top_k = (lambda r: r.float().topk(k, dim=-1).values) if features is not None and not self.include_prompt \
+            else None
+        loss, metrics, top_s, top_t = self.dual_space.dual_space_terms(inputs, features, ce_weight=self.ce_weight,
+                                                                       teacher_rows=top_k)
         if dual_only:
             return LossOutput(loss=loss, metrics=metrics)
 
@@ -287,7 +294,9 @@ class MCWKDLoss(DistillationLoss):
             inputs_of = {}
             if self.ot_logits.active:
                 mix = self.interpolation_weight(inputs.step, inputs.total_steps)
-                inputs_of["logits"] = self.logits_costs(top_s, teacher, t_pts, s_pts, x_t, x_s, k, mix)
+                if top_t is None:
+                    top_t = self.teacher_top_k(teacher, t_pts, k, student.logit_source.shape[-1])
+                inputs_of["logits"] = self.logits_costs(top_s, top_t, t_pts, s_pts, x_t, x_s, mix)
                 if self.interpolate:
                     means["interpolation_t"] = torch.as_tensor(mix)
             if self.ot_hidden.active:
@@ -312,12 +321,17 @@ class MCWKDLoss(DistillationLoss):
             return Clouds(t_mask.bool()), Clouds(batch["attention_mask"].bool())
         return Clouds(response_mask(batch["teacher_labels"])), Clouds(response_mask(batch["labels"]))
 
-    def logits_costs(self, top_s, teacher, t_pts: Clouds, s_pts: Clouds, x_t, x_s, k, mix: float = 1.0):
-        """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch; ``mix`` < 1 interpolates the
-        student's sorted logits index-wise towards the teacher's (module docstring)."""
+    def teacher_top_k(self, teacher, t_pts: Clouds, k: int, student_vocab: int) -> torch.Tensor:
+        """The teacher points' sorted top-k logits (N_t×k), per chunk of ``chunk_size`` student-vocabulary rows'
+        worth, no grad (when DSKD-CMA's teacher-side pass did not take them: ``include_prompt``, no teacher space)."""
         source = teacher.logit_source
-        index = t_pts.rows * source.shape[1] + t_pts.cols  # the teacher's sorted top-k logits, per chunk, no grad
-        top_t = map_rows(source, index, lambda r: r.float().topk(k, dim=-1).values, self.chunk_size)
+        index = t_pts.rows * source.shape[1] + t_pts.cols
+        chunk = rows_per_chunk(self.chunk_size, source.shape[-1], student_vocab)
+        return map_rows(source, index, lambda r: r.float().topk(k, dim=-1).values, chunk)
+
+    def logits_costs(self, top_s, top_t, t_pts: Clouds, s_pts: Clouds, x_t, x_s, mix: float = 1.0):
+        """(teacher points q B×m×k, [cost B×m×n per name]) of the logits branch from both sides' sorted top-k logits
+        (N_s×k, N_t×k); ``mix`` < 1 interpolates the student's index-wise towards the teacher's (module docstring)."""
         sorted_t, sorted_s = t_pts.pack_rows(top_t), s_pts.pack_rows(top_s.float())
         if mix < 1.0:
             width = min(sorted_t.shape[1], sorted_s.shape[1])

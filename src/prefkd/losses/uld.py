@@ -25,9 +25,11 @@ Mixing (``mix``), as sums that the trainer divides by the student response token
   token-weighted mean of the per-sequence means (the paper's batch mean of per-sequence means when every
   sequence has the same length). Implemented as the per-token weight n_b / a_b (a_b = aligned pairs of b).
 
-Cost. The full sort dominates: per chunk of n aligned tokens it holds about eight n×V fp32-sized tensors (both
-sides' probabilities, sorted values and int64 sort indices, the student's kept for backward), hence a smaller
-default chunk (256) than the other losses; ``top_k`` sorts K columns instead of V.
+Cost. The full sort dominates. Each side sorts its logits and takes exp(sorted − logsumexp) (the same values as
+sorting the probabilities), the teacher's without a gradient a few rows at a time and in place, and the shorter side's
+zero padding is never built; per chunk of n aligned tokens about four n×V_t fp32-sized tensors are alive (the
+teacher's rows and sorted values, the student's sorted values and int64 sort indices, kept for backward).
+``top_k`` sorts K columns instead of V.
 
 Metrics (sums, normalised like the loss by the trainer): ``ce`` (Σ_{M_s} CE), ``uld`` (Σ_{aligned} ULD_k,
 unweighted), ``aligned`` (number of aligned pairs; after the trainer's division, the aligned fraction).
@@ -65,25 +67,46 @@ def response_alignment(labels: torch.Tensor, teacher_labels: torch.Tensor) -> to
     return torch.where(aligned, partner + offset, torch.full_like(partner, -1))
 
 
+SORT_ROWS = 4  # rows per sort call without a gradient: its int64 indices stay 4×V
+
+
+def sorted_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """softmax(z/τ) per row sorted descending (N×V), or its ``top_k`` largest (N×K): exp(sort(z/τ) − logsumexp(z/τ)).
+    The softmax keeps the order, so sorting the logits first gives the same values with one V-wide tensor fewer.
+    Without a gradient (the teacher) the full sort runs :data:`SORT_ROWS` rows at a time, so its int64 indices (twice
+    the size of the values) never exist for all N rows, and the exp runs in place."""
+    z = logits if temperature == 1 else logits / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    if z.requires_grad and torch.is_grad_enabled():
+        top = z.sort(-1, descending=True).values if top_k is None else z.topk(min(top_k, z.shape[-1]), -1).values
+        return (top - lse).exp()
+    if top_k is not None:
+        top = z.topk(min(top_k, z.shape[-1]), dim=-1).values
+    else:
+        top = torch.empty_like(z)
+        order = torch.empty(min(SORT_ROWS, z.shape[0]), z.shape[-1], dtype=torch.long, device=z.device)
+        for start in range(0, z.shape[0], SORT_ROWS):
+            rows = slice(start, start + SORT_ROWS)
+            torch.sort(z[rows], dim=-1, descending=True, out=(top[rows], order[:top[rows].shape[0]]))
+    return top.sub_(lse).exp_()
+
+
 def uld_distance(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0,
                  top_k: int | None = None) -> torch.Tensor:
     """ULD per row: N×V_s, N×V_t → N (fp32 at least). Full sort (``top_k`` None) or the top-k variant with the
-    remaining-mass bucket (see the module docstring). The teacher side is detached."""
+    remaining-mass bucket (see the module docstring). The teacher side is detached. The shorter sorted vector's
+    zero padding is not built: past the common width w, Σ_r |p^(r) − 0| is the longer side's tail sum."""
     dtype = torch.promote_types(torch.promote_types(s_logits.dtype, torch.float32), t_logits.dtype)
-    p_s = torch.softmax(s_logits.to(dtype) / temperature, dim=-1)
-    p_t = torch.softmax(t_logits.detach().to(dtype) / temperature, dim=-1)
+    sorted_s = sorted_probs(s_logits.to(dtype), temperature, top_k)
+    with torch.no_grad():
+        sorted_t = sorted_probs(t_logits.detach().to(dtype), temperature, top_k)
+    w = min(sorted_s.shape[-1], sorted_t.shape[-1])
+    value = (sorted_s[:, :w] - sorted_t[:, :w]).abs().sum(-1) + sorted_s[:, w:].abs().sum(-1) + \
+        sorted_t[:, w:].sum(-1)
     if top_k is None:
-        sorted_s, sorted_t = p_s.sort(-1, descending=True).values, p_t.sort(-1, descending=True).values
-        rest = None
-    else:
-        sorted_s = p_s.topk(min(top_k, p_s.shape[-1]), dim=-1).values
-        sorted_t = p_t.topk(min(top_k, p_t.shape[-1]), dim=-1).values
-        rest = ((1 - sorted_s.sum(-1)).clamp_min(0) - (1 - sorted_t.sum(-1)).clamp_min(0)).abs()
-    width = max(sorted_s.shape[-1], sorted_t.shape[-1])
-    sorted_s = torch.nn.functional.pad(sorted_s, (0, width - sorted_s.shape[-1]))
-    sorted_t = torch.nn.functional.pad(sorted_t, (0, width - sorted_t.shape[-1]))
-    value = (sorted_s - sorted_t).abs().sum(-1)
-    return value if rest is None else value + rest
+        return value
+    rest = ((1 - sorted_s.sum(-1)).clamp_min(0) - (1 - sorted_t.sum(-1)).clamp_min(0)).abs()
+    return value + rest
 
 
 class ULDLoss(DistillationLoss):
@@ -130,9 +153,13 @@ class ULDLoss(DistillationLoss):
         def per_token(s: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, *projected: torch.Tensor):
             ce = cross_entropy(s, y)
             sel = idx.ge(0)
-            uld = torch.zeros_like(ce)
-            if sel.any():
-                uld = uld.masked_scatter(sel, uld_distance(s[sel], partners.rows(idx, sel, projected), tau, top_k))
+            if bool(sel.all()):  # every row has a partner (the usual case): no copies of the rows
+                uld = uld_distance(s, partners.rows(idx, sel, projected), tau, top_k)
+            else:
+                uld = torch.zeros_like(ce)
+                if sel.any():
+                    uld = uld.masked_scatter(sel, uld_distance(s[sel], partners.rows(idx, sel, projected), tau,
+                                                               top_k))
             return ce_coef * ce + kd_coef * w.to(ce.dtype) * uld, {"ce": ce, "uld": uld}
 
         loss, metrics = chunked_token_loss(per_token, student.logit_source, mask, labels, partner, weight,

@@ -61,6 +61,13 @@ class OutputHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
+    def finish_grad(self, finished: torch.Tensor) -> torch.Tensor:
+        """d finish(z)/dz element-wise, from the finished values themselves: s·(1 − (y/c)²) under a soft cap c
+        (y = c·tanh(s·z/c)), else the scale s."""
+        if self.softcap is None:
+            return torch.full_like(finished, self.logit_scale)
+        return self.logit_scale * (1 - (finished / self.softcap).square())
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits from rows of its last hidden state: n×H (or ...×H) -> n×V, in the weight's dtype."""
         return self.finish(self.linear(hidden))
