@@ -35,7 +35,9 @@ input. Backward scales the buffers; autograd carries them on into the projectors
 projected per chunk of the student-side pass (their gradient lands in a B×T×H buffer and the head's V×H one) and the
 teacher's per chunk of the teacher-side pass (read detached): no B×T×V tensor exists. The teacher-side pass walks
 ``chunk_size``·V_s/V_t rows per chunk (:func:`~prefkd.losses.chunked.rows_per_chunk`), so its chunks hold as many
-entries as the student side's. The head products z^{t→s},
+entries as the student side's; ``teacher_chunk_size`` sets the rows instead (at real widths the teacher's head, e.g.
+Qwen's 151,936 × 2,048 = 1.2 GB in fp32, dwarfs a chunk's work, and a few rows a chunk make thin matmuls that read
+that head again and again: docs/performance.md, realistic shapes). The head products z^{t→s},
 z^{s→t} are the same either way (W^s, W^t detached, weight only). Cross-model attention reads embeddings and hidden
 states, never logits; its own work (about 20 tensors of B×T×d or B×n×m alive at once) does not grow with V.
 """
@@ -99,8 +101,11 @@ class _DualSpaceLoss(DistillationLoss):
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  teacher_temperature: float = 1.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5,
                  pretrain_projectors: bool = False, chunk_size: int = 1024, projector_warmup_steps: int = 0,
-                 teacher_space: bool = True, beta: float = 0.5):
+                 teacher_space: bool = True, beta: float = 0.5, teacher_chunk_size: int | None = None):
         super().__init__()
+        if teacher_chunk_size is not None and teacher_chunk_size < 1:
+            raise ValueError(f"teacher_chunk_size={teacher_chunk_size} must be >= 1 (or null: chunk_size·V_s/V_t)")
+        self.teacher_chunk_size = teacher_chunk_size  # rows per chunk of the teacher-side pass (None: entries-matched)
         if projector_warmup_steps < 0:
             raise ValueError(f"projector_warmup_steps={projector_warmup_steps} must be >= 0 (0 = no warm-up)")
         self.divergence, self.kd_rate, self.temperature = divergence, kd_rate, temperature
@@ -204,7 +209,8 @@ class _DualSpaceLoss(DistillationLoss):
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
             mask_t = response_mask(batch["teacher_labels"])
-            chunk_t = rows_per_chunk(self.chunk_size, source_t.shape[-1], student.logit_source.shape[-1])
+            chunk_t = self.teacher_chunk_size or rows_per_chunk(self.chunk_size, source_t.shape[-1],
+                                                                student.logit_source.shape[-1])
             tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs, mask_t,
                                                       source_t.hidden if stacked else source_t, chunk_size=chunk_t,
                                                       terms=("kd_tea",))
@@ -231,9 +237,9 @@ class DSKDLoss(_DualSpaceLoss):
     def __init__(self, divergence: str = "forward_kl", kd_rate: float = 0.5, temperature: float = 1.0,
                  skew_lambda: float = 0.1, adaptive_alpha: float = 0.5, pretrain_projectors: bool = False,
                  chunk_size: int = 1024, projector_warmup_steps: int = 0, teacher_space: bool = True,
-                 beta: float = 0.5):
+                 beta: float = 0.5, teacher_chunk_size: int | None = None):
         super().__init__(divergence, kd_rate, temperature, 1.0, skew_lambda, adaptive_alpha, pretrain_projectors,
-                         chunk_size, projector_warmup_steps, teacher_space, beta)
+                         chunk_size, projector_warmup_steps, teacher_space, beta, teacher_chunk_size)
 
     def projected(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_same_tokens(inputs.batch, inputs.student.hidden, inputs.teacher.hidden)

@@ -185,7 +185,7 @@ class MCWKDLoss(DistillationLoss):
                  interpolate: bool = False, interpolate_start: float = 0.1, interpolate_steps: int | None = None,
                  projector_warmup_steps: int = 0, teacher_space: bool = True, transport: str = "sinkhorn",
                  potential_hidden: int = 64, potential_bound: float = 10.0, inner_steps: int = 5,
-                 inner_lr: float = 1e-2, beta: float = 0.5):
+                 inner_lr: float = 1e-2, beta: float = 0.5, teacher_chunk_size: int | None = None):
         super().__init__()
         if transport not in TRANSPORTS:
             raise ValueError(f"transport={transport!r}: choose one of {list(TRANSPORTS)}")
@@ -202,7 +202,7 @@ class MCWKDLoss(DistillationLoss):
             self.name = "mcw_kd_dual"
         self.dual_space = DSKDCMALoss(divergence, kd_rate, temperature, teacher_temperature, skew_lambda,
                                       adaptive_alpha, pretrain_projectors, chunk_size, projector_warmup_steps,
-                                      teacher_space, beta)
+                                      teacher_space, beta, teacher_chunk_size)
         self.dual_space.name = self.name  # its errors name this loss
         self.ce_weight, self.top_k, self.ot_temperature = ce_weight, int(top_k), ot_temperature
         self.window, self.include_prompt, self.chunk_size = int(window), bool(include_prompt), chunk_size
@@ -326,7 +326,7 @@ class MCWKDLoss(DistillationLoss):
         worth, no grad (when DSKD-CMA's teacher-side pass did not take them: ``include_prompt``, no teacher space)."""
         source = teacher.logit_source
         index = t_pts.rows * source.shape[1] + t_pts.cols
-        chunk = rows_per_chunk(self.chunk_size, source.shape[-1], student_vocab)
+        chunk = self.dual_space.teacher_chunk_size or rows_per_chunk(self.chunk_size, source.shape[-1], student_vocab)
         return map_rows(source, index, lambda r: r.float().topk(k, dim=-1).values, chunk)
 
     def logits_costs(self, top_s, top_t, t_pts: Clouds, s_pts: Clouds, x_t, x_s, mix: float = 1.0):
