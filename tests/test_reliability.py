@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from prefkd.losses.kd import KDLoss
 from prefkd.training import checkpoint as ckpt
 from prefkd.training.pipeline import run
+from prefkd.training.train_state import read_train_state
 from prefkd.training.trainer import NonFiniteLossError
 from tests.helpers.runs import assert_same_weights, compose_cfg, weights
 from tests.helpers.shared import free_port
@@ -96,7 +97,8 @@ def test_one_non_finite_step_is_skipped_and_leaves_everything_unchanged(tmp_path
     assert_same_weights(weights(tmp_path / "run", "step-2"), weights(tmp_path / "run", "step-3"))
     with pytest.raises(AssertionError):
         assert_same_weights(weights(tmp_path / "run", "step-3"), weights(tmp_path / "run", "step-4"))
-    opt2, opt3 = (trainer_file(tmp_path / "run", f"step-{s}", "optimizer.pt")["state"] for s in (2, 3))
+    opt2, opt3 = (read_train_state(tmp_path / "run" / "checkpoints" / f"step-{s}" / "trainer_state" / "dcp")[
+        "optimizer"]["state"] for s in (2, 3))
     for k in opt2:  # AdamW did not step: same step count and moments (no NaN got in)
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(opt2[k][name], opt3[k][name]), (k, name)

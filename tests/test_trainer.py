@@ -76,7 +76,7 @@ def test_run_directory_layout_and_checkpoints_load(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "last")
     tok = AutoTokenizer.from_pretrained(run_dir / "checkpoints" / "last")
     assert model.config.vocab_size >= len(tok)
-    assert (run_dir / "checkpoints" / "last" / "trainer_state" / "optimizer.pt").exists()
+    assert (run_dir / "checkpoints" / "last" / "trainer_state" / "dcp" / ".metadata").exists()  # the training state
     assert summary["checkpoints"]["last"].endswith("last")
 
 
