@@ -10,8 +10,9 @@ both run in the one process.
 
 Saved (the folder ``trainer_state/dcp/`` of a checkpoint)::
 
-    model.<name>       every trainable parameter and every buffer of the module (frozen parameters, e.g. a LoRA
-                       student's base weights, are rebuilt from the pretrained model on resume, as before)
+    model.<name>       every trainable parameter (once, under its first name when tied) and every buffer of the
+                       module (frozen parameters, e.g. a LoRA student's base weights, are rebuilt from the
+                       pretrained model on resume, as before)
     optimizer.state.<name>.<key>, optimizer.param_groups   the optimizer's state by parameter name; absent while the
                        optimizer has taken no step (reading it would initialise it with a step of lr 0, which
                        changes AdamW's step count)
@@ -41,10 +42,22 @@ DCP_DIR = "dcp"
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def tensors_only(state: dict) -> tuple[dict, dict]:
-    """(tensor entries, the others: ``*._extra_state`` values) of a module state dict."""
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return tensors, {k: v for k, v in state.items() if k not in tensors}
+def _not_saved(module: nn.Module) -> set[str]:
+    """The canonical names of the parameters not saved: the frozen ones (``ignore_frozen_params`` drops only a tied
+    parameter's first name: a LoRA student's frozen output head, tied to its embedding, would stay) and the second
+    names of tied ones (the first holds the tensor: loading it restores both)."""
+    first = {name for name, _ in module.named_parameters()}
+    names = {name for name, p in module.named_parameters(remove_duplicate=False)
+             if not p.requires_grad or name not in first}
+    return names | {n.removeprefix("module.").replace("_orig_mod.", "") for n in names}  # DDP's and compile's
+
+
+def _split(module: nn.Module, state: dict) -> tuple[dict, dict]:
+    """(the tensors to save: parameters that train and buffers; the non-tensor ``*._extra_state`` values) of a module
+    state dict from ``get_state_dict``."""
+    skip = _not_saved(module)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k not in skip}
+    return tensors, {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
 
 
 def _distributed() -> bool:
@@ -74,7 +87,7 @@ def save_train_state(directory: Path, module: nn.Module, optimizer: torch.optim.
         model_state, optim_state = get_state_dict(module, optimizer, options=OPTIONS)
     else:  # no step yet: leave the optimizer untouched (see the module docstring)
         model_state, optim_state = get_model_state_dict(module, options=OPTIONS), None
-    tensors, extra = tensors_only(model_state)
+    tensors, extra = _split(module, model_state)
     state = {"model": tensors} | ({"optimizer": optim_state} if optim_state is not None else {})
     with _alone_quietly():
         dcp.save(state, checkpoint_id=str(directory), no_dist=not _distributed())
@@ -106,7 +119,7 @@ def load_train_state(directory: Path, module: nn.Module, optimizer: torch.optim.
         optim_state = _only_saved(optim_state, saved)
     else:
         model_state, optim_state = get_model_state_dict(module, options=OPTIONS), None
-    tensors, _ = tensors_only(model_state)
+    tensors, _ = _split(module, model_state)
     state = {"model": tensors} | ({"optimizer": optim_state} if with_optimizer else {})
     with _alone_quietly():  # in place: each process reads the pieces it holds
         dcp.load(state, checkpoint_id=str(directory), no_dist=not _distributed())
@@ -132,10 +145,10 @@ def read_train_state(directory: Path) -> dict:
 
 
 def _check_keys(module: nn.Module, result) -> None:
-    """Loaded non-strictly (frozen parameters are not saved): anything else missing or unexpected is an error."""
-    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    frozen |= {name.replace("module.", "", 1) for name in frozen}  # DDP's prefix
-    missing = [k for k in result.missing_keys if k not in frozen]
+    """Loaded non-strictly (frozen parameters and tied aliases are not saved): anything else missing or unexpected is
+    an error."""
+    skip = _not_saved(module)
+    missing = [k for k in result.missing_keys if k not in skip]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"the saved training state does not fit the module: missing {missing[:5]}, "
                            f"unexpected {list(result.unexpected_keys)[:5]}")
