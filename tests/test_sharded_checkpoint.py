@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from prefkd.training import checkpoint as ckpt
 from prefkd.training.train_state import DCP_DIR, load_train_state, read_train_state, save_train_state
+from tests.helpers import sharded_train
 from tests.helpers.sharded_train import build, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def test_the_resume_reads_the_training_state_not_the_export(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- two processes
 def _launch(out: Path, world: int, *args: str) -> list[subprocess.Popen]:
-    """The ranks of one run of tests/helpers/sharded_train.py (started, not awaited)."""
+    """The ranks of one run of tests/helpers/sharded_train.py, started in new processes (not awaited)."""
     out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     procs = []
@@ -153,6 +154,12 @@ def _launch(out: Path, world: int, *args: str) -> list[subprocess.Popen]:
         with open(out / f"rank{rank}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
+
+
+def _in_process(out: Path, *args: str) -> None:
+    """A one-process run of tests/helpers/sharded_train.py here (no process group; saves the start-up)."""
+    out.mkdir(parents=True)
+    sharded_train.main(["--out", str(out), "--steps", str(STEPS), *args])
 
 
 def _wait(runs: dict[str, tuple[Path, list[subprocess.Popen]]], killed: tuple[str, ...] = ()) -> None:
@@ -167,19 +174,21 @@ def _wait(runs: dict[str, tuple[Path, list[subprocess.Popen]]], killed: tuple[st
 def sharded_runs(tmp_path_factory) -> dict[str, Path]:
     """straight2 / straight1: 6 steps on 2 sharded processes / 1 plain process (straight1 saves at step 3);
     killed2: 2 sharded processes that save at step 3 and SIGKILL themselves. Then, from those checkpoints:
-    resumed2 (killed2's, on 2), resumed1 (killed2's, on 1), resumed2_of1 (straight1's, on 2)."""
+    resumed2 (killed2's, on 2), resumed1 (killed2's, on 1), resumed2_of1 (straight1's, on 2). The one-process runs
+    run in this process while the others run."""
     base = tmp_path_factory.mktemp("sharded")
     d = {name: base / name for name in ("straight2", "straight1", "killed2", "resumed2", "resumed1", "resumed2_of1")}
-    save = ("--save-at", str(SAVE_AT), "--checkpoint")
-    _wait({"straight2": (d["straight2"], _launch(d["straight2"], 2)),
-           "killed2": (d["killed2"], _launch(d["killed2"], 2, *save, str(d["killed2"] / "ck" / "dcp"), "--die")),
-           "straight1": (d["straight1"], _launch(d["straight1"], 1, *save, str(d["straight1"] / "ck" / "dcp")))},
-          killed=("killed2",))
-    resume = ("--resume", "--checkpoint")
-    _wait({"resumed2": (d["resumed2"], _launch(d["resumed2"], 2, *resume, str(d["killed2"] / "ck" / "dcp"))),
-           "resumed1": (d["resumed1"], _launch(d["resumed1"], 1, *resume, str(d["killed2"] / "ck" / "dcp"))),
-           "resumed2_of1": (d["resumed2_of1"],
-                            _launch(d["resumed2_of1"], 2, *resume, str(d["straight1"] / "ck" / "dcp")))})
+    ck = {name: str(d[name] / "ck" / "dcp") for name in ("killed2", "straight1")}
+    started = {"straight2": (d["straight2"], _launch(d["straight2"], 2)),
+               "killed2": (d["killed2"], _launch(d["killed2"], 2, "--save-at", str(SAVE_AT), "--checkpoint",
+                                                 ck["killed2"], "--die"))}
+    _in_process(d["straight1"], "--save-at", str(SAVE_AT), "--checkpoint", ck["straight1"])
+    _wait(started, killed=("killed2",))
+    started = {"resumed2": (d["resumed2"], _launch(d["resumed2"], 2, "--resume", "--checkpoint", ck["killed2"])),
+               "resumed2_of1": (d["resumed2_of1"],
+                                _launch(d["resumed2_of1"], 2, "--resume", "--checkpoint", ck["straight1"]))}
+    _in_process(d["resumed1"], "--resume", "--checkpoint", ck["killed2"])
+    _wait(started)
     return d
 
 

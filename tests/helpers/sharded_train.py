@@ -117,7 +117,8 @@ def dump(module, optimizer, path: Path, rank: int) -> None:
         torch.save({"model": model_state, "optimizer": optim_state, "steps_seen": module.loss.steps_seen}, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """One process's run (``argv``: the command line's arguments). In the caller's process with ``--world 1``."""
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--rank", type=int, default=0)
@@ -126,10 +127,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--save-at", type=int, default=None)
-    p.add_argument("--die", action="store_true")
+    p.add_argument("--die", action="store_true", help="SIGKILL every process right after the save")
     p.add_argument("--resume", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        run(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(a: argparse.Namespace) -> None:
     if a.world > 1:
         dist.init_process_group("gloo", init_method=f"file://{a.init}", rank=a.rank, world_size=a.world)
     module, optimizer = build(a.world)
