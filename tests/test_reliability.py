@@ -4,7 +4,7 @@ weights of an uninterrupted run; secrets never reach the run directory.
 
 Faults are injected with :class:`FaultyKD`, KD whose loss (or only its gradient) is NaN on chosen optimizer
 steps, picked by Hydra through ``loss._target_=tests.test_reliability.FaultyKD`` (also in subprocesses: the
-repository root is put on PYTHONPATH). Everything runs on the tiny same-tokenizer pair, single-threaded.
+checkout's src/ and root are put on PYTHONPATH). Everything runs on the tiny same-tokenizer pair, single-threaded.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from safetensors.torch import load_file
 from prefkd.losses.kd import KDLoss
 from prefkd.training import checkpoint as ckpt
 from prefkd.training.pipeline import run
+from prefkd.training.train_state import read_train_state
 from prefkd.training.trainer import NonFiniteLossError
 from tests.helpers.runs import assert_same_weights, compose_cfg, weights
 from tests.helpers.shared import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+PYTHONPATH = f"{REPO / 'src'}{os.pathsep}{REPO}"  # the subprocesses run this checkout's prefkd and tests
 FAULTY = "loss._target_=tests.test_reliability.FaultyKD"
 SMALL = ("trainer.num_threads=1", "dataset.source.n_train=128", "dataset.source.n_dev=16", "trainer.dev_limit=8",
          "trainer.eval_every=1000", "trainer.log_every=1")
@@ -96,7 +98,8 @@ def test_one_non_finite_step_is_skipped_and_leaves_everything_unchanged(tmp_path
     assert_same_weights(weights(tmp_path / "run", "step-2"), weights(tmp_path / "run", "step-3"))
     with pytest.raises(AssertionError):
         assert_same_weights(weights(tmp_path / "run", "step-3"), weights(tmp_path / "run", "step-4"))
-    opt2, opt3 = (trainer_file(tmp_path / "run", f"step-{s}", "optimizer.pt")["state"] for s in (2, 3))
+    opt2, opt3 = (read_train_state(tmp_path / "run" / "checkpoints" / f"step-{s}" / "trainer_state" / "dcp")[
+        "optimizer"]["state"] for s in (2, 3))
     for k in opt2:  # AdamW did not step: same step count and moments (no NaN got in)
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(opt2[k][name], opt3[k][name]), (k, name)
@@ -148,7 +151,7 @@ def test_non_finite_from_the_first_step_fails_on_the_command_line(tmp_path):
     args = ["model=tiny_same", "loss=kd", FAULTY, f"+loss.nan_steps={list(range(10))}", "logger=wandb",
             "trainer.device=cpu", "trainer.eval_at_start=false", "trainer.max_steps=10",
             "trainer.max_nonfinite_in_a_row=2", *SMALL, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     env.pop("HF_TOKEN", None)
     res = subprocess.run([sys.executable, "-m", "prefkd.train", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -171,7 +174,7 @@ def test_two_processes_stop_together_when_one_sees_non_finite_gradients(tmp_path
             FAULTY, "+loss.nan_grad_steps=[1,2]", "+loss.only_rank=1", "logger=none", "trainer.device=cpu",
             "trainer.eval_at_start=false", "trainer.max_steps=8", "trainer.batch_size=4",
             "trainer.max_nonfinite_in_a_row=2", *SMALL, f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     res = subprocess.run([str(torchrun), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode != 0, res.stderr[-3000:]
     assert res.stderr.count("NonFiniteLossError: training stopped at step 3") == 2, res.stderr[-4000:]
@@ -252,7 +255,7 @@ def test_sigkill_at_random_moments_and_resume_give_the_uninterrupted_weights(tmp
     (cwd / ".env").write_text(f"HF_TOKEN={DOTENV_SECRET}\n")
     checkpoints, metrics_file = run_dir / "checkpoints", run_dir / "metrics.jsonl"
     cmd = [sys.executable, "-m", "prefkd.train", *FAULT_ARGS, "trainer.resume=auto", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, **SECRETS, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SECRETS, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
     env.pop("HF_TOKEN", None)
     plan = ["save", "sigterm", "save", "step", "save", "save", "step"]  # then run to the end
     log = []

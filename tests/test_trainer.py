@@ -76,7 +76,7 @@ def test_run_directory_layout_and_checkpoints_load(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "last")
     tok = AutoTokenizer.from_pretrained(run_dir / "checkpoints" / "last")
     assert model.config.vocab_size >= len(tok)
-    assert (run_dir / "checkpoints" / "last" / "trainer_state" / "optimizer.pt").exists()
+    assert (run_dir / "checkpoints" / "last" / "trainer_state" / "dcp" / ".metadata").exists()  # the training state
     assert summary["checkpoints"]["last"].endswith("last")
 
 
@@ -86,6 +86,10 @@ def test_lora_student_saves_an_adapter(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last"
     assert (last / "adapter_config.json").exists() and (last / "adapter_model.safetensors").exists()
     assert not (last / "model.safetensors").exists()
+    from prefkd.training.train_state import read_train_state
+
+    trained = read_train_state(last / "trainer_state" / "dcp")  # the resume state: the adapter, not the frozen base
+    assert trained["model"] and all("lora_" in name for name in trained["model"]), sorted(trained["model"])[:5]
 
 
 def test_kd_trains_on_different_tokenizers_with_mined(tmp_path, caplog):

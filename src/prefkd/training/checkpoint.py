@@ -5,7 +5,15 @@ Layout of ``<run>/checkpoints/<name>/`` (name = ``step-N``, ``last`` or ``best``
     config.json + model.safetensors   (full model)   or   adapter_config.json + adapter_model.safetensors (LoRA)
     tokenizer files
     projectors.safetensors            the loss's own modules and state (projectors, cost weights), if any
-    trainer_state/                    optimizer.pt, scheduler.pt, rng-<rank>.pt, state.json
+    trainer_state/                    dcp/, loss_extra.pt, scheduler.pt, rng-<rank>.pt, state.json
+
+The first three are a gathered export for ``from_pretrained`` users (``best/``, ``last/``). Resuming reads the
+training state instead: ``trainer_state/dcp/`` holds the prepared module's parameters (student and loss) and the
+optimizer's state as every process's shards (:mod:`prefkd.training.train_state`, ``torch.distributed.checkpoint``), so
+a run sharded by FSDP resumes its own optimizer state, on any number of processes. Checkpoints of older prefkd
+versions (``trainer_state/optimizer.pt``, no ``dcp/``) resume as before: the weights from the export, the optimizer
+from ``optimizer.pt``. Under DeepSpeed (its engine and ZeRO optimizer are not torch modules and optimizers that
+``torch.distributed.checkpoint`` reads) checkpoints keep that older layout.
 
 A checkpoint is written into ``.tmp-<name>`` and renamed into place, so a kill at any moment leaves the
 previous one intact; ``find_latest`` only ever sees complete checkpoints.
@@ -25,10 +33,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefkd.training.distill_module import part
+from prefkd.training.train_state import DCP_DIR, has_train_state, load_train_state, save_train_state
 
 STATE_DIR = "trainer_state"
 PROJECTORS = "projectors.safetensors"
 LOSS_EXTRA = "loss_extra.pt"  # non-tensor loss-module state (torch.save, loaded weights_only)
+LEGACY_OPTIMIZER = "optimizer.pt"  # the main process's optimizer.state_dict(): older checkpoints, DeepSpeed
+
+
+def _deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper (``AcceleratedOptimizer.optimizer``), or ``optimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -65,7 +86,9 @@ def split_loss_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def save_checkpoint(dest: Path, *, accelerator, module, tokenizer, optimizer, scheduler, state: dict) -> Path:
     """Save everything needed to continue training into ``dest`` (atomically). Collective: all ranks call.
     ``module``: the prepared :class:`~prefkd.training.distill_module.DistillModule`; the student's weights go to
-    ``save_pretrained``'s files and the loss's to ``projectors.safetensors``, each with its own keys."""
+    ``save_pretrained``'s files and the loss's to ``projectors.safetensors``, each with its own keys (gathered, by
+    the main process); the module and the optimizer, sharded as they are, to ``trainer_state/dcp/`` (every
+    process)."""
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}")
     if accelerator.is_main_process:
@@ -82,9 +105,12 @@ def save_checkpoint(dest: Path, *, accelerator, module, tokenizer, optimizer, sc
             save_file(loss_state, str(tmp / PROJECTORS))
         if loss_extra:  # non-tensor module state (get_extra_state: e.g. an inner optimizer's state)
             torch.save(loss_extra, tmp / STATE_DIR / LOSS_EXTRA)
-        torch.save(optimizer.state_dict(), tmp / STATE_DIR / "optimizer.pt")
+        if _deepspeed(accelerator):
+            torch.save(optimizer.state_dict(), tmp / STATE_DIR / LEGACY_OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
+    if not _deepspeed(accelerator):  # collective: every process writes its shards
+        save_train_state(tmp / STATE_DIR / DCP_DIR, module, _torch_optimizer(optimizer))
     torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -161,20 +187,31 @@ def load_model_weights(model, path: Path) -> None:
 
 def load_checkpoint(path: Path, *, accelerator, module, optimizer, scheduler) -> dict:
     """Restore weights, projectors, optimizer, scheduler and RNG from ``path`` into the prepared
-    :class:`~prefkd.training.distill_module.DistillModule` ``module`` and the rest; return its state.json."""
+    :class:`~prefkd.training.distill_module.DistillModule` ``module`` and the rest; return its state.json.
+    Collective (every process loads its shards of ``trainer_state/dcp/``)."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete prefkd checkpoint (no {STATE_DIR}/state.json).")
-    inner = accelerator.unwrap_model(module)
-    load_model_weights(inner.student, path)
-    loss_state = load_file(str(path / PROJECTORS)) if (path / PROJECTORS).exists() else {}
-    if (path / STATE_DIR / LOSS_EXTRA).exists():
-        loss_state.update(torch.load(path / STATE_DIR / LOSS_EXTRA, map_location="cpu", weights_only=True))
-    if loss_state:
-        inner.loss.load_state_dict(loss_state)
-    optimizer.load_state_dict(torch.load(path / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=True))
+    extra_file = path / STATE_DIR / LOSS_EXTRA
+    loss_extra = torch.load(extra_file, map_location="cpu", weights_only=True) if extra_file.exists() else {}
+    if has_train_state(path / STATE_DIR / DCP_DIR) and not _deepspeed(accelerator):
+        load_train_state(path / STATE_DIR / DCP_DIR, module, _torch_optimizer(optimizer),
+                         extra={f"loss.{k}": v for k, v in loss_extra.items()})
+    else:  # an older checkpoint (or DeepSpeed): the weights from the export, the optimizer from optimizer.pt
+        _load_legacy(path, accelerator.unwrap_model(module), optimizer, loss_extra)
     scheduler.load_state_dict(torch.load(path / STATE_DIR / "scheduler.pt", weights_only=True))
     rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return read_state(path)
+
+
+def _load_legacy(path: Path, inner, optimizer, loss_extra: dict) -> None:
+    """A checkpoint without ``trainer_state/dcp/``: the student's and the loss's weights from the export into the
+    unwrapped module ``inner``, the optimizer from ``optimizer.pt`` (the main process's state dict)."""
+    load_model_weights(inner.student, path)
+    loss_state = load_file(str(path / PROJECTORS)) if (path / PROJECTORS).exists() else {}
+    loss_state.update(loss_extra)
+    if loss_state:
+        inner.loss.load_state_dict(loss_state)
+    optimizer.load_state_dict(torch.load(path / STATE_DIR / LEGACY_OPTIMIZER, map_location="cpu", weights_only=True))
