@@ -25,7 +25,7 @@ from transformers import (
 from prefkd.losses.base import LossInputs, ModelOutputs
 from prefkd.losses.chunked import HiddenRows, RowFeatures, chunked_rows_loss, map_rows, rows_per_chunk
 from prefkd.losses.divergences import DIVERGENCES, cross_entropy
-from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss
+from prefkd.losses.dskd import DSKDCMALoss, DSKDLoss, teacher_rows_per_chunk
 from prefkd.losses.kd import KDLoss
 from prefkd.losses.mcw_kd import MCWKDDualLoss, MCWKDLoss
 from prefkd.losses.mined import MinEDLoss
@@ -401,6 +401,15 @@ def test_rows_per_chunk_keeps_the_entries_of_a_chunk():
     assert rows_per_chunk(32, 151_936, 50_257) == 10
     assert rows_per_chunk(32, 32_000, 32_000) == 32 and rows_per_chunk(32, 1_000, 50_257) == 32
     assert rows_per_chunk(2, 151_936, 50_257) == 1
+
+
+def test_the_teacher_side_walks_entries_matched_rows_but_not_thin_ones_against_a_large_head():
+    """DSKD's teacher-side pass: Qwen's vocabulary against GPT-2's at the bench's width 256 (10 rows would match the
+    entries; 16 = 256/16), at Qwen1.5-1.8B's 2,048 (capped at chunk_size 32); one vocabulary keeps chunk_size."""
+    assert teacher_rows_per_chunk(32, (151_936, 256), 50_257) == 16
+    assert teacher_rows_per_chunk(32, (151_936, 2048), 50_257) == 32
+    assert teacher_rows_per_chunk(32, (151_936, 64), 50_257) == 10
+    assert teacher_rows_per_chunk(32, (32_000, 4096), 32_000) == 32
 
 
 def test_map_rows_reads_the_rows_at_flat_indices_from_logits_or_hidden_rows():

@@ -34,10 +34,8 @@ input. Backward scales the buffers; autograd carries them on into the projectors
 (issue 17): z^s and z^t are read through ``logit_source``, so with hidden states and heads the student's rows are
 projected per chunk of the student-side pass (their gradient lands in a B×T×H buffer and the head's V×H one) and the
 teacher's per chunk of the teacher-side pass (read detached): no B×T×V tensor exists. The teacher-side pass walks
-``chunk_size``·V_s/V_t rows per chunk (:func:`~prefkd.losses.chunked.rows_per_chunk`), so its chunks hold as many
-entries as the student side's; ``teacher_chunk_size`` sets the rows instead (at real widths the teacher's head, e.g.
-Qwen's 151,936 × 2,048 = 1.2 GB in fp32, dwarfs a chunk's work, and a few rows a chunk make thin matmuls that read
-that head again and again: docs/performance.md, realistic shapes). The head products z^{t→s},
+``chunk_size``·V_s/V_t rows per chunk, so its chunks hold as many entries as the student side's, but at least d_t/16
+(:func:`teacher_rows_per_chunk`); ``teacher_chunk_size`` sets the rows instead. The head products z^{t→s},
 z^{s→t} are the same either way (W^s, W^t detached, weight only). Cross-model attention reads embeddings and hidden
 states, never logits; its own work (about 20 tensors of B×T×d or B×n×m alive at once) does not grow with V.
 """
@@ -62,6 +60,17 @@ STUDENT_SIDE = ("ce", "ce_t2s", "kd_stu", "t2s_acc")  # the metrics summed by th
 def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """rows n×d times a detached head V×d -> n×V logits, computed in the head's dtype, returned fp32 at least."""
     return F.linear(rows.to(head.dtype), head.detach()).to(torch.promote_types(rows.dtype, torch.float32))
+
+
+def teacher_rows_per_chunk(chunk_size: int, head_shape: tuple[int, int], student_vocab: int) -> int:
+    """Rows per chunk of the teacher-side pass (``teacher_chunk_size: null``): as many entries as ``chunk_size``
+    student rows (:func:`~prefkd.losses.chunked.rows_per_chunk`: 10 of Qwen's 151,936 for 32 of GPT-2's 50,257), but
+    never fewer than d_t/16 rows (up to ``chunk_size``): a chunk's V_t-wide work (about 7 tensors) then stays under
+    half of the teacher head (V_t×d_t) that the pass reads anyway, and a few rows against a large head make thin
+    matmuls that read it again and again (Qwen1.5-1.8B's 1.2 GB head: 32 rows ran the step 1.2× faster than 10,
+    docs/performance.md)."""
+    vocab, width = head_shape
+    return max(rows_per_chunk(chunk_size, vocab, student_vocab), min(chunk_size, width // 16))
 
 
 class _TeacherHeadProducts(torch.autograd.Function):
@@ -209,8 +218,8 @@ class _DualSpaceLoss(DistillationLoss):
         if self.teacher_space:
             tea_inputs = (s2t_hidden.detach() if pretrain else s2t_hidden,)  # warm-up: projected() detached h^s
             mask_t = response_mask(batch["teacher_labels"])
-            chunk_t = self.teacher_chunk_size or rows_per_chunk(self.chunk_size, source_t.shape[-1],
-                                                                student.logit_source.shape[-1])
+            chunk_t = self.teacher_chunk_size or teacher_rows_per_chunk(self.chunk_size, head_t.shape,
+                                                                        student.logit_source.shape[-1])
             tea_loss, tea_metrics = chunked_rows_loss(teacher_side, tea_inputs, mask_t,
                                                       source_t.hidden if stacked else source_t, chunk_size=chunk_t,
                                                       terms=("kd_tea",))

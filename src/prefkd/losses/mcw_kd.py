@@ -63,8 +63,8 @@ import torch
 from torch import nn
 
 from prefkd.losses.base import DistillationLoss, LossInputs, LossOutput, Needs, response_mask
-from prefkd.losses.chunked import RowFeatures, map_rows, rows_per_chunk
-from prefkd.losses.dskd import DSKDCMALoss
+from prefkd.losses.chunked import RowFeatures, map_rows
+from prefkd.losses.dskd import DSKDCMALoss, teacher_rows_per_chunk
 from prefkd.losses.projectors import ensure_projectors, fp32_region, hidden_size
 from prefkd.ot import (
     AdaptiveCostWeights,
@@ -326,7 +326,8 @@ class MCWKDLoss(DistillationLoss):
         worth, no grad (when DSKD-CMA's teacher-side pass did not take them: ``include_prompt``, no teacher space)."""
         source = teacher.logit_source
         index = t_pts.rows * source.shape[1] + t_pts.cols
-        chunk = self.dual_space.teacher_chunk_size or rows_per_chunk(self.chunk_size, source.shape[-1], student_vocab)
+        chunk = self.dual_space.teacher_chunk_size or teacher_rows_per_chunk(
+            self.chunk_size, teacher.model.get_output_embeddings().weight.shape, student_vocab)
         return map_rows(source, index, lambda r: r.float().topk(k, dim=-1).values, chunk)
 
     def logits_costs(self, top_s, top_t, t_pts: Clouds, s_pts: Clouds, x_t, x_s, mix: float = 1.0):
