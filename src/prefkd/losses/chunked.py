@@ -330,15 +330,21 @@ def _slot(x: Logits, wants: Sequence[bool], buffers: Sequence[torch.Tensor | Non
     return (_HiddenSlot if isinstance(x, HiddenRows) else _LogitsSlot)(x, wants, buffers)
 
 
+def _per_input(inputs: Sequence[Logits], flat: Sequence) -> list[tuple[Logits, Sequence]]:
+    """Each input with its part of ``flat``, a sequence with one entry per tensor of :func:`_tensors` of every
+    input, in order."""
+    parts, start = [], 0
+    for x in inputs:
+        n = len(_tensors(x))
+        parts.append((x, flat[start:start + n]))
+        start += n
+    return parts
+
+
 def _slots(inputs: Sequence[Logits], wants: Sequence[bool]) -> list[_LogitsSlot | _HiddenSlot]:
     """One slot per input; ``wants``: per tensor of :func:`_tensors` of every input, flat, whether it needs a
     gradient."""
-    slots, start = [], 0
-    for x in inputs:
-        n = len(_tensors(x))
-        slots.append(_slot(x, wants[start:start + n]))
-        start += n
-    return slots
+    return [_slot(x, own) for x, own in _per_input(inputs, wants)]
 
 
 def _chunk(fn, slots, r, c, others, terms: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -540,12 +546,7 @@ def _sum_and_features(fn, slots, mask, others, chunk_size, terms, features: RowF
 
 def _rebuild_inputs(inputs: Sequence[Logits], tensors: Sequence[torch.Tensor]) -> list[Logits]:
     """Every input with its tensors replaced by ``tensors`` (flat, :func:`_tensors` order)."""
-    rebuilt, start = [], 0
-    for x in inputs:
-        n = len(_tensors(x))
-        rebuilt.append(_rebuild(x, tensors[start:start + n]))
-        start += n
-    return rebuilt
+    return [_rebuild(x, own) for x, own in _per_input(inputs, tensors)]
 
 
 class _ChunkedRowsShared(torch.autograd.Function):

@@ -77,18 +77,18 @@ def sorted_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
     the size of the values) never exist for all N rows, and the exp runs in place."""
     z = logits if temperature == 1 else logits / temperature
     lse = torch.logsumexp(z, -1, keepdim=True)
-    if z.requires_grad and torch.is_grad_enabled():
-        top = z.sort(-1, descending=True).values if top_k is None else z.topk(min(top_k, z.shape[-1]), -1).values
-        return (top - lse).exp()
+    grad = z.requires_grad and torch.is_grad_enabled()
     if top_k is not None:
         top = z.topk(min(top_k, z.shape[-1]), dim=-1).values
+    elif grad:
+        top = z.sort(-1, descending=True).values
     else:
         top = torch.empty_like(z)
         order = torch.empty(min(SORT_ROWS, z.shape[0]), z.shape[-1], dtype=torch.long, device=z.device)
         for start in range(0, z.shape[0], SORT_ROWS):
             rows = slice(start, start + SORT_ROWS)
             torch.sort(z[rows], dim=-1, descending=True, out=(top[rows], order[:top[rows].shape[0]]))
-    return top.sub_(lse).exp_()
+    return (top - lse).exp() if grad else top.sub_(lse).exp_()
 
 
 def uld_distance(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0,
