@@ -173,17 +173,21 @@ def _wait(runs: dict[str, tuple[Path, list[subprocess.Popen]]], killed: tuple[st
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory) -> dict[str, Path]:
     """straight2 / straight1: 6 steps on 2 sharded processes / 1 plain process (straight1 saves at step 3);
-    killed2: 2 sharded processes that save at step 3 and SIGKILL themselves. Then, from those checkpoints:
+    killed2: 2 sharded processes that save at step 3 and SIGKILL themselves; fused2: straight2 with the student's
+    head fused and the whole module resharded after its forward (as Accelerate's FSDP config does). Then, from those
+    checkpoints:
     resumed2 (killed2's, on 2), resumed1 (killed2's, on 1), resumed2_of1 (straight1's, on 2). The one-process runs
     run in this process while the others run."""
     base = tmp_path_factory.mktemp("sharded")
-    d = {name: base / name for name in ("straight2", "straight1", "killed2", "resumed2", "resumed1", "resumed2_of1")}
+    d = {name: base / name for name in ("straight2", "straight1", "killed2", "resumed2", "resumed1", "resumed2_of1",
+                                        "fused2")}
     ck = {name: str(d[name] / "ck" / "dcp") for name in ("killed2", "straight1")}
     started = {"straight2": (d["straight2"], _launch(d["straight2"], 2)),
                "killed2": (d["killed2"], _launch(d["killed2"], 2, "--save-at", str(SAVE_AT), "--checkpoint",
-                                                 ck["killed2"], "--die"))}
+                                                 ck["killed2"], "--die")),
+               "fused2": (d["fused2"], _launch(d["fused2"], 2, "--fused", "--reshard-root"))}
     _in_process(d["straight1"], "--save-at", str(SAVE_AT), "--checkpoint", ck["straight1"])
-    _wait(started, killed=("killed2",))
+    _wait(started, killed=("killed2",))  # fused2 too
     started = {"resumed2": (d["resumed2"], _launch(d["resumed2"], 2, "--resume", "--checkpoint", ck["killed2"])),
                "resumed2_of1": (d["resumed2_of1"],
                                 _launch(d["resumed2_of1"], 2, "--resume", "--checkpoint", ck["straight1"]))}
@@ -227,6 +231,18 @@ def test_the_sharded_run_agrees_with_one_process(sharded_runs):
 
 
 @pytest.mark.slow
+def test_fused_heads_train_under_fsdp2_as_built_logits_in_one_process(sharded_runs):
+    """The student's head read inside the sharded module's forward (gathered there by FSDP, freed after it with the
+    root resharded, gathered again for the backward): fused on 2 processes = logits built in 1, every step."""
+    fused, single = _losses(sharded_runs["fused2"]), _losses(sharded_runs["straight1"])
+    assert fused.keys() == single.keys() == set(range(1, STEPS + 1))
+    for step in fused:
+        assert fused[step] == pytest.approx(single[step], rel=1e-6), step
+    assert_same(_dump(sharded_runs["fused2"], "final")["model"], _dump(sharded_runs["straight1"], "final")["model"],
+                atol=1e-4)
+
+
+@pytest.mark.slow
 def test_checkpoints_move_between_two_processes_and_one(sharded_runs):
     """Saved by 2 sharded processes, resumed by 1 plain one; saved by 1, resumed by 2 sharded: each loads exactly the
     state that was saved and ends on the uninterrupted weights (to the float tolerance of 1 vs 2 processes)."""
@@ -236,3 +252,26 @@ def test_checkpoints_move_between_two_processes_and_one(sharded_runs):
     for resumed, straight in (("resumed1", "straight1"), ("resumed1", "straight2"), ("resumed2_of1", "straight2"),
                               ("resumed2_of1", "straight1")):
         assert_same(_dump(d[resumed], "final")["model"], _dump(d[straight], "final")["model"], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Accelerate's FSDP
+@pytest.mark.parametrize("lora", [False, True])
+def test_accelerates_fsdp2_wraps_each_decoder_layer_of_the_student(lora):
+    """Accelerate's transformer-based wrap policy reads ``_no_split_modules`` off the prepared module: the
+    DistillModule hands on the student's (through peft too), so each decoder layer is its own FSDP unit instead of
+    the whole student being one, gathered whole in every forward."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from prefkd.losses.kd import KDLoss
+    from prefkd.models.loading import apply_lora
+    from prefkd.models.tiny import build_tiny
+    from prefkd.training.distill_module import DistillModule
+
+    student = build_tiny("a", "llama", hidden_size=32, num_layers=3, num_heads=2, seed=0).model
+    if lora:
+        student = apply_lora(student, r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    module = DistillModule(student, KDLoss())
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, module)
+    assert [type(m).__name__ for m in module.modules() if policy(m)] == ["LlamaDecoderLayer"] * 3

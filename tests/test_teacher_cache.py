@@ -69,11 +69,13 @@ def test_hidden_rows_are_the_teacher_last_hidden_states(tmp_path):
     from hydra.utils import instantiate
 
     from prefkd.training.datasets import build_datasets
+    from prefkd.training.teacher_placement import split_teacher_config
 
     common = ("model=tiny", "loss=dskd_cma", *DATA)
     cache = TeacherCache(make_cache(tmp_path, *common, "cache.store=hidden"))
     cfg = compose_cfg(*common)
-    loss, student, teacher = instantiate(cfg.loss), instantiate(cfg.student), instantiate(cfg.teacher)
+    teacher_cfg = split_teacher_config(cfg.teacher)[0]  # the model's own keys (no teacher.shard / offload)
+    loss, student, teacher = instantiate(cfg.loss), instantiate(cfg.student), instantiate(teacher_cfg)
     loss.setup(student.tokenizer, teacher.tokenizer)
     train, _ = build_datasets(cfg, instantiate(cfg.dataset.source), student, teacher, loss)
     batch = train.collate([train[i] for i in (2, 5)], student.tokenizer.pad_token_id,

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.training.datasets import build_datasets
+from prefkd.training.teacher_placement import split_teacher_config
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
 from prefkd.utils.labels import IGNORE_INDEX
@@ -67,7 +68,7 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if not cfg.get("terms"):
         raise ValueError("terms is empty: give at least one, e.g. 'terms={ce: {kd_rate: 0}, kd: {kd_rate: 1}}'")
     torch.manual_seed(cfg.seed)
-    student, teacher = instantiate(cfg.student), instantiate(cfg.teacher)
+    student, teacher = instantiate(cfg.student), instantiate(split_teacher_config(cfg.teacher)[0])
     losses = {}
     for name, overrides in cfg.terms.items():
         torch.manual_seed(cfg.seed)  # the same projector initialisation for every variant

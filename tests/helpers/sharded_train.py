@@ -75,11 +75,14 @@ def global_batch(step: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def build(world: int):
-    """(module, optimizer): the DistillModule (sharded with FSDP2 when world > 1) and AdamW on its parameters."""
+def build(world: int, fused: bool = False, reshard_root: bool = False):
+    """(module, optimizer): the DistillModule (sharded with FSDP2 when world > 1) and AdamW on its parameters.
+    ``fused``: the student hands the loss its hidden states and head (no logits built); ``reshard_root``: the whole
+    module, too, gives its gathered parameters back after the forward (``reshard_after_forward=True``, as
+    Accelerate's ``fsdp_reshard_after_forward: true`` passes it; FSDP's own default keeps the root's gathered)."""
     student = build_tiny("a", "llama", hidden_size=32, num_layers=2, num_heads=2, seed=0).model
     torch.manual_seed(1)  # the projector's initialisation: the same on every process
-    module = DistillModule(student, ProjectedSFT(32))
+    module = DistillModule(student, ProjectedSFT(32), fused_head=fused)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -87,7 +90,7 @@ def build(world: int):
         mesh = init_device_mesh("cpu", (world,))
         for layer in student.model.layers:
             fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True if reshard_root else None)
     groups = param_groups(module.student, module.loss, lr=1e-2, projector_lr=3e-2, weight_decay=0.01)
     return module, torch.optim.AdamW(groups, lr=1e-2)
 
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-at", type=int, default=None)
     p.add_argument("--die", action="store_true", help="SIGKILL every process right after the save")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--fused", action="store_true", help="fused output head: the loss projects the logits per chunk")
+    p.add_argument("--reshard-root", action="store_true", help="reshard the whole module after its forward too")
     a = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(a: argparse.Namespace) -> None:
     if a.world > 1:
         dist.init_process_group("gloo", init_method=f"file://{a.init}", rank=a.rank, world_size=a.world)
-    module, optimizer = build(a.world)
+    module, optimizer = build(a.world, fused=a.fused, reshard_root=a.reshard_root)
     start, losses = 0, {}
     if a.resume:
         extra = torch.load(a.checkpoint.parent / "extra.pt", weights_only=True)

@@ -40,6 +40,9 @@ class DistillModule(nn.Module):
     def __init__(self, student: nn.Module, loss: DistillationLoss, *, compile: bool = False, fused_head: bool = False):
         super().__init__()
         self.student, self.loss, self.fused_head = student, loss, fused_head
+        # the student's repeated blocks (LlamaDecoderLayer, ...): Accelerate's FSDP wraps each as its own unit only
+        # when the prepared module names them (else the whole student is one unit, gathered whole in each forward)
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
         if compile:
             self.student.compile()
         outer = {id(p) for m in loss.trainable_modules() for p in m.parameters()}

@@ -38,7 +38,8 @@ def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, 
     ``reference``: the model whose head the reference forward uses when the loss needs one (``Needs.reference``):
     the teacher, or the student itself for the initial policy (a frozen copy of it, or its base with the LoRA
     adapter disabled: the same head; it then shares the student's verdict, sharding included).
-    ``sharded``: the student's parameters are sharded (FSDP, ZeRO-3), where fused heads are not verified yet.
+    ``sharded``: the student's parameters are partitioned by DeepSpeed ZeRO-3, where fused heads are not verified yet
+    (under FSDP2 they are verified, with 2 processes on CPU: tests/test_sharded_checkpoint.py).
     Each model's head is probed once, however many roles it plays."""
     if not enabled:
         log.info("trainer.fused_head=false: the models' logits are built and handed to the loss")
@@ -47,7 +48,7 @@ def plan_fused_heads(enabled: bool, loss: DistillationLoss, student: nn.Module, 
         log.info("trainer.fused_head: the loss %s reads full logits (no fused head yet): the models' logits are "
                  "built", type(loss).__name__)
         return FusedHeads()
-    problems = {"student": "its parameters are sharded (FSDP / ZeRO-3: fused heads not verified there yet)"
+    problems = {"student": "its parameters are sharded by DeepSpeed ZeRO-3 (fused heads not verified there yet)"
                 if sharded else head_problem(student)}
     if teacher is not None and loss.needs.teacher:
         problems["teacher"] = head_problem(teacher)

@@ -23,6 +23,7 @@ from prefkd.training.evaluation import check_final_eval, checkpoint_to_evaluate,
 from prefkd.training.on_policy import OnPolicySettings, check_on_policy
 from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_metadata
 from prefkd.training.teacher_cache import TeacherCache
+from prefkd.training.teacher_placement import TeacherPlacement, place_teacher, split_teacher_config
 from prefkd.training.tracking import Tracker
 from prefkd.training.trainer import Trainer, higher_is_better, select_metric
 from prefkd.utils.devices import set_num_threads
@@ -85,6 +86,9 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     set_seed(tcfg.seed)
+    teacher_cfg, placement = (split_teacher_config(cfg.teacher) if has_target(cfg.get("teacher")) else
+                              (None, TeacherPlacement()))
+    placement.check(processes=accelerator.num_processes, teacher_cache=bool(tcfg.get("teacher_cache")))
 
     loss = instantiate(cfg.loss)
     cache = None  # a teacher cache is read and checked against the loss before any model loads
@@ -98,16 +102,19 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     if cache is not None and cache.store == "topk":
         teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
     elif loss.needs.teacher or loss.needs.reference == "teacher":  # live, or a hidden-state cache (head, embeddings)
-        if not has_target(cfg.get("teacher")):
+        if teacher_cfg is None:
             raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
                              f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
-        teacher = instantiate(cfg.teacher)
+        teacher = instantiate(teacher_cfg)
         if cache is not None and teacher.name != cache.teacher:
             raise ValueError(f"trainer.teacher_cache={tcfg.teacher_cache} holds {cache.teacher}'s hidden states, "
                              f"but this run's teacher is {teacher.name}: rebuild the cache or pick that teacher")
     loss.setup(student.tokenizer, teacher.tokenizer if teacher else None)
     loss.build(student.model, teacher.model if teacher else None)
     train_set, dev_set = build_datasets(cfg, splits, student, teacher, loss)
+    if teacher is not None and teacher.model is not None:  # sharded over the processes, or whole on the device
+        teacher.model = place_teacher(teacher.model, placement, device=accelerator.device,
+                                      processes=accelerator.num_processes)
     if cache is not None:
         for split, ds in (("train", train_set), ("dev", dev_set)):
             if ds is not None:

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from prefkd.losses.base import ModelOutputs
 from prefkd.models.heads import output_head
+from prefkd.training.teacher_placement import split_teacher_config
 from prefkd.utils.devices import resolve_device
 
 FORMAT = 2  # 2: the split key covers the token ids only (one cache serves every loss on the same data)
@@ -213,7 +214,7 @@ def build(cfg) -> Path:
     out = Path(cfg.cache.dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     loss = instantiate(cfg.loss)
-    student, teacher = instantiate(cfg.student), instantiate(cfg.teacher)
+    student, teacher = instantiate(cfg.student), instantiate(split_teacher_config(cfg.teacher)[0])
     loss.setup(student.tokenizer, teacher.tokenizer)
     train, dev = build_datasets(cfg, instantiate(cfg.dataset.source), student, teacher, loss)
     teacher.model.to(resolve_device(cfg.cache.device))

@@ -30,6 +30,7 @@ from prefkd.data.dataset import DistillDataset
 from prefkd.data.sampler import GlobalBatchSampler
 from prefkd.losses.base import DistillationLoss, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
+from prefkd.models.sharding import on_device
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
 from prefkd.training.distill_module import DistillModule
 from prefkd.training.fused_head import model_outputs, plan_fused_heads
@@ -58,14 +59,13 @@ def select_metric(trainer_cfg) -> str:
     return metric
 
 
-def _sharded(accelerator) -> bool:
-    """The prepared module's parameters are sharded across processes (FSDP, or DeepSpeed ZeRO stage 3)."""
+def _zero3(accelerator) -> bool:
+    """The prepared module's parameters are partitioned by DeepSpeed ZeRO stage 3, where fused heads are not verified
+    (under FSDP2 they are: tests/test_sharded_checkpoint.py)."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return kind == DistributedType.FSDP or (kind == DistributedType.DEEPSPEED and plugin is not None
-                                            and plugin.zero_stage == 3)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
 
 
 def count_units(batch: dict, normalize_by: str) -> torch.Tensor:
@@ -103,7 +103,7 @@ class Trainer:
         self.teacher_pad = teacher.tokenizer.pad_token_id if teacher else None
         self.micro = cfg.batch_size
         self._build_sampler()
-        model = teacher.model.to(accelerator.device) if teacher and teacher.model is not None else None
+        model = on_device(teacher.model, accelerator.device) if teacher and teacher.model is not None else None
         student.model.to(accelerator.device)  # plan_fused_heads probes both heads on the device
         # trainer.fused_head: which models hand the loss hidden states and head instead of logits (one log line);
         # the reference (_build_reference) is the teacher, or the initial student: a copy or the adapter disabled
@@ -111,7 +111,8 @@ class Trainer:
         # a cache of hidden states hands the teacher's last hidden state and head too; a top-k cache, log-probs
         self.fused = plan_fused_heads(cfg.get("fused_head", True), loss, student.model,
                                       model if not teacher_cache or teacher_cache.store == "hidden" else None,
-                                      reference=reference, sharded=_sharded(accelerator))
+                                      reference=reference, sharded=_zero3(accelerator))
+        self._build_reference(student, teacher)  # a copy of the initial student is made whole, before any sharding
         module = DistillModule(student.model, loss, compile=cfg.compile,  # the loss's modules train with the student
                                fused_head=self.fused.student)
         module.to(accelerator.device)  # before the optimizer holds its parameters
@@ -124,7 +125,6 @@ class Trainer:
         self.teacher = (CachedTeacher(teacher_cache, model, accelerator.device, fused=self.fused.teacher)
                         if teacher_cache else
                         LiveTeacher(model, fused=self.fused.teacher))
-        self._build_reference(student, teacher)
         self._build_loader()
         self.on_policy = self._build_on_policy()
         self.state = TrainState()
@@ -206,7 +206,7 @@ class Trainer:
             if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
                 raise ValueError(f"reference=teacher needs the student's tokenizer, but {teacher.name} has another; "
                                  f"use reference=initial, or kd_tisdpo (which compares parents across tokenizers)")
-            self.reference = teacher.model.to(self.acc.device)
+            self.reference = on_device(teacher.model, self.acc.device)
         elif kind == "initial":
             if hasattr(student.model, "disable_adapter"):  # peft: the base model is the initial policy
                 self.reference_disables_adapter = True
