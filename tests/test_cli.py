@@ -18,9 +18,10 @@ from tests.helpers.shared import free_port
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def train(*args: str, cwd: Path, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def train(*args: str, cwd: Path, launcher: list[str] | None = None, timeout: int = 300,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + ["-m", "prefkd.train", *args]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -39,6 +39,7 @@ from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from prefkd.training.on_policy import OnPolicySampler, OnPolicySettings, SampledStep
 from prefkd.training.optim import build_optimizer, build_scheduler
 from prefkd.training.preemption import PREEMPT_EXIT_CODE, Preempted, preemption_signals
+from prefkd.training.replicas import check_replicas_agree
 from prefkd.training.state import TrainState
 from prefkd.training.teacher_source import CachedTeacher, LiveTeacher
 from prefkd.training.tracking import Tracker, peak_memory_mb
@@ -117,6 +118,7 @@ class Trainer:
                                fused_head=self.fused.student)
         module.to(accelerator.device)  # before the optimizer holds its parameters
         optimizer = build_optimizer(module.student, module.loss, cfg)
+        check_replicas_agree(module, accelerator.device)  # FSDP and ZeRO shard what each process built
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
         self.module, self.optimizer = accelerator.prepare(module, optimizer)
         self.student = student.model  # the student itself (its parameters are the prepared module's)
