@@ -121,3 +121,26 @@ def test_dev_rouge_selects_the_best_checkpoint(tmp_path):
     rouges = [h["dev/rougeL"] for h in history if "dev/rougeL" in h]
     assert len(rouges) == 2 and all(0.0 <= r <= 100.0 for r in rouges)
     assert summary["best"]["value"] == max(rouges)
+
+
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_only_the_last_micro_batch_steps_a_deepspeed_engine(deepspeed):
+    """accelerator.backward steps a DeepSpeed engine whenever Accelerate's sync_gradients is set: prefkd's own
+    accumulation sets it for the last micro-batch of a step only, and leaves it set (DDP keeps its no_sync)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from prefkd.training.trainer import Trainer
+
+    kind = DistributedType.DEEPSPEED if deepspeed else DistributedType.NO
+    trainer = SimpleNamespace(acc=SimpleNamespace(distributed_type=kind, num_processes=1, sync_gradients=True),
+                              module=None)
+    seen = []
+    for sync in (False, False, True):
+        with Trainer._micro_step(trainer, sync=sync):
+            seen.append(trainer.acc.sync_gradients)
+    assert seen == ([False, False, True] if deepspeed else [True] * 3) and trainer.acc.sync_gradients
+    with pytest.raises(RuntimeError), Trainer._micro_step(trainer, sync=False):
+        raise RuntimeError("a failed backward")
+    assert trainer.acc.sync_gradients  # set again after a failure too

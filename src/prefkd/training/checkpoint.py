@@ -5,15 +5,20 @@ Layout of ``<run>/checkpoints/<name>/`` (name = ``step-N``, ``last`` or ``best``
     config.json + model.safetensors   (full model)   or   adapter_config.json + adapter_model.safetensors (LoRA)
     tokenizer files
     projectors.safetensors            the loss's own modules and state (projectors, cost weights), if any
-    trainer_state/                    dcp/, loss_extra.pt, scheduler.pt, rng-<rank>.pt, state.json
+    trainer_state/                    dcp/ or deepspeed/, loss_extra.pt, scheduler.pt, rng-<rank>.pt, state.json
 
 The first three are a gathered export for ``from_pretrained`` users (``best/``, ``last/``). Resuming reads the
 training state instead: ``trainer_state/dcp/`` holds the prepared module's parameters (student and loss) and the
 optimizer's state as every process's shards (:mod:`prefkd.training.train_state`, ``torch.distributed.checkpoint``), so
-a run sharded by FSDP resumes its own optimizer state, on any number of processes. Checkpoints of older prefkd
-versions (``trainer_state/optimizer.pt``, no ``dcp/``) resume as before: the weights from the export, the optimizer
-from ``optimizer.pt``. Under DeepSpeed (its engine and ZeRO optimizer are not torch modules and optimizers that
-``torch.distributed.checkpoint`` reads) checkpoints keep that older layout.
+a run sharded by FSDP resumes its own optimizer state, on any number of processes. Under DeepSpeed (its engine and
+ZeRO optimizer are not torch modules and optimizers that ``torch.distributed.checkpoint`` reads) every process writes
+the engine's own checkpoint instead, ``trainer_state/deepspeed/`` (``engine.save_checkpoint``: the module's weights and
+each process's ZeRO partition of the optimizer state), and a resume loads it with ``engine.load_checkpoint``; DeepSpeed
+itself refuses another number of processes. Checkpoints of older prefkd versions (``trainer_state/optimizer.pt``, no
+``dcp/``) resume as before without DeepSpeed: the weights from the export, the optimizer from ``optimizer.pt``. Under
+DeepSpeed they are refused: ``optimizer.pt`` is one process's ZeRO partition, not the optimizer's state.
+``make test`` runs the DeepSpeed path on a fake engine (DeepSpeed is not installed); by hand it resumed exactly on
+DeepSpeed 0.19.8, ZeRO-2 and ZeRO-3 on 2 CPU processes (docs/operations.md, "Multi-GPU and multi-node").
 
 A checkpoint is written into ``.tmp-<name>`` and renamed into place, so a kill at any moment leaves the
 previous one intact; ``find_latest`` only ever sees complete checkpoints.
@@ -38,7 +43,9 @@ from prefkd.training.train_state import DCP_DIR, has_train_state, load_train_sta
 STATE_DIR = "trainer_state"
 PROJECTORS = "projectors.safetensors"
 LOSS_EXTRA = "loss_extra.pt"  # non-tensor loss-module state (torch.save, loaded weights_only)
-LEGACY_OPTIMIZER = "optimizer.pt"  # the main process's optimizer.state_dict(): older checkpoints, DeepSpeed
+LEGACY_OPTIMIZER = "optimizer.pt"  # the main process's optimizer.state_dict(): older checkpoints
+DEEPSPEED_DIR = "deepspeed"  # under trainer_state/: the DeepSpeed engine's own checkpoint (every process's partition)
+DEEPSPEED_TAG = "engine"  # its tag (the folder inside DEEPSPEED_DIR that holds the files)
 
 
 def _deepspeed(accelerator) -> bool:
@@ -47,9 +54,12 @@ def _deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's wrapper (``AcceleratedOptimizer.optimizer``), or ``optimizer``."""
-    return getattr(optimizer, "optimizer", optimizer)
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside the wrappers: Accelerate's (``AcceleratedOptimizer.optimizer``) and, under DeepSpeed,
+    the ZeRO optimizer's (``.optimizer``: the AdamW whose parameter groups, and learning rates, it steps)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -88,7 +98,7 @@ def save_checkpoint(dest: Path, *, accelerator, module, tokenizer, optimizer, sc
     ``module``: the prepared :class:`~prefkd.training.distill_module.DistillModule`; the student's weights go to
     ``save_pretrained``'s files and the loss's to ``projectors.safetensors``, each with its own keys (gathered, by
     the main process); the module and the optimizer, sharded as they are, to ``trainer_state/dcp/`` (every
-    process)."""
+    process), or under DeepSpeed the engine's checkpoint to ``trainer_state/deepspeed/`` (every process)."""
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}")
     if accelerator.is_main_process:
@@ -105,12 +115,12 @@ def save_checkpoint(dest: Path, *, accelerator, module, tokenizer, optimizer, sc
             save_file(loss_state, str(tmp / PROJECTORS))
         if loss_extra:  # non-tensor module state (get_extra_state: e.g. an inner optimizer's state)
             torch.save(loss_extra, tmp / STATE_DIR / LOSS_EXTRA)
-        if _deepspeed(accelerator):
-            torch.save(optimizer.state_dict(), tmp / STATE_DIR / LEGACY_OPTIMIZER)
         torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
-    if not _deepspeed(accelerator):  # collective: every process writes its shards
-        save_train_state(tmp / STATE_DIR / DCP_DIR, module, _torch_optimizer(optimizer))
+    if _deepspeed(accelerator):  # collective: every process writes its ZeRO partition
+        module.save_checkpoint(str(tmp / STATE_DIR / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    else:  # collective: every process writes its shards
+        save_train_state(tmp / STATE_DIR / DCP_DIR, module, torch_optimizer(optimizer))
     torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -188,22 +198,52 @@ def load_model_weights(model, path: Path) -> None:
 def load_checkpoint(path: Path, *, accelerator, module, optimizer, scheduler) -> dict:
     """Restore weights, projectors, optimizer, scheduler and RNG from ``path`` into the prepared
     :class:`~prefkd.training.distill_module.DistillModule` ``module`` and the rest; return its state.json.
-    Collective (every process loads its shards of ``trainer_state/dcp/``)."""
+    Collective (every process loads its shards of ``trainer_state/dcp/``, or under DeepSpeed its partition of
+    ``trainer_state/deepspeed/``). A checkpoint of another engine is refused (:func:`_check_engine_matches`)."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete prefkd checkpoint (no {STATE_DIR}/state.json).")
     extra_file = path / STATE_DIR / LOSS_EXTRA
     loss_extra = torch.load(extra_file, map_location="cpu", weights_only=True) if extra_file.exists() else {}
-    if has_train_state(path / STATE_DIR / DCP_DIR) and not _deepspeed(accelerator):
-        load_train_state(path / STATE_DIR / DCP_DIR, module, _torch_optimizer(optimizer),
+    _check_engine_matches(path, _deepspeed(accelerator))
+    if _deepspeed(accelerator):  # the engine's weights (student and loss, extra state included) and ZeRO partition
+        load_path, _ = module.load_checkpoint(str(path / STATE_DIR / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"{path / STATE_DIR / DEEPSPEED_DIR}: DeepSpeed found no checkpoint "
+                                    f"{DEEPSPEED_TAG!r} to load")
+    elif has_train_state(path / STATE_DIR / DCP_DIR):
+        load_train_state(path / STATE_DIR / DCP_DIR, module, torch_optimizer(optimizer),
                          extra={f"loss.{k}": v for k, v in loss_extra.items()})
-    else:  # an older checkpoint (or DeepSpeed): the weights from the export, the optimizer from optimizer.pt
+    else:  # an older checkpoint: the weights from the export, the optimizer from optimizer.pt
         _load_legacy(path, accelerator.unwrap_model(module), optimizer, loss_extra)
     scheduler.load_state_dict(torch.load(path / STATE_DIR / "scheduler.pt", weights_only=True))
     rng_file = path / STATE_DIR / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return read_state(path)
+
+
+def _check_engine_matches(path: Path, deepspeed: bool) -> None:
+    """A checkpoint's training state resumes only under the engine that wrote it: DeepSpeed's engine checkpoint
+    under DeepSpeed, ``dcp/`` (or an older ``optimizer.pt``) without. Otherwise the error says how to go on."""
+    state = path / STATE_DIR
+    written_by_deepspeed = (state / DEEPSPEED_DIR).is_dir()
+    restart = (f"or start a new run from its weights (student=checkpoint student.path={path}, or for a LoRA "
+               f"adapter student.adapter={path} on its base; trainer.resume=never): the optimizer starts afresh")
+    if deepspeed and not written_by_deepspeed:
+        if has_train_state(state / DCP_DIR):
+            raise ValueError(f"trainer.resume: {path} holds torch.distributed.checkpoint shards "
+                             f"({STATE_DIR}/{DCP_DIR}/), not a DeepSpeed engine checkpoint "
+                             f"({STATE_DIR}/{DEEPSPEED_DIR}/); resume it without DeepSpeed (one process, DDP or FSDP), "
+                             f"{restart}")
+        raise ValueError(f"trainer.resume: {path} holds an older prefkd's {STATE_DIR}/{LEGACY_OPTIMIZER} (the main "
+                         f"process's optimizer state: under DeepSpeed only its own ZeRO partition), not a DeepSpeed "
+                         f"engine checkpoint ({STATE_DIR}/{DEEPSPEED_DIR}/): resuming would restore the wrong "
+                         f"optimizer state; {restart[3:]}")
+    if not deepspeed and written_by_deepspeed:
+        raise ValueError(f"trainer.resume: {path} was written under DeepSpeed ({STATE_DIR}/{DEEPSPEED_DIR}/: each "
+                         f"process's ZeRO partition); resume it under DeepSpeed on as many processes, {restart}")
 
 
 def _load_legacy(path: Path, inner, optimizer, loss_extra: dict) -> None:

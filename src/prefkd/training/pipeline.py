@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint import is_adapter
 from prefkd.training.datasets import build_datasets
+from prefkd.training.engine_checks import check_engine, check_sharded_models, describe_engine, fill_deepspeed_batch_size
 from prefkd.training.evaluation import check_final_eval, checkpoint_to_evaluate, evaluate_after_training
 from prefkd.training.on_policy import OnPolicySettings, check_on_policy
 from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_metadata
@@ -81,6 +82,9 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     set_num_threads(tcfg.num_threads)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(tcfg.find_unused_parameters))
     accelerator = Accelerator(mixed_precision=tcfg.precision, cpu=tcfg.device == "cpu", kwargs_handlers=[ddp])
+    engine = describe_engine(accelerator)
+    check_engine(engine, cfg)  # DeepSpeed and FSDP settings prefkd cannot run fail here, before any model loads
+    fill_deepspeed_batch_size(accelerator, tcfg.batch_size)
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if accelerator.num_processes > 1 else Path(run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,7 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
         cache = TeacherCache(tcfg.teacher_cache)
         check_cache_serves(cache, loss, cfg.loss._target_)
     check_on_policy(OnPolicySettings.from_config(tcfg.get("on_policy")), loss, cfg.loss._target_, cache)
+    check_sharded_models(engine, loss.needs, cfg, cache)
     splits = instantiate(cfg.dataset.source)  # the records are read (and checked) before any model loads
     student = instantiate(cfg.student)
     teacher = None

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from prefkd.data.dataset import DistillDataset
@@ -31,6 +32,7 @@ from prefkd.data.sampler import GlobalBatchSampler
 from prefkd.losses.base import DistillationLoss, LossOutput, ModelOutputs
 from prefkd.models.bundle import ModelBundle
 from prefkd.models.sharding import on_device
+from prefkd.training.checkpoint import torch_optimizer
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
 from prefkd.training.distill_module import DistillModule
 from prefkd.training.fused_head import model_outputs, plan_fused_heads
@@ -122,7 +124,8 @@ class Trainer:
         # The scheduler is not handed to accelerate: its wrapper steps once per process, we step once per update.
         self.module, self.optimizer = accelerator.prepare(module, optimizer)
         self.student = student.model  # the student itself (its parameters are the prepared module's)
-        self.scheduler = build_scheduler(self.optimizer.optimizer, cfg, self.total_steps)
+        # on the torch optimizer itself (under DeepSpeed the ZeRO optimizer's, whose parameter groups it steps)
+        self.scheduler = build_scheduler(torch_optimizer(self.optimizer), cfg, self.total_steps)
         # the teacher's outputs: from the cache (prefkd.training.teacher_cache.TeacherCache) or the live model
         self.teacher = (CachedTeacher(teacher_cache, model, accelerator.device, fused=self.fused.teacher)
                         if teacher_cache else
@@ -279,9 +282,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         self.module.train()
         for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1
-            ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(self.module)
-            with ctx, acc.autocast():
+            with self._micro_step(sync=k == len(batches) - 1), acc.autocast():
                 out = self._forward(batch)
                 acc.backward(out.loss * (world / units).to(out.loss.dtype))
             self._sum_metrics(sums, out, batch_units[k])
@@ -290,13 +291,33 @@ class Trainer:
         result.sampled = sampled
         return result
 
+    @contextlib.contextmanager
+    def _micro_step(self, sync: bool):
+        """One micro-batch's backward: the last of a step synchronises the gradients, the others only accumulate
+        (DDP, FSDP: ``no_sync``). Under DeepSpeed ``accelerator.backward`` also steps the engine whenever Accelerate's
+        ``sync_gradients`` is set (clipping, optimizer step, zeroing the gradients): it is set for the last only."""
+        acc = self.acc
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            acc.sync_gradients = sync
+            try:
+                yield
+            finally:
+                acc.sync_gradients = True
+        elif sync or acc.num_processes == 1:
+            yield
+        else:
+            with acc.no_sync(self.module):
+                yield
+
     def _optimizer_step(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> StepResult:
         """Clip and step, or skip through the non-finite guard. Two host reads: the loss (with the token count),
         then the gradient norm. Both are global values (the loss is all-reduced, the gradients are synchronised), so
         every process takes the same branch.
 
         The norm is always measured (max_norm=inf clips nothing: the gradients are multiplied by exactly 1) so that
-        a non-finite gradient under a finite loss is caught too. None: DeepSpeed clips internally."""
+        a non-finite gradient under a finite loss is caught too. Under DeepSpeed the engine has already clipped (its
+        own gradient_clipping, = trainer.max_grad_norm: prefkd.training.engine_checks) and stepped inside
+        ``accelerator.backward``; clip_grad_norm_ returns its norm (or None) and ``optimizer.step`` is a no-op."""
         loss, token_count = torch.stack([metrics["loss"], tokens]).tolist()
         grad_norm = None
         if math.isfinite(loss):
