@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from prefkd.data.chat import check_verbatim, end_of_turn_id, render_prompt
 from prefkd.data.records import to_instruction_record
 from prefkd.data.tokenize import TokenizedExample, build_example, encode, ensure_pad_token
 from prefkd.utils.cache import cache_root, tokenizer_fingerprint
@@ -187,9 +188,15 @@ class DistillDataset(Dataset):
                  precompute_version: str = "1", cache_dir: str | os.PathLike | None = None, source: str = "",
                  use_cache: bool = True):
         self.source = source or "records"
-        self.records = [to_instruction_record(r, f"{self.source} record {i}") for i, r in enumerate(records)]
         self.student_tokenizer = ensure_pad_token(student_tokenizer)
         self.teacher_tokenizer = ensure_pad_token(teacher_tokenizer) if teacher_tokenizer is not None else None
+        self.records = [self._render(to_instruction_record(r, f"{self.source} record {i}"), f"{self.source} record {i}")
+                        for i, r in enumerate(records)]
+        self.chat = any("messages" in r for r in self.records)
+        # the token that ends an answer, per side: the template's end of turn for chat records (prefkd.data.chat)
+        self.end_ids = {side: end_of_turn_id(tok) if self.chat else tok.eos_token_id
+                        for side, tok in (("student", self.student_tokenizer), ("teacher", self.teacher_tokenizer))
+                        if tok is not None}
         self.max_prompt_length, self.max_length = max_prompt_length, max_length
         self.precompute, self.precompute_version = precompute, str(precompute_version)
         self.pad_values = dict(getattr(precompute, "pad_values", None) or {})  # the hook's fields' padding values
@@ -210,6 +217,26 @@ class DistillDataset(Dataset):
         self._warn_truncation()
 
     # ------------------------------------------------------------------ building
+    def _render(self, record: dict, where: str) -> dict:
+        """A chat record with each side's prompt rendered by its own template (``prompt``: the student's,
+        ``teacher_prompt``: the teacher's), the answer checked to be written verbatim by both; other records as
+        they are."""
+        if "messages" not in record:
+            return record
+        output = record["output"][0] if isinstance(record["output"], list) else record["output"]
+        rendered = dict(record)
+        for key, tokenizer in (("prompt", self.student_tokenizer), ("teacher_prompt", self.teacher_tokenizer)):
+            if tokenizer is not None:
+                rendered[key] = render_prompt(record["messages"], tokenizer, where)
+                check_verbatim(record["messages"], output, tokenizer, rendered[key], where)
+        return rendered
+
+    def end_id(self, record: dict, side: str) -> int:
+        """The token appended after ``record``'s answer on ``side`` (``student`` / ``teacher``): the template's end of
+        turn for a chat record, else EOS."""
+        tokenizer = self.student_tokenizer if side == "student" else self.teacher_tokenizer
+        return self.end_ids[side] if "messages" in record else tokenizer.eos_token_id
+
     def _load_cache(self) -> dict | None:
         if self.cache_path is None or not self.cache_path.is_file():
             return None
@@ -231,8 +258,8 @@ class DistillDataset(Dataset):
                    disable=len(self.records) < _PROGRESS_FROM)
         for start in range(0, len(self.records), _CHUNK):
             chunk = self.records[start:start + _CHUNK]
-            student = self._tokenize(chunk, start, self.student_tokenizer)
-            teacher = self._tokenize(chunk, start, self.teacher_tokenizer) if self.teacher_tokenizer else None
+            student = self._tokenize(chunk, start, "student")
+            teacher = self._tokenize(chunk, start, "teacher") if self.teacher_tokenizer else None
             for k, record in enumerate(chunk):
                 s, t = student[k], teacher[k] if teacher else None
                 stats["prompt_truncated"] += s.prompt_truncated
@@ -246,13 +273,18 @@ class DistillDataset(Dataset):
         return {"key": self.key, "format": CACHE_FORMAT, "source": self.source, "n": len(examples),
                 "fields": _pack(examples), "stats": stats}
 
-    def _tokenize(self, chunk: list[dict], start: int, tokenizer) -> list[TokenizedExample]:
+    def _tokenize(self, chunk: list[dict], start: int, side: str) -> list[TokenizedExample]:
+        """Each record of ``chunk`` tokenised for ``side`` (``student`` / ``teacher``): its prompt (a chat record's
+        rendered by that side's template), its answer, and the end token."""
+        tokenizer = self.student_tokenizer if side == "student" else self.teacher_tokenizer
+        key = "teacher_prompt" if side == "teacher" else "prompt"
         outputs = [r["output"][0] if isinstance(r["output"], list) else r["output"] for r in chunk]
-        prompt_ids = encode(tokenizer, [r["prompt"] for r in chunk])
+        prompt_ids = encode(tokenizer, [r.get(key, r["prompt"]) for r in chunk])
         response_ids = encode(tokenizer, outputs)
         # a record marked `truncated` (an answer cut by a token budget: python -m prefkd.generate) learns no EOS
-        return [build_example(p, o, tokenizer.eos_token_id, self.max_prompt_length, self.max_length,
-                              where=f"{self.source} record {start + k}", ended=not record.get("truncated", False))
+        return [build_example(p, o, self.end_id(record, side), self.max_prompt_length, self.max_length,
+                              where=f"{self.source} record {start + k}", ended=not record.get("truncated", False),
+                              keep_prompt_end="messages" in record)  # a conversation keeps its latest turns
                 for k, (p, o, record) in enumerate(zip(prompt_ids, response_ids, chunk))]
 
     def make_example(self, record: dict, student: TokenizedExample, teacher: TokenizedExample | None,

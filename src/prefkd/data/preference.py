@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from prefkd.data.records import DataError, check_unicode, read_jsonl
+from prefkd.data.records import DataError, check_messages, check_unicode, read_jsonl
 
 HH_SEP = "\n\nAssistant:"
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class PreferencePair:
     """One pair. ``chosen_weight`` / ``rejected_weight``: per-parent (or per-token) weights, or None."""
 
-    prompt: str
+    prompt: str | list[dict]  # text, or a conversation ([{role, content}, ...]) each model renders (prefkd.data.chat)
     chosen: str
     rejected: str
     chosen_weight: tuple[float, ...] | None = None
@@ -91,11 +91,15 @@ def to_pair(raw: dict, where: str, reverse: bool = False, check: bool = True) ->
         if not isinstance(raw.get(key), str):
             raise DataError(f"{where}: field `{key}` is missing or not a string; a preference record needs "
                             f"`chosen` and `rejected` (and `prompt`, unless they are full HH dialogues).")
-    for key in ("prompt", "chosen", "rejected"):
+    for key in ("chosen", "rejected") + (("prompt",) if isinstance(raw.get("prompt"), str) else ()):
         check_unicode(raw.get(key), key, where)
-    if raw.get("prompt") is not None:
+    if isinstance(raw.get("prompt"), list):  # a conversation: each model renders it with its chat template
+        check_messages(raw["prompt"], f"{where} (prompt)")
+        pair = PreferencePair([dict(t) for t in raw["prompt"]], raw["chosen"].strip(), raw["rejected"].strip())
+    elif raw.get("prompt") is not None:
         if not isinstance(raw["prompt"], str):
-            raise DataError(f"{where}: field `prompt` must be a string.")
+            raise DataError(f"{where}: field `prompt` must be a string, or a conversation (a list of "
+                            f"{{role, content}} turns ending with the user's).")
         pair = PreferencePair(raw["prompt"], raw["chosen"], raw["rejected"])
     else:
         pair = split_hh(raw["chosen"], raw["rejected"], where)
@@ -192,7 +196,8 @@ def preference_splits(train: str, dev: str | None = None, test: str | None = Non
 
     def records(pairs: Sequence[PreferencePair]) -> list[dict]:
         if as_sft:
-            return [{"prompt": p.prompt, "output": p.chosen} for p in pairs]
+            return [{"messages" if isinstance(p.prompt, list) else "prompt": p.prompt, "output": p.chosen}
+                    for p in pairs]
         return pairs_as_records(pairs)
 
     train_records = records(read(train, limit))

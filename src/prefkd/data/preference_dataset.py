@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from prefkd.align.parent_tokens import build_parents, parent_index_map, token_offsets
+from prefkd.data.chat import check_verbatim, end_of_turn_id, render_prompt
 from prefkd.data.preference import PreferencePair
 from prefkd.data.records import DataError
 from prefkd.data.tokenize import ensure_pad_token
@@ -66,6 +67,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.student_tokenizer = ensure_pad_token(student_tokenizer)
         self.teacher_tokenizer = None if teacher_tokenizer is None else ensure_pad_token(teacher_tokenizer)
         self.max_length, self.max_prompt_length, self.eos_parent = max_length, max_prompt_length, eos_parent
+        chat = any(isinstance(p.prompt, list) for p in pairs)  # the end of a chat answer: its template's (once)
+        self.end_ids = {id(tok): end_of_turn_id(tok) for tok in (self.student_tokenizer, self.teacher_tokenizer)
+                        if tok is not None and chat}
         self.examples = [self._encode(p, f"{source} pair {i + 1}") for i, p in enumerate(pairs)]
 
     def __len__(self) -> int:
@@ -83,10 +87,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def collate(examples: Sequence[dict], student_pad_id: int, teacher_pad_id: int | None = None) -> dict:
         return collate_pairs(examples, student_pad_id, teacher_pad_id)
 
+    def _side(self, pair: PreferencePair, tokenizer, where: str) -> tuple[list[int], int]:
+        """(prompt ids, the token ending an answer) of ``pair`` for one model: a conversation prompt rendered by its
+        chat template (both answers checked to be written verbatim) and ended by the template's end of turn; a text
+        prompt as it is, ended by EOS."""
+        if not isinstance(pair.prompt, list):
+            return _prompt_ids(tokenizer, pair.prompt, self.max_prompt_length), tokenizer.eos_token_id
+        text = render_prompt(pair.prompt, tokenizer, where)
+        for answer in (pair.chosen, pair.rejected):
+            check_verbatim(pair.prompt, answer, tokenizer, text, where)
+        return _prompt_ids(tokenizer, text, self.max_prompt_length), self.end_ids[id(tokenizer)]
+
     def _encode(self, pair: PreferencePair, where: str) -> dict:
         s_tok, t_tok = self.student_tokenizer, self.teacher_tokenizer
-        s_prompt = _prompt_ids(s_tok, pair.prompt, self.max_prompt_length)
-        t_prompt = None if t_tok is None else _prompt_ids(t_tok, pair.prompt, self.max_prompt_length)
+        s_prompt, s_end = self._side(pair, s_tok, where)
+        t_prompt, t_end = (None, None) if t_tok is None else self._side(pair, t_tok, where)
         if not s_prompt or (t_prompt is not None and not t_prompt):
             raise DataError(f"{where}: the prompt is empty after tokenisation; every pair needs a prompt.")
         out = {}
@@ -97,7 +112,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             if t_tok is None:  # one parent per kept token (+ EOS)
                 keep = s_ids[:budget_s - 1]
                 n_par = len(keep) + (1 if self.eos_parent else 0)
-                s_resp = keep + [s_tok.eos_token_id]
+                s_resp = keep + [s_end]
                 index = torch.tensor([-1] * (len(s_prompt) - 1) + list(range(len(keep)))
                                      + ([len(keep)] if self.eos_parent else [-1]))
             else:
@@ -108,8 +123,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
                                         max_teacher=self.max_length - len(t_prompt) - reserve, eos=self.eos_parent)
                 n_s = sum(len(p.student) for p in parents) - (1 - reserve)  # response tokens before EOS
                 n_t = sum(len(p.teacher) for p in parents) - (1 - reserve)
-                s_resp = s_ids[:n_s] + [s_tok.eos_token_id]
-                t_resp = t_ids[:n_t] + [t_tok.eos_token_id]
+                s_resp = s_ids[:n_s] + [s_end]
+                t_resp = t_ids[:n_t] + [t_end]
                 n_par = len(parents)
                 index = parent_index_map(parents, len(s_prompt) + len(s_resp) - 1, "student", len(s_prompt) - 1)
                 t_index = parent_index_map(parents, len(t_prompt) + len(t_resp) - 1, "teacher", len(t_prompt) - 1)

@@ -23,7 +23,9 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n")
 
 RECORD_HELP = ("each line must be a JSON object with `prompt` (the templated prompt) and `output` (the reference "
-               "response), or `instruction` (+ optional `input`) and `output`")
+               "response), or `instruction` (+ optional `input`) and `output`, or `messages` (the conversation so far, "
+               "rendered by each model's chat template) and `output`")
+ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -68,17 +70,38 @@ def _check_output(output, where: str) -> None:
                     f"reference strings for evaluation sets).")
 
 
+def check_messages(messages, where: str, *, ends_with: str | None = "user") -> None:
+    """A conversation: a non-empty list of ``{"role": system|user|assistant, "content": str}``, each content valid
+    Unicode; ``ends_with``: the role of its last turn (``user``: the history before an answer). Else a
+    :class:`DataError` naming the turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns, got "
+                        f"{messages!r:.80}.")
+    for k, turn in enumerate(messages):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}: turn {k} of 'messages' is {turn!r:.80}; each turn must be {{\"role\": one of "
+                            f"{', '.join(ROLES)}, \"content\": a string}}.")
+        check_unicode(turn["content"], f"messages[{k}].content", where)
+    if ends_with is not None and messages[-1]["role"] != ends_with:
+        raise DataError(f"{where}: the history's last turn has role {messages[-1]['role']!r}; the answer to learn "
+                        f"must follow a {ends_with!r} turn.")
+
+
 def to_instruction_record(raw: dict, where: str) -> dict:
     """Return a copy of ``raw`` with ``prompt`` and ``output`` checked (other fields are kept).
 
     ``where`` names the record in error messages (e.g. ``"train.jsonl line 12"``). A record without
-    ``prompt`` but with ``instruction`` gets the Alpaca template (``input`` may be missing, None or "").
+    ``prompt`` but with ``instruction`` gets the Alpaca template (``input`` may be missing, None or ""). A chat
+    record (``messages``: the history, ending with a user turn) keeps no prompt of its own: each model renders it
+    with its chat template (:mod:`prefkd.data.chat`).
     Raises :class:`DataError` on a missing/empty ``output`` or a missing prompt.
     """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}; {RECORD_HELP}.")
     record = dict(raw)
-    if "prompt" not in record or record["prompt"] is None:
+    if record.get("messages") is not None:
+        check_messages(record["messages"], where)
+    elif "prompt" not in record or record["prompt"] is None:
         if record.get("instruction") is None:
             raise DataError(f"{where}: missing field 'prompt' (and no 'instruction' to build it from); "
                             f"{RECORD_HELP}.")
@@ -91,7 +114,8 @@ def to_instruction_record(raw: dict, where: str) -> dict:
     if "output" not in record or record["output"] is None:
         raise DataError(f"{where}: missing field 'output'; {RECORD_HELP}.")
     _check_output(record["output"], where)
-    check_unicode(record["prompt"], "prompt", where)
+    if "prompt" in record:
+        check_unicode(record["prompt"], "prompt", where)
     check_unicode(record["output"], "output", where)
     return record
 

@@ -177,3 +177,47 @@ def dolly_splits(path: str = DOLLY_HUB_ID, dev_size: int = 1000, test_size: int 
     if max_examples:
         train = train[:max_examples]
     return DataSplits(train=train, dev=dev_records, test=test_records, source=f"dolly({path})")
+
+
+# ---------------------------------------------------------------------------------------------- conversations
+def _conversations(path: str, field: str, split: str, name: str | None) -> list[tuple[list, str]]:
+    """(conversation, where) per row of a local JSONL file (one object per line with ``field``) or of a hub dataset
+    (``datasets.load_dataset(path, name, split=split)``, its column ``field``)."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        rows = read_jsonl(local, required=(field,))
+        return [(row[field], f"{local} conversation {i + 1}") for i, row in enumerate(rows)]
+    if local.suffix in (".jsonl", ".json") or str(path).startswith(("/", ".", "~")):  # a file, not a hub id
+        read_jsonl(local, required=(field,))  # the missing file's error, with how to point at it
+    rows = _load(path, name, split)
+    if field not in rows.column_names:
+        raise DataError(f"{path}[{split}]: no column {field!r} (columns: {rows.column_names}); set "
+                        f"dataset.source.field to the column holding the conversations.")
+    return [(row[field], f"{path}[{split}] row {i}") for i, row in enumerate(rows)]
+
+
+def messages_splits(train: str | Sequence[str], dev: str | None = None, test: str | None = None,
+                    dev_size: int = 0, seed: int = 0, train_on: str = "last", field: str = "messages",
+                    strip: bool = True, split: str = "train", name: str | None = None,
+                    limit: int | None = None) -> DataSplits:
+    """Conversations (``[{role, content}, ...]`` per row, in column ``field``) from local JSONL files or a hub id, as
+    chat records (:func:`prefkd.data.chat.conversation_records`: the last assistant turn of each, or every one with
+    ``train_on="all"``). Without a ``dev`` file, ``dev_size`` **conversations** are carved from train (``seed``), so
+    no conversation has turns in two splits. ``limit``: the first N conversations of train."""
+    from prefkd.data.chat import conversation_records
+
+    paths = [train] if isinstance(train, (str, os.PathLike)) else list(train)
+    if not paths:
+        raise DataError("dataset.source.train is an empty list; give a JSONL path, a hub id or a list of them.")
+    conversations = [c for path in paths for c in _conversations(str(path), field, split, name)][:limit]
+    dev_conversations = _conversations(str(dev), field, split, name) if dev else []
+    if not dev:
+        conversations, dev_conversations = carve(conversations, dev_size, seed)
+
+    def records(items: list[tuple[list, str]]) -> list[dict]:
+        return [r for conversation, where in items
+                for r in conversation_records(conversation, train_on, strip=strip, where=where)]
+
+    test_records = records(_conversations(str(test), field, split, name)) if test else []
+    source = f"messages({'+'.join(Path(str(p)).name for p in paths)},{train_on})"
+    return DataSplits(train=records(conversations), dev=records(dev_conversations), test=test_records, source=source)

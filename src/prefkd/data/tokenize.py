@@ -63,13 +63,14 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 def build_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int,
                   max_prompt_length: int = 256, max_length: int = 512, where: str = "example", *,
-                  ended: bool = True, allow_empty: bool = False) -> TokenizedExample:
+                  ended: bool = True, allow_empty: bool = False, keep_prompt_end: bool = False) -> TokenizedExample:
     """Assemble a :class:`TokenizedExample` from already tokenised prompt and response ids (no EOS yet).
 
     For sampled responses (:mod:`prefkd.training.on_policy`): ``ended=False`` (cut by the sampling budget) appends
     no EOS, so no EOS is learnt where the response did not end; ``allow_empty=True`` accepts an empty response that
     ended at once (the example is the prompt and EOS: the model learns whether to stop there). A dataset's response
-    always ends and is never empty."""
+    always ends and is never empty. ``keep_prompt_end``: a prompt longer than ``max_prompt_length`` keeps its LAST
+    tokens (a rendered conversation, whose end is the latest turn and the assistant's header), not its first."""
     if max_length < 2 or max_prompt_length < 1 or max_prompt_length >= max_length:
         raise ValueError(f"need 1 <= max_prompt_length < max_length and max_length >= 2, got "
                          f"max_prompt_length={max_prompt_length}, max_length={max_length}.")
@@ -79,7 +80,7 @@ def build_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id
     if not response_ids and not (allow_empty and ended):
         raise DataError(f"{where}: the output tokenises to nothing; give the record a non-empty output.")
     prompt_truncated = len(prompt_ids) > max_prompt_length
-    prompt = list(prompt_ids[:max_prompt_length])
+    prompt = list(prompt_ids[-max_prompt_length:] if keep_prompt_end else prompt_ids[:max_prompt_length])
     full = prompt + list(response_ids) + ([int(eos_id)] if ended else [])
     sequence_truncated = len(full) > max_length
     full = full[:max_length]

@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from prefkd.data.chat import end_of_turn_id
+from prefkd.data.records import DataError
+
 
 @dataclass
 class Sampling:
@@ -87,8 +90,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any EOS of the model's generation_config (e.g. several chat end tokens)."""
+    """The tokenizer's EOS, any EOS of the model's generation_config (e.g. several chat end tokens) and, when the
+    tokenizer has a chat template, the token that ends an assistant turn in it (:func:`prefkd.data.chat.end_of_turn_id`:
+    what a model trained on conversations learnt to stop with)."""
     ids = {tokenizer.eos_token_id}
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            ids.add(end_of_turn_id(tokenizer))
+        except DataError:  # a template that cannot render the probe conversation: its end is unknown
+            pass
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)

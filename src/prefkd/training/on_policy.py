@@ -193,7 +193,8 @@ class OnPolicySampler:
         room = ds.max_length - len(prompt)  # tokens after the prompt that fit in max_length, EOS included
         if len(response) + ended > room:
             response, ended = response[:room], False
-        student = build_example(prompt, response, self.tokenizer.eos_token_id, ds.max_prompt_length, ds.max_length,
+        record = ds.records[index]
+        student = build_example(prompt, response, ds.end_id(record, "student"), ds.max_prompt_length, ds.max_length,
                                 ended=ended, allow_empty=True)
         text = self.tokenizer.decode(response, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         teacher_ids = example["teacher_input_ids"]
@@ -204,7 +205,7 @@ class OnPolicySampler:
             teacher_response = encode(self.teacher_tokenizer, [text])[0] if text else []
         if not teacher_response and not ended:
             return None
-        teacher = build_example(teacher_prompt, teacher_response, self.teacher_tokenizer.eos_token_id,
+        teacher = build_example(teacher_prompt, teacher_response, ds.end_id(record, "teacher"),
                                 ds.max_prompt_length, ds.max_length, ended=ended, allow_empty=True)
         record = {**ds.records[index], "output": text}
         return ds.make_example(record, student, teacher, f"the student's sample for {ds.source} record {index}")
