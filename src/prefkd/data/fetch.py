@@ -214,6 +214,16 @@ def missing_data_hint(path: str | Path) -> str:
     return missing_shared_file(local)
 
 
+def fetch_hint(paths: Iterable[str | Path]) -> str:
+    """For missing data files: ``"fetch them with `python -m prefkd.data fetch dolly sinst` (or set PREFKD_SHARED to
+    a folder holding them under data/), or "`` for those ``prefkd.data fetch`` writes; "" when it writes none."""
+    names = dict.fromkeys(SET_OF_FILE[rel] for rel in map(data_relpath, paths) if rel in SET_OF_FILE)
+    if not names:
+        return ""
+    return (f"fetch them with `{fetch_command(' '.join(names))}` (or set PREFKD_SHARED to a folder holding them under "
+            f"data/), or ")
+
+
 # ------------------------------------------------------------------------------------------------- loading
 def _datasets():
     try:
