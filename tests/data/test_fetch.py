@@ -240,3 +240,24 @@ def test_every_data_file_of_the_configs_is_one_that_fetch_writes():
     named = {m for t in texts.values() for m in re.findall(r"\$\{data_file:([^}]+)\}", t) if m != "F"}
     assert len(named) == 8 and named <= set(SET_OF_FILE), named - set(SET_OF_FILE)
 
+
+
+@pytest.mark.parametrize("name", ["self_inst", "vicuna", "sinst", "dialogsum", "hh"])
+def test_the_shared_copy_read_as_the_hub_file_converts_back_to_itself(name, shared, tmp_path):
+    """The shared sets are MiniLLM's published files (and HH's test file): converting them gives the same records,
+    fields included. DialogSum's shared copy is already converted: its rows are rebuilt in the hub's columns."""
+    spec = SETS[name]
+    (file,) = spec.files
+    fields = ("chosen", "rejected") if name == "hh" else ("prompt", "output")
+    records = read_jsonl(shared / "data" / file, fields)
+    hub_file = tmp_path / "hub" / name / spec.load.get("data_files", "test.jsonl")
+    if name == "hh":
+        hub_file = tmp_path / "hub" / name / "harmless-base" / "test.jsonl"
+    rows = records
+    if name == "dialogsum":
+        topic = len(DIALOGSUM_INSTRUCTION.split("{topic}")[0])
+        rows = [{"id": f"test_{i}", "dialogue": r["input"], "summary": r["output"],
+                 "topic": r["instruction"][topic:-1]} for i, r in enumerate(records)]
+    write_jsonl(hub_file, rows)
+    fetch(name, tmp_path / "data", tmp_path / "hub", alone=False)
+    assert read_jsonl(tmp_path / "data" / file, fields) == records

@@ -3,10 +3,10 @@ HH pairs from their public hub datasets, converted to prefkd's JSONL (docs/metho
 
 Each set is written under ``--dir`` (default ``$PREFKD_DATA``, else ``~/.cache/prefkd/data``) with the file names of
 the project's shared copy, so one layout serves both; the configs' ``${data_file:instruct/dolly_test.jsonl}`` looks
-there first, then under ``$PREFKD_SHARED/data``. Instruction records hold ``instruction``, ``input``, ``output`` (a
-string, or a list of references for S-NI / UnNI), ``prompt`` (the Alpaca template of §1, rebuilt from
-``instruction``/``input``) and the set's label (``topic`` or ``category``) when it has one; preference records hold
-the two full HH dialogues ``chosen`` and ``rejected``.
+there first, then under ``$PREFKD_SHARED/data``. Instruction records hold ``instruction``, ``input`` (where the set
+has one), ``output`` (a string, or a list of references for S-NI / UnNI), ``prompt`` (the Alpaca template of §1,
+rebuilt from ``instruction``/``input``) and the set's label (``topic`` or ``category``) when it has one; preference
+records hold the two full HH dialogues ``chosen`` and ``rejected``.
 
 ========= ==================================== ============================== ========================= ================
 name      hub id                               what is read                   records written           shared copy
@@ -98,7 +98,8 @@ def _label(row: dict) -> dict:
 
 def instruction_records(rows: Iterable[dict], where: str, limit: int | None = None) -> list[dict]:
     """Rows with ``instruction``, optional ``input``, ``output`` (a string or a list of references) and optional
-    ``topic``/``category`` → prefkd records with the Alpaca ``prompt`` (docs/methods.md §1); other columns are dropped.
+    ``topic``/``category`` → prefkd records with the Alpaca ``prompt`` (docs/methods.md §1); other columns are dropped
+    (``input`` is kept where the rows have that column: Vicuna's have none).
     The first ``limit`` rows; a row with an empty reference is dropped (logged), any other defect is a
     :class:`DataError` naming ``where`` and the row."""
     records, dropped = [], []
@@ -108,8 +109,8 @@ def instruction_records(rows: Iterable[dict], where: str, limit: int | None = No
         if not isinstance(row.get("instruction"), str):
             raise DataError(f"{where} row {i}: no string field 'instruction' (fields: {sorted(row)}); is this the "
                             f"set's hub file?")
-        record = {**_label(row), "instruction": row["instruction"], "input": row.get("input") or "",
-                  "output": row.get("output")}
+        record = {**_label(row), "instruction": row["instruction"],
+                  **({"input": row["input"] or ""} if "input" in row else {}), "output": row.get("output")}
         try:
             records.append(to_instruction_record(record, f"{where} row {i}"))
         except DataError as e:
