@@ -6,8 +6,9 @@ EXTRAS ?= dev,eval,gguf,align,sweep
 PYTEST_WORKERS ?= auto
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The configs' ${shared_dir:} (evaluation sets, the demo table's data, real tokenizers): the project's shared/ folder
-# beside the clone when PREFKD_SHARED is unset and that folder exists (else ~/.cache/prefkd).
+# PREFKD_SHARED: the configs' ${shared_dir:} (real tokenizers) and where ${data_file:} looks after $PREFKD_DATA
+# (evaluation sets, the demo table's data): the project's shared/ folder beside the clone when PREFKD_SHARED is unset
+# and that folder exists (else ~/.cache/prefkd).
 export PREFKD_SHARED ?= $(if $(wildcard ../shared/.),$(abspath ../shared),)
 
 .PHONY: setup lint test test-fast demo clean

@@ -4,7 +4,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
 fi
-# PREFKD_SHARED (the configs' ${shared_dir:}: data/ and tokenizers/): the project's shared/ beside the clone when unset.
+# PREFKD_SHARED (tokenizers/, and data/ after $PREFKD_DATA): the project's shared/ beside the clone when unset.
 if [ -z "${PREFKD_SHARED:-}" ] && [ -d "$ROOT/../shared" ]; then
   PREFKD_SHARED=$(cd "$ROOT/../shared" && pwd)
   export PREFKD_SHARED

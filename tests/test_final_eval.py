@@ -14,7 +14,7 @@ EVAL = ("final_eval.enabled=true", "final_eval.datasets=[vicuna,dolly]", "final_
         "final_eval.seeds=[10,20]", "final_eval.max_new_tokens=4", "final_eval.batch_size=2")
 
 
-def test_the_best_checkpoint_is_evaluated_after_training(tmp_path, capsys):
+def test_the_best_checkpoint_is_evaluated_after_training(tmp_path, capsys, shared):  # the sets of shared/data
     summary = run(compose_cfg("loss=sft", "trainer.max_steps=2", *EVAL), tmp_path / "run")
     assert f"evaluation: {tmp_path / 'run/eval/results.md'}" in capsys.readouterr().out
     results = json.loads((tmp_path / "run/eval/results.json").read_text())
@@ -28,7 +28,7 @@ def test_the_best_checkpoint_is_evaluated_after_training(tmp_path, capsys):
     assert again["eval"]["sets"] == results["sets"]
 
 
-def test_a_lora_student_is_evaluated_as_an_adapter_on_its_base(tmp_path):
+def test_a_lora_student_is_evaluated_as_an_adapter_on_its_base(tmp_path, shared):  # the sets of shared/data
     from prefkd.models.tiny import build_tiny
 
     base = build_tiny("b", "llama", 32, num_layers=1, seed=1)

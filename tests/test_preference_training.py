@@ -19,6 +19,12 @@ LR = "trainer.lr=1e-3"
 LORA = ("student.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [c_attn]}", "trainer.lr=3e-2")
 
 
+@pytest.fixture(autouse=True)
+def hh_pairs(shared):
+    """dataset=hh reads the HH pairs of shared/data (through ${data_file:}): every test here is skipped without them."""
+    return shared / "data/preference/hh_harmless_test.jsonl"
+
+
 @pytest.mark.parametrize("extra", [(LR,), LORA], ids=["full", "lora"])
 def test_dpo_starts_at_log2_and_resumes_against_the_initial_reference(tmp_path, extra):
     common = ("model=tiny_same", "teacher=none", "loss=dpo", *HH, *extra)
@@ -44,16 +50,14 @@ def test_every_preference_loss_trains(tmp_path, model, loss):
     assert fused["student"] and fused["teacher"] != fused["reference"], fused
 
 
-def test_kd_tisdpo_reads_a_weight_file(tmp_path):
+def test_kd_tisdpo_reads_a_weight_file(tmp_path, hh_pairs):
     import json
 
     from prefkd.data.preference import load_pairs
     from prefkd.data.preference_dataset import PreferenceDataset
     from prefkd.models.tiny import tiny_tokenizer
-    from prefkd.utils.config import config_dir
 
-    path = f"{config_dir()}/../../shared/data/preference/hh_harmless_test.jsonl"
-    pairs = load_pairs(path, limit=40, skip_invalid=True)
+    pairs = load_pairs(hh_pairs, limit=40, skip_invalid=True)
     ds = PreferenceDataset(pairs, tiny_tokenizer("b"), tiny_tokenizer("a"), max_length=96, max_prompt_length=48)
     weights = tmp_path / "w.jsonl"
     with weights.open("w") as f:
@@ -79,14 +83,13 @@ def test_clear_errors(tmp_path):
         quick_run(compose_cfg("model=tiny", "loss=dpo", "loss.reference=teacher", *HH), tmp_path / "b")
 
 
-def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path):
+def test_precomputed_reference_logps_train_like_the_reference_model(tmp_path, hh_pairs):
     from hydra.utils import instantiate
 
     from prefkd.data.preference import load_pairs
     from prefkd.reference_logps import compute_reference_logps
-    from prefkd.utils.config import config_dir
 
-    source = f"{config_dir()}/../../shared/data/preference/hh_harmless_test.jsonl"
+    source = str(hh_pairs)
     live = compose_cfg("model=tiny_same", "teacher=none", "loss=dpo", *HH, LR, f"dataset.source.train={source}")
     initial = instantiate(live.student)  # the seeded tiny student: the policy every run starts from
     ref_file = compute_reference_logps(load_pairs(source, limit=12, skip_invalid=True), initial,

@@ -21,7 +21,6 @@ SCRIPTS = sorted(p for p in (ROOT / "run_train").glob("*/*.sh") if p.parent.name
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "config/experiment").glob("*.yaml") if not p.stem.startswith("prefkd_"))
 PREFKD_STAGES = ("teacher_sft", "teacher_dpo", "teacher_rdpo", "student_sft", "kd_tisdpo", "tisdpo_kdalign", "dpo",
                  "ipo", "tisdpo")
-HH = ROOT.parent / "shared/data/preference/hh_harmless_test.jsonl"
 TINY = ("logger=none", "run_name=test", "trainer.device=cpu", "dataset=embedded", "dataset.source.n_train=16",
         "dataset.source.n_dev=4", "trainer.max_steps=1",
         "trainer.batch_size=4", "trainer.gradient_accumulation_steps=1", "trainer.eval.rouge=false",
@@ -166,13 +165,19 @@ def tiny_checkpoints(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def hh_pairs(shared):
+    """The HH pairs of shared/data (skipped without them)."""
+    return shared / "data/preference/hh_harmless_test.jsonl"
+
+
 @pytest.mark.parametrize("stage", PREFKD_STAGES)
-def test_every_preference_experiment_runs_a_step_on_tiny_models(stage, tiny_checkpoints, tmp_path):
+def test_every_preference_experiment_runs_a_step_on_tiny_models(stage, tiny_checkpoints, tmp_path, hh_pairs):
     models = [f"student.path={tiny_checkpoints / ('teacher' if stage.startswith('teacher') else 'student')}",
               "student.lora=null", "student.dtype=float32", "student.gradient_checkpointing=false"]
     if stage in ("kd_tisdpo", "tisdpo_kdalign"):
         models += [f"teacher.path={tiny_checkpoints / 'teacher'}", "teacher.dtype=float32"]
-    data = [f"dataset.source.train={HH}", "dataset.source.limit=12", "dataset.source.dev_size=4",
+    data = [f"dataset.source.train={hh_pairs}", "dataset.source.limit=12", "dataset.source.dev_size=4",
             "dataset.max_length=96", "dataset.max_prompt_length=48"]
     tiny = [o for o in TINY if not o.startswith(("dataset=", "dataset.source.n_"))]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -182,7 +187,7 @@ def test_every_preference_experiment_runs_a_step_on_tiny_models(stage, tiny_chec
     assert summary["steps"] == 1 and summary["nonfinite_steps"] == 0
 
 
-def test_a_pair_script_and_a_stage_script_start_one_step_runs(tiny_checkpoints, tmp_path):
+def test_a_pair_script_and_a_stage_script_start_one_step_runs(tiny_checkpoints, tmp_path, hh_pairs):
     """The wrappers themselves (not only their experiments) train: extra arguments reach Hydra, paths come from the
     environment, a stage's checkpoint becomes the next stage's input."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUM_GPUS": "1"}
@@ -194,7 +199,7 @@ def test_a_pair_script_and_a_stage_script_start_one_step_runs(tiny_checkpoints, 
     assert summary["steps"] == 1 and json.loads((tmp_path / "gpt2/run_info.json").read_text())["method"] == "multicost"
 
     env.update(STUDENT_SFT=str(tiny_checkpoints / "student"), TEACHER_DPO=str(tiny_checkpoints / "teacher"))
-    data = [f"dataset.source.train={HH}", "dataset.source.limit=12", "dataset.source.dev_size=4",
+    data = [f"dataset.source.train={hh_pairs}", "dataset.source.limit=12", "dataset.source.dev_size=4",
             "dataset.max_length=96", "dataset.max_prompt_length=48", "teacher.dtype=float32",
             "student.gradient_checkpointing=false", f"hydra.run.dir={tmp_path / 'kd'}"]
     tiny = [o for o in TINY if not o.startswith(("dataset=", "dataset.source.n_"))]

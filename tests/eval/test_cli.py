@@ -43,7 +43,7 @@ def env():
 
 
 @pytest.mark.slow
-def test_evaluate_command_on_smollm2(tmp_path):
+def test_evaluate_command_on_smollm2(tmp_path, shared):  # the sets of shared/data
     pytest.importorskip("gguf")
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "prefkd.evaluate", f"model.path={SMOLLM}", "eval=instruct", "eval.limit=2",

@@ -275,7 +275,7 @@ FINAL = ("eval@final_eval=nll", "final_eval.enabled=true", "final_eval.datasets=
          "final_eval.limit=2", "final_eval.batch_size=2")
 
 
-def test_final_eval_nll_after_training(tmp_path):
+def test_final_eval_nll_after_training(tmp_path, shared):  # the sets of shared/data
     from prefkd.training.pipeline import run
     from tests.helpers.runs import compose_cfg
 
@@ -291,7 +291,8 @@ def test_a_missing_set_fails_before_training(tmp_path):
     from prefkd.training.pipeline import run
     from tests.helpers.runs import compose_cfg
 
-    with pytest.raises(FileNotFoundError, match="unni"):  # UnNI is not shipped
+    # UnNI is not in shared/: the error names it and the command that fetches it
+    with pytest.raises(FileNotFoundError, match=r"unni.*`python -m prefkd.data fetch (dolly )?unni`"):
         run(compose_cfg("loss=sft", *FINAL, "final_eval.datasets=[dolly,unni]"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,20 +63,25 @@ def test_real_sets_load(shared):
         assert len(examples) == n and examples[0].prompt.startswith("Below is an instruction")
 
 
-def test_configured_sets_resolve_under_prefkd_shared_and_a_missing_one_says_so(tmp_path, monkeypatch):
-    """The configs' ${shared_dir:} is PREFKD_SHARED (else ~/.cache/prefkd), never a folder beside the clone; a set
-    missing there names the variable to set."""
+def test_configured_sets_resolve_under_prefkd_data_or_shared_and_a_missing_one_says_so(tmp_path, monkeypatch):
+    """The configs' ${data_file:} is $PREFKD_DATA/F, else $PREFKD_SHARED/data/F (both default under ~/.cache/prefkd),
+    never a folder beside the clone; a set missing from both names the fetch command and the variable to set
+    (the order itself: tests/data/test_fetch.py)."""
     from hydra import compose, initialize_config_dir
 
     from prefkd.utils.config import config_dir
 
     monkeypatch.setenv("PREFKD_SHARED", str(tmp_path))
+    (tmp_path / "data/instruct").mkdir(parents=True)
+    write(tmp_path / "data/instruct/vicuna_test.jsonl", [{"prompt": "p", "output": "o"}])
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("evaluate", overrides=["eval=nll"])
-    assert cfg.eval.sets.dolly == f"{tmp_path}/data/instruct/dolly_test.jsonl"
-    with pytest.raises(FileNotFoundError, match="set PREFKD_SHARED"):
+    assert cfg.eval.sets.vicuna == f"{tmp_path}/data/instruct/vicuna_test.jsonl"
+    assert cfg.eval.sets.dolly == f"{os.environ['PREFKD_DATA']}/instruct/dolly_test.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"python -m prefkd.data fetch dolly`.*set PREFKD_SHARED"):
         load_eval_set(cfg.eval.sets.dolly)
     monkeypatch.delenv("PREFKD_SHARED")
+    monkeypatch.delenv("PREFKD_DATA")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("evaluate", overrides=["eval=nll"])
     assert cfg.eval.sets.dolly.startswith(str(Path("~/.cache/prefkd").expanduser()))

@@ -23,6 +23,9 @@ JOBS = {("sft", "0.001"), ("sft", "0.003"), ("kd", "0.001"), ("kd", "0.003")}
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    from tests.helpers.shared import shared_dir
+
+    shared_dir()  # final_eval reads the Dolly and Vicuna sets of shared/data: skipped without them
     root = tmp_path_factory.mktemp("sweep")
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", HF_HUB_OFFLINE="1")

@@ -170,10 +170,11 @@ def pairs_as_records(pairs: Sequence[PreferencePair]) -> list[dict]:
 
 def read_pairs(source: str, limit: int | None = None, reverse: bool = False, skip_invalid: bool = False,
                split: str = "train") -> list[PreferencePair]:
-    """Pairs from ``source``: a local JSONL file when that path exists, else ``datasets.load_dataset(source,
-    split=split)`` (a hub id such as ``Anthropic/hh-rlhf``, or a datasets folder). The first ``limit`` pairs."""
+    """Pairs from ``source``: a local JSONL file when that path exists or names one (a ``.jsonl`` path: missing, its
+    error says how to get it), else ``datasets.load_dataset(source, split=split)`` (a hub id such as
+    ``Anthropic/hh-rlhf``, or a datasets folder). The first ``limit`` pairs."""
     path = Path(source).expanduser()
-    if path.exists():
+    if path.exists() or path.suffix == ".jsonl":
         return load_pairs(path, limit, reverse, skip_invalid=skip_invalid)
     return load_hub_pairs(source, split=split, reverse=reverse, limit=limit, skip_invalid=skip_invalid)
 

@@ -12,8 +12,6 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from prefkd.utils.config import missing_shared_file
-
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -132,8 +130,10 @@ def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dic
     required = tuple(required)
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not found"
-        shared = missing_shared_file(path)  # a file the configs expect under PREFKD_SHARED: say how to point there
-        raise FileNotFoundError(f"{path}: {what}; {f'{shared}; ' if shared else ''}expected a JSONL file "
+        from prefkd.data.fetch import missing_data_hint  # (fetch reads records: imported when needed)
+
+        hint = missing_data_hint(path)  # a file `prefkd.data fetch` writes, or one under PREFKD_SHARED: say how
+        raise FileNotFoundError(f"{path}: {what}; {f'{hint}; ' if hint else ''}expected a JSONL file "
                                 f"({RECORD_HELP}).")
     instruction = "prompt" in required and "output" in required
     records = []

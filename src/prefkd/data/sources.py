@@ -5,7 +5,8 @@
 - :func:`hub_splits`: anything ``datasets.load_dataset`` reads (a hub id, a local folder, or a builder such
   as ``"json"`` with ``data_files``), with configurable field names.
 - :func:`dolly_splits`: databricks-dolly-15k as processed for MiniLLM/DSKD, from a local folder of JSONL
-  files or from the hub.
+  files or from the hub; :func:`dolly_rows_splits` is its processing of the hub's rows (also used by
+  ``python -m prefkd.data fetch dolly``).
 
 Carve-outs (a dev split taken from train) are deterministic: a permutation from ``random.Random(seed)``.
 """
@@ -162,21 +163,30 @@ def dolly_splits(path: str = DOLLY_HUB_ID, dev_size: int = 1000, test_size: int 
         return DataSplits(train=train[:max_examples] if max_examples else train, dev=dev_records,
                           test=test_records, source=f"dolly({folder})")
     rows = _load(path, None, "train", **({"cache_dir": cache_dir} if cache_dir else {}))
-    records = _map_rows(rows, f"{path}[train]", prompt_field="prompt", output_field="response",
+    given_dev, given_test = read_jsonl(dev) if dev else None, read_jsonl(test) if test else None
+    splits = dolly_rows_splits(rows, f"{path}[train]", dev_size, test_size, seed, given_dev, given_test)
+    train = splits.train[:max_examples] if max_examples else splits.train
+    return DataSplits(train=train, dev=splits.dev, test=splits.test, source=f"dolly({path})")
+
+
+def dolly_rows_splits(rows, where: str = "dolly", dev_size: int = 1000, test_size: int = 500, seed: int = 42,
+                      given_dev: list[dict] | None = None, given_test: list[dict] | None = None) -> DataSplits:
+    """The processing of :func:`dolly_splits` on the rows of databricks-dolly-15k (dicts with ``instruction``,
+    ``context``, ``response``, ``category``, as ``datasets`` yields them): ``context`` → ``input``, ``response`` →
+    ``output``, the Alpaca prompt, ``category`` kept; a ``random.Random(seed)`` permutation, the first
+    ``test_size`` → test, the next ``dev_size`` → dev, the rest → train. ``given_dev`` / ``given_test`` replace the
+    carved splits and their records are removed from the pool first. ``where`` names the rows in errors."""
+    records = _map_rows(rows, where, prompt_field="prompt", output_field="response",
                         instruction_field="instruction", input_field="context")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    given_dev, given_test = read_jsonl(dev) if dev else None, read_jsonl(test) if test else None
     held_out = {_key(r) for r in (given_dev or []) + (given_test or [])}
     pool = [records[i] for i in order if _key(records[i]) not in held_out]
     if given_test is None:
         given_test, pool = pool[:test_size], pool[test_size:]
     if given_dev is None:
         given_dev, pool = pool[:dev_size], pool[dev_size:]
-    test_records, dev_records, train = given_test, given_dev, pool
-    if max_examples:
-        train = train[:max_examples]
-    return DataSplits(train=train, dev=dev_records, test=test_records, source=f"dolly({path})")
+    return DataSplits(train=pool, dev=given_dev, test=given_test, source=f"dolly({where})")
 
 
 # ---------------------------------------------------------------------------------------------- conversations

@@ -146,14 +146,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 # ---------------------------------------------------------------- evaluation after training (final_eval)
 def check_set_files(protocol: DictConfig, key: str) -> None:
     """The instruct/nll sets of ``protocol`` (an eval config at ``key``) exist: a missing file is an error before any
-    model loads, naming the key to set."""
+    model loads, naming the key to set and the command that fetches the missing sets."""
+    from prefkd.data.fetch import fetch_hint
     from prefkd.eval.sets import resolve_data_path, select_sets
 
     sets = select_sets(list(protocol.datasets), OmegaConf.to_container(protocol.sets, resolve=True))
     missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
     if missing:
-        raise FileNotFoundError(f"{key}: no file for set(s) {missing}: place them or set "
-                                f"{key}.sets.<name>=PATH (or drop them from {key}.datasets)")
+        raise FileNotFoundError(f"{key}: no file for set(s) {missing}: {fetch_hint(missing.values())}place them or "
+                                f"set {key}.sets.<name>=PATH (or drop them from {key}.datasets)")
 
 
 def check_final_eval(cfg: DictConfig) -> None:
