@@ -229,3 +229,26 @@ def test_the_command(teacher_dir, tmp_path):
     assert len(lines(tmp_path / "gen.jsonl")) == 2
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "out= is required" in res.stderr
+
+
+def test_conversations_are_answered_in_the_models_template_and_written_as_chat_records(teacher_dir, tmp_path):
+    """dataset=messages: each prompt is the history rendered by the generating model's template (tokenizer "a" has
+    none: prefkd's ChatML), and each line keeps the history as `messages`, so the file trains as chat records."""
+    from prefkd.data.chat import render_prompt
+    from prefkd.data.records import to_instruction_record
+    from prefkd.models.loading import load_model
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
+                                                      {"role": "assistant", "content": "1 2"}]}) + "\n"
+                             for i in range(3, 7)))
+    out = tmp_path / "gen.jsonl"
+    generate_file(teacher_dir, out, "dataset=messages", f"dataset.source.train={chats}")
+    rows = lines(out)
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": f"Count to {i}."}] for i in range(3, 7)]
+    assert all("prompt" not in r and r["reference"] == "1 2" for r in rows)
+    assert all(to_instruction_record(r, "line") for r in rows)  # chat records: messages + output
+    bundle = load_model(str(teacher_dir), device="cpu")
+    gens = generate(bundle.model, bundle.tokenizer, [render_prompt(r["messages"], bundle.tokenizer) for r in rows],
+                    batch_size=BATCH, seed=0, sampling=Sampling(max_new_tokens=MAX_NEW), progress=False)
+    assert [r["output"] for r in rows] == gens.texts

@@ -40,6 +40,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from prefkd.data.chat import prompt_of
 from prefkd.eval.generation import Sampling, generate_batches
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
@@ -117,8 +118,9 @@ def sampling_of(cfg: DictConfig) -> Sampling:
 def prompts_digest(records: list[dict]) -> str:
     """A hash of the split's prompts, in order: a resumed file must answer the same prompts."""
     digest = hashlib.sha256()
-    for record in records:
-        digest.update(record["prompt"].encode("utf-8") + b"\x00")
+    for record in records:  # a chat record's prompt is its history (each model renders it with its template)
+        prompt = record["prompt"] if "messages" not in record else json.dumps(record["messages"], ensure_ascii=False)
+        digest.update(prompt.encode("utf-8") + b"\x00")
     return digest.hexdigest()
 
 
@@ -195,7 +197,8 @@ def resume_state(out: Path, settings: dict) -> Progress:
 def answer_line(record: dict, index: int, sample: int | None, text: str, num_tokens: int,
                 max_new_tokens: int) -> dict:
     """One line of the file (see the module docstring)."""
-    line = {"prompt": record["prompt"], "output": text, "reference": record.get("output"), "index": index}
+    asked = {"messages": record["messages"]} if "messages" in record else {"prompt": record["prompt"]}
+    line = {**asked, "output": text, "reference": record.get("output"), "index": index}
     if sample is not None:
         line["sample"] = sample
     return {**line, "num_tokens": num_tokens, "truncated": num_tokens >= max_new_tokens}
@@ -232,13 +235,13 @@ def run(cfg: DictConfig) -> dict:
         return summarize(out, settings, progress)
     n_batches = math.ceil(target / batch_size)
     end = min(n_batches * batch_size, len(records) * k)  # whole batches, as in a run without limit
-    prompts = [records[i // k]["prompt"] for i in range(end)]
     start_batch = progress.items // batch_size
     if progress.items:
         log.info("resuming %s at record %d (%d lines written)", out, progress.items // k, progress.lines)
 
     bundle = instantiate(cfg.model)
     bundle.model.eval()
+    prompts = [prompt_of(records[i // k], bundle.tokenizer, f"{cfg.split} record {i // k}") for i in range(end)]
     batches = generate_batches(bundle.model, bundle.tokenizer, prompts, sampling=sampling, batch_size=batch_size,
                                seed=cfg.seed, start_batch=start_batch)
     bar = tqdm(batches, total=n_batches, initial=start_batch, desc=f"generating {cfg.split}", unit="batch",

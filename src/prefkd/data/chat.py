@@ -71,6 +71,11 @@ def render_prompt(messages: list[dict], tokenizer, where: str = "conversation") 
     return render(messages, tokenizer, generation_prompt=True, where=where)
 
 
+def prompt_of(record: dict, tokenizer, where: str = "record") -> str:
+    """A record's prompt for one model: a chat record's history rendered by its template, else ``record["prompt"]``."""
+    return render_prompt(record["messages"], tokenizer, where) if "messages" in record else record["prompt"]
+
+
 def _after_answer(tokenizer) -> str:
     """What the template writes after an assistant answer (e.g. ``"<|im_end|>\\n"``), read off a probe; "" when it
     does not write the probe's answer verbatim (then every example fails :func:`check_verbatim`, naming itself)."""
