@@ -168,7 +168,10 @@ class DistillDataset(Dataset):
 
     ``dataset[i]`` is a dict of 1-D long tensors ``input_ids`` (n), ``labels`` (n) and, with a teacher,
     ``teacher_input_ids`` (m), ``teacher_labels`` (m), plus the fields of ``precompute``. The strings stay
-    in ``dataset.records[i]`` (``prompt``, ``output``, ...). A record whose ``output`` is a list of
+    in ``dataset.records[i]`` (``prompt``, ``output``, ...). A chat record (``messages``, :mod:`prefkd.data.chat`)
+    gets each side's prompt rendered by its tokenizer's template (``prompt``: the student's, ``teacher_prompt``: the
+    teacher's), keeps the end of its history when cut, and ends its answer with the template's end of turn
+    (:meth:`end_id`). A record whose ``output`` is a list of
     references is trained on its first reference; one with ``"truncated": true`` (an answer cut by a token budget,
     as ``python -m prefkd.generate`` marks them) gets no EOS label.
 
