@@ -106,8 +106,8 @@ def valid(mpl: int, ml: int) -> bool:
 
 # ---------------------------------------------------------------------------------------------- (a) tokenize
 def check_example(ex, tokenizer, prompt: str, output: str, mpl: int, ml: int) -> None:
-    """The docs/methods.md §1 rules, recomputed from the raw ids."""
-    p_ids, r_ids = encode(tokenizer, [prompt, output])
+    """The docs/methods.md §1 rules, recomputed from the raw ids (special tokens' strings in the output are text)."""
+    (p_ids,), (r_ids,) = encode(tokenizer, [prompt]), encode(tokenizer, [output], split_special_tokens=True)
     p = min(len(p_ids), mpl)
     full = (p_ids[:mpl] + r_ids + [tokenizer.eos_token_id])[:ml]
     assert ex.prompt_length == p and ex.prompt_truncated == (len(p_ids) > mpl)
@@ -130,7 +130,7 @@ def test_tokenize_pair(name, prompt, output, lim):
     except DataError as e:
         event("DataError")
         assert "fuzz record 7" in str(e)
-        p_ids, r_ids = encode(tokenizer, [prompt, output])
+        (p_ids,), (r_ids,) = encode(tokenizer, [prompt]), encode(tokenizer, [output], split_special_tokens=True)
         assert not prompt.strip() or not output.strip() or not p_ids or not r_ids, str(e)
         return
     except ValueError as e:

@@ -107,7 +107,7 @@ def check_parents(text: str, parents: list[Parent], sides: dict[str, tuple[str, 
             assert all(p.start <= s and e <= p.end for s, e in children), (name, p, children)
             assert _covered(children) == covered & set(range(p.start, p.end)), (name, p, children)
         if name in BYTE_LEVEL:  # the children's bytes are exactly the parent's text
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # as token_offsets
             pieces_ = tokenizer.convert_ids_to_tokens(ids)
             for p in parents:
                 got = bytes(BYTE_OF[ch] for i in getattr(p, side) for ch in pieces_[i])

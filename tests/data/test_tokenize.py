@@ -89,3 +89,39 @@ def test_pad_token(shared):
     assert ensure_pad_token(qwen).pad_token == qwen.eos_token == "<|endoftext|>"
     with pytest.raises(DataError, match="no EOS"):
         ensure_pad_token(SimpleNamespace(eos_token_id=None, pad_token_id=None, name_or_path="toy"))
+
+
+SPECIAL_TEXT = "x<s>y</s>z <|endoftext|> <unk> <|im_start|>"  # the strings of BOS, EOS and other special tokens
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_special_tokens_strings_in_a_response_are_text(name, real_tokenizer, tmp_path):
+    """Regression (issue 19): "</s>" in an answer became an EOS label mid-response on TinyLLaMA/Mistral ("<s>" a
+    BOS label), "<|endoftext|>" on GPT-2/Qwen1.5. Every path that tokenises a response takes them as text; the
+    prompt (already templated) keeps its special tokens."""
+    from prefkd.align.parent_tokens import token_offsets
+    from prefkd.data.dataset import DistillDataset
+    from prefkd.data.preference import PreferencePair
+    from prefkd.data.preference_dataset import PreferenceDataset
+    from prefkd.eval.preference import encode as preference_encode
+
+    tok = real_tokenizer(name)
+    specials = set(tok.all_special_ids)
+    text_ids = tok(SPECIAL_TEXT, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert not specials & set(text_ids) and tok.decode(text_ids).replace("▁", " ").lstrip() == SPECIAL_TEXT
+    eos = [tok.eos_token_id]
+    ex = tokenize_pair("Question?", SPECIAL_TEXT, tok)
+    assert ex.response_ids == text_ids + eos
+    ds = DistillDataset([{"prompt": "Question?", "output": SPECIAL_TEXT}], tok, tok, use_cache=False)
+    for key in ("labels", "teacher_labels"):
+        assert [y for y in ds[0][key].tolist() if y != IGNORE_INDEX] == text_ids + eos
+    assert len(token_offsets(SPECIAL_TEXT, tok)) == len(text_ids)
+    pair = PreferenceDataset([PreferencePair("Question?", SPECIAL_TEXT, "no")], tok, tok)[0]
+    for key in ("chosen_labels", "teacher_chosen_labels"):
+        assert [y for y in pair[key] if y != IGNORE_INDEX] == text_ids + eos
+    assert [y for y in preference_encode(tok, "Question?", SPECIAL_TEXT)[1] if y != IGNORE_INDEX] == text_ids + eos
+    # A templated prompt keeps its special tokens (Qwen1.5's chat markers are special tokens of its vocabulary).
+    chat = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenize_pair(chat, "Hello", tok).full_ids[:2] == tok(chat, add_special_tokens=False)["input_ids"][:2]
+    if name == "qwen1.5":
+        assert tokenize_pair(chat, "Hello", tok).full_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

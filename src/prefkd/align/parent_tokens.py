@@ -159,15 +159,18 @@ def build_parents(student_offsets: Offsets, teacher_offsets: Offsets, length: in
 
 
 def token_offsets(text: str, tokenizer) -> list[tuple[int, int]]:
-    """Character spans of ``text``'s tokens, without special tokens (a fast tokenizer is needed)."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Character spans of the tokens of the response ``text``, tokenised as the data pipeline tokenises responses:
+    no special tokens added, special tokens' strings in the text (``</s>``) taken as text (a fast tokenizer is
+    needed)."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     return [tuple(span) for span in encoding["offset_mapping"]]
 
 
 def response_parents(text: str, student_tokenizer, teacher_tokenizer, *, max_student: int | None = None,
                      max_teacher: int | None = None, eos: bool = False) -> list[Parent]:
     """Tokenise one response string with both tokenizers and return its parents (:func:`build_parents`,
-    ``length=len(text)``): token indices refer to ``tokenizer(text, add_special_tokens=False)``."""
+    ``length=len(text)``): token indices refer to ``tokenizer(text, add_special_tokens=False,
+    split_special_tokens=True)``."""
     return build_parents(token_offsets(text, student_tokenizer), token_offsets(text, teacher_tokenizer),
                          len(text), max_student=max_student, max_teacher=max_teacher, eos=eos)
 

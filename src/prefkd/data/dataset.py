@@ -35,7 +35,7 @@ from prefkd.utils.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "prefkd-distill-dataset-1"  # bump when the cached layout or the tokenisation rules change
+CACHE_FORMAT = "prefkd-distill-dataset-2"  # bump when the cached layout or the tokenisation rules change
 RESERVED = ("input_ids", "labels", "attention_mask", "teacher_input_ids", "teacher_labels",
             "teacher_attention_mask")
 _CHUNK = 512  # records tokenised per batched tokenizer call
@@ -283,7 +283,7 @@ class DistillDataset(Dataset):
         key = "teacher_prompt" if side == "teacher" else "prompt"
         outputs = [r["output"][0] if isinstance(r["output"], list) else r["output"] for r in chunk]
         prompt_ids = encode(tokenizer, [r.get(key, r["prompt"]) for r in chunk])
-        response_ids = encode(tokenizer, outputs)
+        response_ids = encode(tokenizer, outputs, split_special_tokens=True)  # "</s>" in an answer is text
         # a record marked `truncated` (an answer cut by a token budget: python -m prefkd.generate) learns no EOS
         return [build_example(p, o, self.end_id(record, side), self.max_prompt_length, self.max_length,
                               where=f"{self.source} record {start + k}", ended=not record.get("truncated", False),

@@ -4,7 +4,8 @@ Per pair and per response y ∈ {chosen, rejected}, for the student (and the tea
 
 - prompt ids: ``tokenizer(prompt, add_special_tokens=False)``, keeping the LAST ``max_prompt_length`` tokens (the
   end of a dialogue matters most; the DPO reference code's convention);
-- response ids: ``tokenizer(y, add_special_tokens=False)`` (with offsets), cut to the budget
+- response ids: ``tokenizer(y, add_special_tokens=False, split_special_tokens=True)`` (with offsets; a special
+  token's string in a response is text, never a BOS or EOS label), cut to the budget
   ``max_length − len(prompt ids)`` together with EOS. With a teacher, the response is cut at a PARENT boundary that
   fits both sides' budgets (:func:`prefkd.align.parent_tokens.build_parents`), so both sides keep the same string,
   and EOS is its own parent when ``eos_parent`` (else EOS is appended to both sides but owned by no parent);
@@ -107,7 +108,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         out = {}
         for side, text, given in (("chosen", pair.chosen, pair.chosen_weight),
                                   ("rejected", pair.rejected, pair.rejected_weight)):
-            s_ids = s_tok(text, add_special_tokens=False)["input_ids"]
+            s_ids = s_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             budget_s = self.max_length - len(s_prompt)
             if t_tok is None:  # one parent per kept token (+ EOS)
                 keep = s_ids[:budget_s - 1]
@@ -116,7 +117,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 index = torch.tensor([-1] * (len(s_prompt) - 1) + list(range(len(keep)))
                                      + ([len(keep)] if self.eos_parent else [-1]))
             else:
-                t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+                t_ids = t_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                 reserve = 0 if self.eos_parent else 1  # an EOS outside the parents still takes a position
                 parents = build_parents(token_offsets(text, s_tok), token_offsets(text, t_tok), len(text),
                                         max_student=budget_s - reserve,

@@ -1,6 +1,9 @@
 """Tokenisation of one (prompt, output) pair for one model (docs/methods.md §1, the DSKD/MiniLLM convention).
 
-Prompt and output are tokenised separately with ``add_special_tokens=False`` (no BOS). The prompt ids are
+Prompt and output are tokenised separately with ``add_special_tokens=False`` (no BOS). The output is plain text:
+the string of a special token in it (``<s>``, ``</s>``, ``<|endoftext|>``) is tokenised as text
+(``split_special_tokens=True``), so no BOS, EOS or other special token is ever a label inside a response; the
+prompt, already templated (a chat template's ``<|im_start|>``), keeps its special tokens. The prompt ids are
 cut to ``max_prompt_length`` (the first tokens are kept), EOS is appended to the response ids, and the
 whole sequence ``full = prompt + response + [eos]`` is cut to ``max_length``. The model sees
 ``input_ids = full[:-1]`` and is trained on ``labels = full[1:]`` with -100 where the target is a prompt
@@ -53,11 +56,13 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, ``add_special_tokens=False`` (batched: fast tokenizers run in parallel)."""
+def encode(tokenizer, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each text, ``add_special_tokens=False`` (batched: fast tokenizers run in parallel).
+    ``split_special_tokens=True`` (responses): special tokens' strings in the text are tokenised as text."""
     if not texts:
         return []
-    out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)
+    out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False,
+                    split_special_tokens=split_special_tokens)
     return [list(ids) for ids in out["input_ids"]]
 
 
@@ -103,5 +108,5 @@ def tokenize_pair(prompt: str, output: str, tokenizer, max_prompt_length: int = 
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: the prompt is empty ({prompt!r}).")
     ensure_pad_token(tokenizer)
-    prompt_ids, response_ids = encode(tokenizer, [prompt, output])
+    (prompt_ids,), (response_ids,) = encode(tokenizer, [prompt]), encode(tokenizer, [output], split_special_tokens=True)
     return build_example(prompt_ids, response_ids, tokenizer.eos_token_id, max_prompt_length, max_length, where)

@@ -9,9 +9,9 @@ For a pair (x, y_w, y_l) and a policy π with reference π_ref:
 
 Each model scores the response with its own tokenizer, so a reference with another vocabulary (the
 teacher of PrefKD) compares log-probabilities of the same strings. Tokenisation follows the DPO
-reference code: prompt and response tokenised separately without special tokens, EOS appended to
-the response; over ``max_length`` the prompt keeps its last ``max_prompt_length`` tokens, then the
-response is cut.
+reference code: prompt and response tokenised separately without special tokens (special tokens' strings
+in the response are text, as in training), EOS appended to the response; over ``max_length`` the prompt
+keeps its last ``max_prompt_length`` tokens, then the response is cut.
 
 HH format (``chosen``/``rejected`` full dialogues): the prompt is everything up to and including the
 last ``"\\n\\nAssistant:"`` of the chosen dialogue. Where the rejected dialogue does not share that
@@ -50,7 +50,8 @@ def encode(tokenizer, prompt: str, response: str, max_length: int = 512,
            max_prompt_length: int = 256) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of prompt + response + EOS, labels -100 on the prompt; truncated as above."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # "</s>" in it is text
+    r = r + [tokenizer.eos_token_id]
     if len(p) + len(r) > max_length:
         p = p[-max_prompt_length:]
         r = r[:max(max_length - len(p), 1)]
