@@ -4,7 +4,8 @@ Prompt and output are tokenised separately with ``add_special_tokens=False`` (no
 the string of a special token in it (``<s>``, ``</s>``, ``<|endoftext|>``) is tokenised as text
 (``split_special_tokens=True``), so no BOS, EOS or other special token is ever a label inside a response; the
 prompt, already templated (a chat template's ``<|im_start|>``), keeps its special tokens. The prompt ids are
-cut to ``max_prompt_length`` (the first tokens are kept), EOS is appended to the response ids, and the
+cut to ``max_prompt_length`` (the first tokens are kept; a rendered conversation keeps its last), EOS (a chat
+record's: the template's end of turn, :mod:`prefkd.data.chat`) is appended to the response ids, and the
 whole sequence ``full = prompt + response + [eos]`` is cut to ``max_length``. The model sees
 ``input_ids = full[:-1]`` and is trained on ``labels = full[1:]`` with -100 where the target is a prompt
 token, so ``labels[i]`` is the target predicted at position i and the first label that is not -100 is
