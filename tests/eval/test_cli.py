@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +48,6 @@ def test_evaluate_command_on_smollm2(tmp_path, shared):  # the sets of shared/da
     cmd = [sys.executable, "-m", "prefkd.evaluate", f"model.path={SMOLLM}", "eval=instruct", "eval.limit=2",
            "eval.datasets=[dolly,sinst]", "eval.seeds=[10]", "eval.max_new_tokens=8", "eval.batch_size=2",
            f"output_dir={out}", "progress=false"]
-    start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -59,8 +57,7 @@ def test_evaluate_command_on_smollm2(tmp_path, shared):  # the sets of shared/da
         rows = [json.loads(x) for x in (out / name / "seed10.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and all(r["generation"] for r in rows)
     assert "average" in results and (out / "results.md").is_file() and (out / "results.csv").is_file()
-    assert "| ROUGE-L |" in proc.stdout
-    assert time.time() - start < 120
+    assert "| ROUGE-L |" in proc.stdout  # (no timing assertion: speed lives in prefkd.bench; timeout= guards hangs)
 
 
 LOCAL_TASK = """task: prefkd_local_mc
