@@ -188,3 +188,25 @@ def test_preference_pairs_take_a_conversation_as_prompt(tmp_path):
         assert prompt.endswith(HEADERS[LLAMA3 if prefix else None])
     with pytest.raises(DataError, match=re.escape("pairs.jsonl record 2 (prompt): the history's last turn")):
         to_pair({"prompt": CONVERSATION[:3], "chosen": "a", "rejected": "b"}, "pairs.jsonl record 2")
+
+
+def test_hh_dialogues_become_conversations_each_model_renders(shared):
+    """dataset=hh with as_messages: each HH prompt is a conversation (Human → user, Assistant → assistant); the pairs
+    and their SFT records (hh_sft) render with each model's template and end with its end of turn."""
+    from prefkd.data.preference import hh_messages, preference_splits
+
+    hh = str(shared / "data/preference/hh_harmless_test.jsonl")
+    pairs = preference_splits(hh, limit=6, as_messages=True, skip_invalid=True).train
+    assert all(isinstance(r["prompt"], list) and r["prompt"][-1]["role"] == "user" for r in pairs)
+    assert all(r["chosen"] == r["chosen"].strip() for r in pairs)
+    qwen, gpt2 = load_tokenizer("qwen1.5"), load_tokenizer("gpt2")
+    ds = PreferenceDataset([to_pair(r, "hh") for r in pairs], gpt2, qwen)
+    im_end = qwen.convert_tokens_to_ids("<|im_end|>")
+    assert all([t for t in ex["teacher_chosen_labels"] if t != IGNORE_INDEX][-1] == im_end for ex in ds.examples)
+    sft = preference_splits(hh, limit=6, as_messages=True, as_sft=True, skip_invalid=True).train
+    chat = DistillDataset(sft, gpt2, qwen, use_cache=False)
+    assert all(r["teacher_prompt"].endswith("<|im_start|>assistant\n") for r in chat.records)
+    assert hh_messages("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") == [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(DataError, match="not an HH dialogue"):
+        hh_messages("Question: why?\nAnswer:")

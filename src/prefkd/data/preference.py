@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,32 @@ class PreferencePair:
         ref = None if self.reference_logps is None else self.reference_logps[::-1]
         return replace(self, chosen=self.rejected, rejected=self.chosen, chosen_weight=self.rejected_weight,
                        rejected_weight=self.chosen_weight, reference_logps=ref)
+
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(prompt: str, where: str = "pair") -> list[dict]:
+    """An HH prompt (``"\n\nHuman: …\n\nAssistant: …\n\nHuman: …\n\nAssistant:"``) as a conversation (Human →
+    ``user``, Assistant → ``assistant``, each turn stripped), ending with the user's turn: the history each model then
+    renders with its own chat template (:mod:`prefkd.data.chat`)."""
+    parts = HH_TURN.split(prompt)  # ["", "Human", " text", "Assistant", " text", ..., "Assistant", ""]
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        raise DataError(f"{where}: the prompt is not an HH dialogue (\\n\\nHuman: ... \\n\\nAssistant:), so it cannot "
+                        f"become a conversation; set dataset.source.as_messages=false, or give `prompt` as a list of "
+                        f"{{role, content}} turns")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+             for who, text in zip(parts[1:-2:2], parts[2:-2:2])]
+    check_messages(turns, where)
+    return turns
+
+
+def as_conversation(pair: PreferencePair, where: str = "pair") -> PreferencePair:
+    """``pair`` with its HH prompt as a conversation (:func:`hh_messages`) and its responses stripped."""
+    if isinstance(pair.prompt, list):
+        return pair
+    return replace(pair, prompt=hh_messages(pair.prompt, where), chosen=pair.chosen.strip(),
+                   rejected=pair.rejected.strip())
 
 
 def split_hh(chosen: str, rejected: str, where: str = "pair") -> PreferencePair:
@@ -181,19 +208,21 @@ def read_pairs(source: str, limit: int | None = None, reverse: bool = False, ski
 
 def preference_splits(train: str, dev: str | None = None, test: str | None = None, dev_size: int = 0,
                       seed: int = 0, reverse: bool = False, limit: int | None = None, skip_invalid: bool = False,
-                      split: str = "train", as_sft: bool = False):
+                      split: str = "train", as_sft: bool = False, as_messages: bool = False):
     """A dataset source (Hydra ``_target_``): pairs from a local JSONL file or a hub id (``train``; a path that
     exists locally is read as JSONL, anything else through ``datasets.load_dataset(train, split=split)``).
     Without ``dev``, ``dev_size`` pairs are carved from train (seeded). ``limit``: the first N pairs of train.
 
     Records: ``{"prompt", "chosen", "rejected"[, weights]}`` (``reverse`` swaps chosen and rejected), or, with
-    ``as_sft``, instruction records ``{"prompt", "output": chosen}`` for SFT on the chosen responses.
+    ``as_sft``, instruction records ``{"prompt", "output": chosen}`` for SFT on the chosen responses. ``as_messages``:
+    each HH prompt becomes a conversation (:func:`hh_messages`) that each model renders with its chat template.
     """
     from prefkd.data.sources import carve
     from prefkd.data.splits import DataSplits
 
     def read(source: str, n: int | None = None) -> list[PreferencePair]:
-        return read_pairs(source, n, reverse, skip_invalid, split)
+        pairs = read_pairs(source, n, reverse, skip_invalid, split)
+        return [as_conversation(p, f"{source} pair {i + 1}") for i, p in enumerate(pairs)] if as_messages else pairs
 
     def records(pairs: Sequence[PreferencePair]) -> list[dict]:
         if as_sft:
