@@ -8,11 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
+from tests.helpers.runs import assert_two_processes_equal_one
 from tests.helpers.shared import free_port
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -97,15 +95,7 @@ def test_two_processes_equal_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one = train(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    s1, s2 = (json.loads((tmp_path / d / "train_summary.json").read_text()) for d in ("one", "two"))
-    assert s1["first_train_loss"] == pytest.approx(s2["first_train_loss"], rel=1e-6)
-    assert s1["last_train_loss"] == pytest.approx(s2["last_train_loss"], rel=1e-6)
-    for name in ("model.safetensors", "projectors.safetensors"):
-        a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / name))
-        b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / name))
-        assert a.keys() == b.keys() and a, name
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    assert_two_processes_equal_one(tmp_path)
 
 
 def test_on_policy_trains_in_two_processes(tmp_path):

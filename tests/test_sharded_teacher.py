@@ -9,20 +9,18 @@ fused, its per-chunk logits). Bad placements fail before any model loads, naming
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from prefkd.models.sharding import decoder_layers, is_sharded, on_device, whole_tables
 from prefkd.models.tiny import build_tiny
 from prefkd.training.pipeline import run
 from prefkd.training.teacher_placement import TeacherPlacement, place_teacher, split_teacher_config
-from tests.helpers.runs import compose_cfg
+from tests.helpers.runs import assert_two_processes_equal_one, compose_cfg
 from tests.helpers.shared import free_port
 from tests.test_cli import TORCHRUN, train
 
@@ -94,16 +92,8 @@ def test_a_sharded_offloaded_teacher_trains_as_the_whole_teacher(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     one = train(*common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    s1, s2 = (json.loads((tmp_path / d / "train_summary.json").read_text()) for d in ("one", "two"))
-    assert s1["first_train_loss"] == pytest.approx(s2["first_train_loss"], rel=1e-6)
-    assert s1["last_train_loss"] == pytest.approx(s2["last_train_loss"], rel=1e-6)
+    _, s2 = assert_two_processes_equal_one(tmp_path)
     assert s2["fused_head"] == {"student": True, "teacher": True, "reference": False}
-    for name in ("model.safetensors", "projectors.safetensors"):
-        a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / name))
-        b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / name))
-        assert a.keys() == b.keys() and a, name
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
     said = re.search(r"sharded over 2 processes, their shards in CPU memory; this process holds ([\d.]+) of its "
                      r"([\d.]+) MB", (tmp_path / "two" / "train.log").read_text())
     assert said and float(said[1]) < float(said[2]), "the sharded teacher's log line"

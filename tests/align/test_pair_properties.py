@@ -49,6 +49,7 @@ from prefkd.data.preference import PreferencePair
 from prefkd.data.preference_dataset import PreferenceDataset
 from prefkd.data.records import DataError, read_jsonl
 from prefkd.utils.labels import IGNORE_INDEX
+from tests.helpers.references import levenshtein as edit_distance
 from tests.helpers.references import naive_dtw
 from tests.helpers.shared import load_tokenizer, shared_dir
 
@@ -227,15 +228,7 @@ def marker(name: str) -> str:
     return word_start_marker(tok(name))
 
 
-@cache
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (unit costs, on code points), the textbook recurrence."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
+levenshtein = cache(edit_distance)  # memoised: the same token strings recur across texts
 
 
 def naive_mined(s_labels, t_labels, t2s, teacher: str, student: str) -> list[int]:

@@ -13,6 +13,17 @@ from prefkd.losses.dskd import DSKDCMALoss
 from tests.helpers.pairs import leaf
 
 
+# ---------------------------------------------------------------------------------------------- edit distance
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (unit costs, on code points), the textbook recurrence."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 # ---------------------------------------------------------------------------------------------- DTW
 def naive_dtw(cost: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """docs/methods.md §6 written out: D[i,j] = C[i,j] + min(D[i−1,j], D[i,j−1], D[i−1,j−1]) with D[−1,−1] = 0 and ∞ on

@@ -49,3 +49,23 @@ def quick_run(cfg, run_dir):
         torch.set_num_threads(threads)
 
 
+
+
+def assert_two_processes_equal_one(tmp_path: Path, one: str = "one", two: str = "two") -> tuple[dict, dict]:
+    """The runs in ``tmp_path/one`` (one process, the global batch) and ``tmp_path/two`` (two processes, half each):
+    the same first and last training loss (to 1e-6) and the same last weights, the loss's projectors included.
+    Returns both summaries."""
+    import json
+
+    import pytest
+
+    s1, s2 = (json.loads((tmp_path / d / "train_summary.json").read_text()) for d in (one, two))
+    assert s1["first_train_loss"] == pytest.approx(s2["first_train_loss"], rel=1e-6)
+    assert s1["last_train_loss"] == pytest.approx(s2["last_train_loss"], rel=1e-6)
+    for name in ("model.safetensors", "projectors.safetensors"):
+        a = load_file(str(tmp_path / one / "checkpoints" / "last" / name))
+        b = load_file(str(tmp_path / two / "checkpoints" / "last" / name))
+        assert a.keys() == b.keys() and a, name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    return s1, s2

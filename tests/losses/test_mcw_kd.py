@@ -23,7 +23,7 @@ import ot
 from prefkd.losses.base import LossInputs, ModelOutputs
 from prefkd.losses.mcw_kd import MCWKDLoss
 from tests.helpers.pairs import cross_inputs, leaf
-from tests.helpers.references import reference_cma
+from tests.helpers.references import levenshtein, reference_cma
 from tests.helpers.runs import QUICK_RUN, quick_run
 from tests.helpers.shared import REAL_PAIRS
 
@@ -327,15 +327,6 @@ def test_examples_are_independent_and_the_no_grad_value_is_the_same():
 
 
 # ---------------------------------------------------------------------------------------------- real pair
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 def predicted_tokens(batch, e: int, side: str, include_prompt: bool) -> list[int]:
     """The token each point predicts: full_ids[i + 1] = input_ids[i + 1], or the last label at the last position."""
     prefix = "" if side == "student" else "teacher_"
