@@ -71,7 +71,7 @@ def test_presets_build_the_real_geometries(preset):
 
 
 @pytest.mark.slow
-def test_tiny_run_fused_comparison_and_peers(tmp_path, capsys):
+def test_tiny_run_fused_comparison_and_peers(tmp_path, capsys, shared):  # real tokenizers, HH pairs
     """Main table, the fused comparison of every fused loss (kd on the same-vocabulary pair, the others on the
     cross-tokenizer pair, the preference losses on HH pairs) and every peer, on a tiny shape of the Mistral →
     TinyLLaMA pair (32k vocabularies)."""
@@ -103,7 +103,7 @@ def test_trl_rows_are_skipped_with_the_reason_without_trl(monkeypatch):
     assert all("prefkd[peers]" in found[n] for n in TRL_PEERS)
 
 
-def test_cli_writes_json(tmp_path):
+def test_cli_writes_json(tmp_path, shared):  # real tokenizers
     out = tmp_path / "bench.json"
     bench.main(["--losses", "", "--fused", "sft", "--shape", TINY, "--pair", "mistral_tinyllama", "--warmup", "0",
                 "--repeats", "1", "--precompute-examples", "0", "--no-sinkhorn", "--json", str(out)])

@@ -26,7 +26,7 @@ def conversations(n: int) -> list[dict]:
     return out
 
 
-def test_a_messages_dataset_trains_a_chat_pair(tmp_path):
+def test_a_messages_dataset_trains_a_chat_pair(tmp_path, shared):  # the real tokenizers
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations(20)))
     cfg = compose_cfg("model=tiny_qwen_gpt2", "loss=dskd_cma", "dataset=messages", f"dataset.source.train={path}",

@@ -37,7 +37,7 @@ IDS = [f"{p}-{name}" + ("-gjsd" if "loss.divergence=gjsd" in extra else "") for 
 
 
 @pytest.mark.parametrize("preset,loss,extra", CASES, ids=IDS)
-def test_loss_trains_on_a_real_pair(preset, loss, extra, tmp_path):
+def test_loss_trains_on_a_real_pair(preset, loss, extra, tmp_path, shared):  # the real tokenizers
     extra = tuple(e.format(shared=shared_dir()) for e in extra)
     cfg = compose_cfg(f"model={preset}", f"loss={loss}", "trainer.max_steps=3", "trainer.num_threads=1",
                       "dataset.source.n_train=24", *ON_POLICY, *extra)

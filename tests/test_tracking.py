@@ -78,7 +78,7 @@ def test_eval_table_rows_for_both_protocols():
     assert columns == ["rewards/accuracies", "n"] and rows == [[0.75, 8]] and values["eval/rewards/accuracies"] == 0.75
 
 
-def test_evaluating_a_checkpoint_logs_into_the_training_runs_wandb(tmp_path, monkeypatch):
+def test_evaluating_a_checkpoint_logs_into_the_training_runs_wandb(tmp_path, monkeypatch, shared):  # vicuna
     """The trainer records its wandb run (wandb_run.json); prefkd.evaluate of a checkpoint of that run resumes it
     by id and logs the results Table there (offline here: a second offline directory with the same id)."""
     pytest.importorskip("wandb")

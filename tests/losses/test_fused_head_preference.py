@@ -312,7 +312,7 @@ def saved_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_a_fused_preference_run_ends_on_the_unfused_weights(tmp_path, caplog, run):
+def test_a_fused_preference_run_ends_on_the_unfused_weights(tmp_path, caplog, run, shared):  # HH pairs
     """6 steps of 4 pairs on model=tiny with trainer.fused_head=true, then false: the same losses and weights (to
     1e-4, see test_fused_head's runs: GPT-2's attention key bias), and the plan's one log line names the reference
     (the teacher for kd_tisdpo)."""

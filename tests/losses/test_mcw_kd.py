@@ -590,7 +590,7 @@ def test_tiny_training_lowers_the_dev_loss_and_resumes_the_loss_state(mode, tmp_
             assert float(stopped[f"ot_{br}.weights.cost_count"]) == 1  # step 4, kept across the stop
 
 
-def test_real_vocabulary_pair_trains(tmp_path):
+def test_real_vocabulary_pair_trains(tmp_path, shared):  # the real tokenizers
     """model=tiny_qwen_gpt2 (Qwen1.5 → GPT-2 vocabularies, lexical cost from the real tokenizers): finite steps."""
     from tests.helpers.runs import compose_cfg
 
