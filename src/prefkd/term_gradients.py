@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.training.datasets import build_datasets
+from prefkd.training.schema import check_entry
 from prefkd.training.teacher_placement import split_teacher_config
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
@@ -65,8 +66,8 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """name -> {value, norm, cos} for every term and difference of ``cfg.terms`` / ``cfg.differences``."""
     from prefkd.losses.base import LossInputs, ModelOutputs
 
-    if not cfg.get("terms"):
-        raise ValueError("terms is empty: give at least one, e.g. 'terms={ce: {kd_rate: 0}, kd: {kd_rate: 1}}'")
+    check_entry(cfg, "term_gradients")  # every key (the terms' loss keys too), before any data or model loads
+    splits = instantiate(cfg.dataset.source)
     torch.manual_seed(cfg.seed)
     student, teacher = instantiate(cfg.student), instantiate(split_teacher_config(cfg.teacher)[0])
     losses = {}
@@ -78,7 +79,6 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
         losses[name] = loss
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, student, losses)
-    splits = instantiate(cfg.dataset.source)
     # the configured loss's precompute hooks (MCW-KD's lexical cost), whatever the terms
     data_loss = instantiate(cfg.loss)
     data_loss.setup(student.tokenizer, teacher.tokenizer)
