@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from prefkd.eval.generation import Sampling, generate_batches
-from prefkd.training.schema import check_entry
+from prefkd.training.schema import check_entry, reported
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
 from prefkd.utils.io import atomic_write
@@ -273,7 +273,8 @@ def summarize(out: Path, settings: dict, progress: Progress) -> dict:
 @hydra.main(config_path=config_dir(), config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    result = run(cfg)
+    with reported():
+        result = run(cfg)
     p = result["progress"]
     print(f"generated: {cfg.out} ({p['lines']} lines, {p['empty']} empty answers left out, {p['truncated']} cut at "
           f"max_new_tokens)")

@@ -82,8 +82,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> Path:
 
 @hydra.main(config_path=config_dir(), config_name="reference_logps", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from prefkd.training.schema import reported
+
     load_env()
-    run(cfg, HydraConfig.get().runtime.output_dir)
+    with reported():
+        run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.training.datasets import build_datasets
-from prefkd.training.schema import check_entry
+from prefkd.training.schema import check_entry, reported
 from prefkd.training.teacher_placement import split_teacher_config
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
@@ -114,8 +114,9 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
 @hydra.main(config_path=config_dir(), config_name="term_gradients", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    set_num_threads(cfg.trainer.num_threads)
-    rows = term_gradients(cfg)
+    with reported():
+        set_num_threads(cfg.trainer.num_threads)
+        rows = term_gradients(cfg)
     first = next(iter(cfg.terms))
     print(f"\n| term | value per token | ‖∇ student‖ | cos with ∇{first} |\n|---|---|---|---|")
     for name, r in rows.items():

@@ -48,33 +48,12 @@ def has_target(node) -> bool:
     return node is not None and isinstance(node, DictConfig) and node.get("_target_") is not None
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Every ``???`` (mandatory) value that is still unset is an error naming the key and how to set it."""
-    missing = []
-
-    def walk(node, prefix: str) -> None:
-        for key in node:
-            full = f"{prefix}{key}"
-            if OmegaConf.is_missing(node, key):
-                missing.append(full)
-            elif isinstance(node[key], DictConfig):
-                walk(node[key], f"{full}.")
-
-    walk(cfg, "")
-    if missing:
-        hints = {"path": "a checkpoint directory, hub id or .gguf file", "train": "a JSONL file"}
-        items = "; ".join(f"{k}=<{hints.get(k.rsplit('.', 1)[-1], 'a value')}>" for k in missing)
-        raise ValueError(f"the configuration leaves {', '.join(missing)} unset (??? in config/): pass {items} on "
-                         f"the command line")
-
-
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict:
     """Build everything from a composed config and train (then evaluate with ``final_eval.enabled``).
 
     ``hydra_cfg`` (Hydra's runtime config under ``@hydra.main``) names the run in run_info.json and wandb.
     Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
-    check_required(cfg)
-    check_entry(cfg, "train")  # every key's type, range and name, and the groups' key combinations
+    check_entry(cfg, "train")  # unset keys, every key's type, range and name, and the groups' key combinations
     check_final_eval(cfg)  # a wrong evaluation setting fails now, not after training
 
     tcfg = cfg.trainer

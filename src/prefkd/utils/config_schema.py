@@ -153,17 +153,19 @@ def check_fields(node, schema: type, path: str) -> list[str]:
     if not isinstance(node, (dict, DictConfig)):
         return [f"{path}={show(node)}: expects a mapping of its keys ({', '.join(field_names(schema))})"]
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    types = annotations(schema)
     problems = [unknown_key(path, name, list(fields)) for name in node if name not in fields]
     before = len(problems)
     given = set(node.keys())  # with the ??? ones, which `in` leaves out
     for name, f in fields.items():
         if name not in given:
             if not f.metadata.get("optional"):
-                problems.append(f"{join(path, name)}: missing; expects {describe_field(f)} ({f.metadata['doc']})")
+                problems.append(f"{join(path, name)}: missing; expects {describe_field(f, types[name])} "
+                                f"({f.metadata['doc']})")
             continue
         present, value = read(node, name, path, problems)
         if present:
-            problems += check_value(value, f.type, f.metadata.get("limits", NO_LIMITS), join(path, name))
+            problems += check_value(value, types[name], f.metadata.get("limits", NO_LIMITS), join(path, name))
     if len(problems) == before and hasattr(schema, "cross_check"):
         problems += schema.cross_check(node, path)
     return problems
@@ -173,8 +175,17 @@ def field_names(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
-def describe_field(f: dataclasses.Field) -> str:
-    plain = [arm for arm in arms(f.type) if not is_node(arm)]
+def annotations(schema: type) -> dict[str, Any]:
+    """Each field's annotation as an object (resolving those a ``from __future__ import annotations`` made
+    strings)."""
+    fields = dataclasses.fields(schema)
+    if any(isinstance(f.type, str) for f in fields):
+        return typing.get_type_hints(schema)
+    return {f.name: f.type for f in fields}
+
+
+def describe_field(f: dataclasses.Field, annotation) -> str:
+    plain = [arm for arm in arms(annotation) if not is_node(arm)]
     return describe(typing.Union[tuple(plain)], f.metadata.get("limits", NO_LIMITS)) if plain else "a mapping"  # noqa: UP007
 
 

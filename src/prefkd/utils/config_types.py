@@ -122,8 +122,9 @@ def describe(annotation, limits: Limits = NO_LIMITS, plural: bool = False) -> st
         return limits.form or ("strings" if plural else "a string")
     if annotation is list or origin is list:
         item = (typing.get_args(annotation) or (Any,))[0]
-        size = f"{limits.length} " if limits.length is not None else "non-empty " if limits.nonempty else ""
-        return f"a {size}list" + ("" if item is Any else f" of {describe(item, plural=True)}")
+        size = f"{limits.length} " if limits.length is not None else ""
+        items = "" if item is Any else f" of {size}{describe(item, plural=True)}"
+        return f"a {'non-empty ' if limits.nonempty else ''}list{items or (f' of {size}items' if size else '')}"
     if annotation is dict or origin is dict:
         item = (typing.get_args(annotation) or (str, Any))[1]
         return "a mapping" + ("" if item is Any else f" to {describe(item, plural=True)}")

@@ -41,6 +41,12 @@ class TrainConfig:
     hydra: dict = key(HYDRA, optional=True)
 
 
+def teacher_given(node, why: str) -> list[str]:
+    if not node["teacher"]:
+        return [f"teacher: empty (teacher=none), but {why}: pick a teacher (e.g. teacher=smollm2 or a model= preset)"]
+    return []
+
+
 @dataclass
 class Cache:
     """``cache`` of ``python -m prefkd.teacher_cache``."""
@@ -62,10 +68,7 @@ class TeacherCacheConfig(TrainConfig):
 
     @staticmethod
     def cross_check(node, path: str) -> list[str]:
-        if not node["teacher"]:
-            return ["teacher: empty (teacher=none): a teacher cache holds a teacher's outputs; pick a teacher "
-                    "(e.g. teacher=smollm2 or a model= preset)"]
-        return []
+        return teacher_given(node, "a teacher cache holds a teacher's outputs")
 
 
 @dataclass
@@ -81,7 +84,9 @@ class TermGradientsConfig(TrainConfig):
 
     @staticmethod
     def cross_check(node, path: str) -> list[str]:
-        problems = [] if node["terms"] else ["terms: empty; give at least one, e.g. terms={ce: {kd_rate: 0}}"]
+        problems = teacher_given(node, "the terms are distillation terms, scored against a teacher")
+        if not node["terms"]:
+            problems.append("terms: empty; give at least one, e.g. terms={ce: {kd_rate: 0}}")
         try:
             loss = locate(node["loss"]["_target_"])
         except Exception:  # reported for loss._target_
