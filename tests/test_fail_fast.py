@@ -122,6 +122,29 @@ def test_train(tmp_path, files, no_models):
                "teacher.shards: unknown key; did you mean teacher.shard?")
 
 
+def test_a_users_own_yaml_is_checked_too(tmp_path, no_models):
+    """Groups from a user's own config folder (``--config-dir``, here Hydra's search path): a loss YAML with a
+    misspelt key, a trainer YAML with a value out of range and one that leaves keys out are refused like
+    command-line overrides."""
+    from prefkd.training.pipeline import run
+
+    (tmp_path / "mine" / "loss").mkdir(parents=True)
+    (tmp_path / "mine" / "trainer").mkdir()
+    (tmp_path / "mine" / "loss" / "my_kd.yaml").write_text("_target_: prefkd.losses.kd.KDLoss\ndivergance: js\n")
+    (tmp_path / "mine" / "trainer" / "short.yaml").write_text("defaults:\n  - default\n  - _self_\n\nlr: 1e-4\n"
+                                                               "warmup_ratio: 1.5\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'mine'}]"
+    fails_fast("train: a user's loss YAML", lambda: run(compose_cfg(search, "loss=my_kd"), tmp_path / "run"),
+               "loss.divergance: unknown key; did you mean loss.divergence?")
+    fails_fast("train: a user's trainer YAML", lambda: run(compose_cfg(search, "trainer=short"), tmp_path / "run"),
+               "trainer.warmup_ratio=1.5: expects a number in [0, 1)")
+    (tmp_path / "mine" / "trainer" / "bare.yaml").write_text("lr: 1e-4\n")
+    fails_fast("train: a user's trainer YAML without defaults",
+               lambda: run(composed("train", search, "trainer=bare", "model=tiny_same", "loss=kd", "logger=none",
+                                    "run_name=t"), tmp_path / "run"),
+               "trainer.seed: missing; expects an integer (seed of data order and dropout)")
+
+
 def test_train_on_the_command_line(tmp_path, monkeypatch, capsys, no_models):
     """``python -m prefkd.train``'s main: Hydra still refuses an unknown key without ``+``; a schema problem ends the
     command with exit code 2 and the message alone, no traceback."""
@@ -219,7 +242,7 @@ def test_teacher_cache(tmp_path, files, no_models):
     assert not (tmp_path / "cache").exists()  # nothing written
 
 
-# ------------------------------------------------------------------------------------------------ prefkd.reference_logps
+# ------------------------------------------------------------------------------------------- prefkd.reference_logps
 def test_reference_logps(tmp_path, files, no_models):
     from prefkd.reference_logps import run
 

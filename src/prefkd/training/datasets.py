@@ -26,7 +26,8 @@ def check_data(cfg: DictConfig, splits, loss, processes: int) -> None:
     t = cfg.trainer
     step = t.batch_size * processes * t.gradient_accumulation_steps
     if len(splits.train) < step:
-        raise ValueError(f"dataset {splits.source}: the training split holds {len(splits.train)} records, "
+        n = len(splits.train)
+        raise ValueError(f"dataset {splits.source}: the training split holds {n} record{'s' * (n != 1)}, "
                          f"fewer than one optimizer step's {step} (trainer.batch_size={t.batch_size} × {processes} "
                          f"process(es) × trainer.gradient_accumulation_steps={t.gradient_accumulation_steps}): give "
                          f"more training records or lower trainer.batch_size")
