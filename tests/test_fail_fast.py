@@ -175,8 +175,8 @@ def test_evaluate(tmp_path, files, no_models):
     from prefkd.training.evaluation import run
 
     def evaluate(*overrides):
-        cfg = composed("evaluate", "logger=none", "model.path=unused", "device=cpu", "progress=false", *overrides)
-        return lambda: run(cfg, tmp_path / "eval")
+        base = ("logger=none", "model.path=unused", "device=cpu", "progress=false")
+        return lambda: run(composed("evaluate", *base, *overrides), tmp_path / "eval")
 
     fails_fast("evaluate: too few records", evaluate("eval=preference", f"eval.dataset={files['empty']}"),
                "empty.jsonl: the file holds no preference pairs (it is empty or holds only blank lines); each line "
@@ -204,8 +204,8 @@ def test_generate(tmp_path, files, no_models):
     from prefkd.generate import run
 
     def generate(*overrides):
-        cfg = composed("generate", "model.path=unused", f"out={tmp_path / 'gen.jsonl'}", "device=cpu", *overrides)
-        return lambda: run(cfg)
+        base = ("model.path=unused", f"out={tmp_path / 'gen.jsonl'}", "device=cpu")
+        return lambda: run(composed("generate", *base, *overrides))
 
     records = ("dataset=jsonl", f"dataset.source.train={files['records']}")
     fails_fast("generate: too few records", generate(*records, "split=test"),
@@ -227,9 +227,9 @@ def test_teacher_cache(tmp_path, files, no_models):
     from prefkd.training.teacher_cache import build
 
     def cache(*overrides):
-        cfg = composed("teacher_cache", "model=tiny_same", "loss=kd", "logger=none", "run_name=t",
-                       "trainer.device=cpu", f"cache.dir={tmp_path / 'cache'}", *overrides)
-        return lambda: build(cfg)
+        base = ("model=tiny_same", "loss=kd", "logger=none", "run_name=t", "trainer.device=cpu",
+                f"cache.dir={tmp_path / 'cache'}")
+        return lambda: build(composed("teacher_cache", *base, *overrides))
 
     records = ("dataset=jsonl", f"dataset.source.train={files['records']}")
     fails_fast("teacher_cache: too few records", cache(*records, "dataset.source.dev_size=3"),
@@ -253,9 +253,8 @@ def test_reference_logps(tmp_path, files, no_models):
     from prefkd.reference_logps import run
 
     def logps(*overrides):
-        cfg = composed("reference_logps", "model.path=unused", f"dataset.source.train={files['pairs']}",
-                       f"output={tmp_path / 'ref.jsonl'}", *overrides)
-        return lambda: run(cfg, tmp_path)
+        base = ("model.path=unused", f"dataset.source.train={files['pairs']}", f"output={tmp_path / 'ref.jsonl'}")
+        return lambda: run(composed("reference_logps", *base, *overrides), tmp_path)
 
     fails_fast("reference_logps: too few records", logps(f"dataset.source.train={files['empty']}"),
                "the file holds no preference pairs")
@@ -276,9 +275,9 @@ def test_weights(tmp_path, files, no_models):
     from prefkd.weights.__main__ import run
 
     def weights(*overrides):
-        cfg = composed("weights", "positive.path=unused", "negative.path=unused",
-                       f"dataset.source.train={files['pairs']}", f"output={tmp_path / 'w.jsonl'}", *overrides)
-        return lambda: run(cfg, tmp_path)
+        base = ("positive.path=unused", "negative.path=unused", f"dataset.source.train={files['pairs']}",
+                f"output={tmp_path / 'w.jsonl'}")
+        return lambda: run(composed("weights", *base, *overrides), tmp_path)
 
     fails_fast("weights: too few records", weights("dataset.source.limit=0"), "no pair left to weight (limit=0")
     fails_fast("weights: missing file", weights(f"dataset.source.train={files['missing']}"),
@@ -292,6 +291,23 @@ def test_weights(tmp_path, files, no_models):
     fails_fast("weights: unknown key", weights("+weights.params.treshold={lo: 1}"),
                "weights.params.treshold: unknown transform")
     fails_fast("weights: missing policy tokenizer", weights(f"policy.path={tmp_path / 'no-student'}"), "no-student")
+
+
+# ------------------------------------------------------------------------------------------------ prefkd.term_gradients
+def test_term_gradients(tmp_path, files, no_models):
+    from prefkd.term_gradients import term_gradients
+
+    def terms(*overrides):
+        base = ("model=tiny", "logger=none", "run_name=t", "trainer.device=cpu")
+        return lambda: term_gradients(composed("term_gradients", *base, *overrides))
+
+    fails_fast("term_gradients: missing file", terms("dataset=jsonl", f"dataset.source.train={files['missing']}"),
+               "nowhere.jsonl: not found")
+    fails_fast("term_gradients: unknown loss key in a term", terms("+terms.mix={kd_rat: 0.5}"),
+               "terms.mix.kd_rat: unknown key; did you mean terms.mix.kd_rate?")
+    fails_fast("term_gradients: incompatible keys", terms("differences.kd_tea=[kd,kd_teacher]"),
+               "differences.kd_tea: 'kd_teacher' is not a term (terms: ce, kd, kd_stu)")
+    fails_fast("term_gradients: out of range", terms("examples=0"), "examples=0: expects an integer ≥ 1")
 
 
 # ------------------------------------------------------------------------------------------------ prefkd.data fetch
