@@ -124,8 +124,8 @@ def test_train(tmp_path, files, no_models):
 
 def test_a_users_own_yaml_is_checked_too(tmp_path, no_models):
     """Groups from a user's own config folder (``--config-dir``, here Hydra's search path): a loss YAML with a
-    misspelt key, a trainer YAML with a value out of range and one that leaves keys out are refused like
-    command-line overrides."""
+    misspelt key, a trainer YAML with a value out of range, a student YAML without its factory's required parameter
+    and a trainer YAML that leaves keys out are refused like command-line overrides."""
     from prefkd.training.pipeline import run
 
     (tmp_path / "mine" / "loss").mkdir(parents=True)
@@ -138,6 +138,11 @@ def test_a_users_own_yaml_is_checked_too(tmp_path, no_models):
                "loss.divergance: unknown key; did you mean loss.divergence?")
     fails_fast("train: a user's trainer YAML", lambda: run(compose_cfg(search, "trainer=short"), tmp_path / "run"),
                "trainer.warmup_ratio=1.5: expects a number in [0, 1)")
+    (tmp_path / "mine" / "student").mkdir()
+    (tmp_path / "mine" / "student" / "pathless.yaml").write_text("_target_: prefkd.models.loading.load_pretrained\n")
+    fails_fast("train: a user's student YAML without its path",
+               lambda: run(compose_cfg(search, "student=pathless"), tmp_path / "run"),
+               "student.path: missing; prefkd.models.loading.load_pretrained needs it (a string)")
     (tmp_path / "mine" / "trainer" / "bare.yaml").write_text("lr: 1e-4\n")
     fails_fast("train: a user's trainer YAML without defaults",
                lambda: run(composed("train", search, "trainer=bare", "model=tiny_same", "loss=kd", "logger=none",

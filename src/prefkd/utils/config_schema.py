@@ -283,7 +283,8 @@ def check_params(node, target: Callable, path: str, *, skip: int = 0, ignore: se
                 problems.append(f"{join(path, k)}={show(value)}: expects {describe(annotation)} (the parameter "
                                 f"{k} of {name})")
     given = set(node.keys())
+    partial = node.get("_partial_") is True  # Hydra's functools.partial: the rest is passed later
     for k, (annotation, required) in sig.params.items():
-        if required and k not in given:
+        if required and k not in given and not partial:
             problems.append(f"{join(path, k)}: missing; {name} needs it ({describe(annotation)})")
     return problems
