@@ -13,9 +13,10 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 CKPT=$1
-BATCH=$2
+EVAL_BATCH_SIZE=$2
 shift 2
 source "$(dirname "${BASH_SOURCE[0]}")/../run_train/_python.sh"
+need_int EVAL_BATCH_SIZE 1
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/eval/$(printf '%s' "${CKPT#/}" | tr '/:' '__')}
-exec "$PYTHON" -m prefkd.evaluate eval=instruct "model.path='$CKPT'" "eval.batch_size=$BATCH" \
+exec "$PYTHON" -m prefkd.evaluate eval=instruct "model.path='$CKPT'" "eval.batch_size=$EVAL_BATCH_SIZE" \
   "output_dir='$OUTPUT_DIR'" "$@"

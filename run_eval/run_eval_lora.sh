@@ -11,9 +11,10 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 ADAPTER=$1
-BATCH=$2
+EVAL_BATCH_SIZE=$2
 shift 2
 source "$(dirname "${BASH_SOURCE[0]}")/../run_train/_python.sh"
+need_int EVAL_BATCH_SIZE 1
 if [ ! -f "$ADAPTER/adapter_config.json" ]; then
   echo "$0: $ADAPTER/adapter_config.json not found: LORA_ADAPTER_PATH must be a peft adapter directory" >&2
   exit 2
@@ -29,4 +30,4 @@ fi
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/eval/$(printf '%s' "${ADAPTER#/}" | tr '/:' '__')}
 echo "base model: $BASE_MODEL" >&2
 exec "$PYTHON" -m prefkd.evaluate eval=instruct "model.path='$BASE_MODEL'" "model.adapter='$ADAPTER'" \
-  "eval.batch_size=$BATCH" "output_dir='$OUTPUT_DIR'" "$@"
+  "eval.batch_size=$EVAL_BATCH_SIZE" "output_dir='$OUTPUT_DIR'" "$@"

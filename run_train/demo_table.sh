@@ -27,9 +27,21 @@ outdir "$@"
 shift
 METHODS=${METHODS:-"sft uld minedit dskd_cma multilevel_ot mcw_kd"}
 SEEDS=${SEEDS:-"1 2"}
-NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=${NLL_LIMIT:-100}")
-ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=${ROUGE_LIMIT:-100}"
-       "eval.seeds=[${ROUGE_SEEDS:-10,20}]" "eval.max_new_tokens=${ROUGE_TOKENS:-64}" eval.batch_size=20)
+NLL_LIMIT=${NLL_LIMIT:-100}; ROUGE_LIMIT=${ROUGE_LIMIT:-100}; ROUGE_TOKENS=${ROUGE_TOKENS:-64}
+ROUGE_SEEDS=${ROUGE_SEEDS:-10,20}; TEACHER_CACHE=${TEACHER_CACHE:-1}
+# every setting is checked before the first run: a wrong one stops here, not after an hour of training
+need_int NLL_LIMIT 1; need_int ROUGE_LIMIT 1; need_int ROUGE_TOKENS 1; need_choice TEACHER_CACHE 0 1
+[[ "$SEEDS" =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] || bad_env SEEDS "expects whole numbers \
+separated by spaces, e.g. \"1 2\""
+[[ "$ROUGE_SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || bad_env ROUGE_SEEDS "expects whole numbers separated by commas, e.g. 10,20"
+for row in $METHODS; do
+  loss=${row#*:}; loss=${loss%%+*}
+  [ -f "$ROOT/config/loss/$loss.yaml" ] || bad_env METHODS "row $row: no loss $loss (config/loss/: $(cd \
+"$ROOT/config/loss" && ls | sed 's/\.yaml$//' | tr '\n' ' '))"
+done
+NLL=(eval=nll "eval.datasets=[${NLL_SETS:-dolly,self_inst,vicuna,sinst}]" "eval.limit=$NLL_LIMIT")
+ROUGE=(eval=instruct "eval.datasets=[${ROUGE_SETS:-dolly,vicuna}]" "eval.limit=$ROUGE_LIMIT"
+       "eval.seeds=[$ROUGE_SEEDS]" "eval.max_new_tokens=$ROUGE_TOKENS" eval.batch_size=20)
 cd "$ROOT"
 START=$(date +%s)
 COMMAND="bash run_train/demo_table.sh $OUT $*"
@@ -40,7 +52,7 @@ done_() {
   [ -f "$2" ] || return 1
   [ "$1" = nll ] && return 0
   "$PYTHON" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['seeds'] == [int(s) for s in \
-sys.argv[2].split(',')] else 1)" "$2" "${ROUGE_SEEDS:-10,20}"
+sys.argv[2].split(',')] else 1)" "$2" "$ROUGE_SEEDS"
 }
 
 # evaluate LABEL DIR MODEL_ARGS...: both protocols into DIR/eval_nll and DIR/eval_rouge, each once (the ROUGE-L
@@ -79,7 +91,7 @@ evaluate student_init "$INIT" model.path="$INIT/model"
 # The teacher's last hidden states over the 900/100 records, once: every run reads its teacher outputs from them
 # (exact, prefkd.training.teacher_cache) instead of running the 30-layer teacher again. sft needs no teacher.
 CACHE="$OUT/teacher_cache"
-USE_CACHE=${TEACHER_CACHE:-1}
+USE_CACHE=$TEACHER_CACHE
 [ -z "$(echo "$METHODS" | tr ' ' '\n' | grep -vx sft)" ] && USE_CACHE=0  # sft alone never runs the teacher
 if [ "$USE_CACHE" = 1 ] && [ ! -f "$CACHE/manifest.json" ]; then
   echo "== teacher cache (last hidden states)"

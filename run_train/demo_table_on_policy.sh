@@ -18,6 +18,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 outdir "$@"
 shift
+SEQKD_TOKENS=${SEQKD_TOKENS:-96}; SEQKD_LIMIT=${SEQKD_LIMIT:-256}
+need_int SEQKD_TOKENS 1; need_int SEQKD_LIMIT 1
 cd "$ROOT"
 DATA="$OUT/seqkd"
 mkdir -p "$DATA"
@@ -42,7 +44,7 @@ TRAIN=$("$PYTHON" -m prefkd.train experiment=demo_table "$@" --cfg job --resolve
 echo "== SeqKD data: the teacher's answers to the training prompts"
 "$PYTHON" -m prefkd.generate model.path="$TEACHER" dataset=jsonl dataset.source.train="$TRAIN" \
   dataset.source.dev_size=100 dataset.source.seed=0 dataset.max_prompt_length=96 split=train \
-  sampling.max_new_tokens="${SEQKD_TOKENS:-96}" limit="${SEQKD_LIMIT:-256}" batch_size=16 seed=0 progress=false \
+  sampling.max_new_tokens="$SEQKD_TOKENS" limit="$SEQKD_LIMIT" batch_size=16 seed=0 progress=false \
   out="$DATA/train.jsonl"
 
 LIVE=trainer.teacher_cache=null

@@ -17,10 +17,13 @@ fi
 EXP=$1
 shift
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
+NUM_GPUS=${NUM_GPUS:-1}
+need_int NUM_GPUS 1
+[ -z "${ACCELERATE_CONFIG:-}" ] || need_file ACCELERATE_CONFIG "an accelerate config file, e.g. config/accelerate/ddp.yaml"
 ARGS=("experiment=$EXP")
 if [ -n "${TEACHER_PATH:-}" ] && [ "${NO_TEACHER:-0}" != 1 ]; then ARGS+=("teacher.path=$TEACHER_PATH"); fi
 if [ -n "${STUDENT_PATH:-}" ]; then ARGS+=("student.path=$STUDENT_PATH"); fi
-if [ "${NUM_GPUS:-1}" -gt 1 ]; then
+if [ "$NUM_GPUS" -gt 1 ]; then
   CONFIG=(); [ -n "${ACCELERATE_CONFIG:-}" ] && CONFIG=(--config_file "$ACCELERATE_CONFIG")
   exec "$PYTHON" -m accelerate.commands.launch "${CONFIG[@]}" --num_processes "$NUM_GPUS" -m prefkd.train \
     "${ARGS[@]}" "$@"

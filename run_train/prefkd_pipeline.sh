@@ -57,12 +57,43 @@ case "$MODEL" in  # which configs fine-tune the teacher and the student
   *) echo "MODEL=$MODEL: use tiny, smollm or prefkd" >&2; exit 2 ;;
 esac
 SFT_LR=${SFT_LR:-${LRS[0]}}; DPO_LR=${DPO_LR:-${LRS[1]}}; KD_LR=${KD_LR:-${LRS[2]}}
-[ -f "$DATA" ] || { echo "DATA=$DATA: no such file (a JSONL of preference pairs)" >&2; exit 2; }
+# every setting is checked before the first stage: a wrong one stops here, in seconds, not after hours of training
+need_file DATA "a JSONL of preference pairs"
+need_int N_TRAIN 1; need_int N_TEST 1; need_int DEV_SIZE 0; need_int STEPS 0
+need_number BETA; need_number SFT_LR; need_number DPO_LR; need_number KD_LR
+need_choice LOSS kd_tisdpo tisdpo_kdalign
+WEIGHTED=$N_TRAIN  # the pairs the student trains on in student_kd
+if [ -n "${WEIGHT_PAIRS:-}" ]; then
+  need_int WEIGHT_PAIRS 1
+  (( WEIGHT_PAIRS <= N_TRAIN )) || bad_env WEIGHT_PAIRS "above N_TRAIN=$N_TRAIN: only training pairs get weights; \
+lower WEIGHT_PAIRS or raise N_TRAIN"
+  WEIGHTED=$WEIGHT_PAIRS
+fi
+(( DEV_SIZE < WEIGHTED )) || bad_env DEV_SIZE "the dev pairs are carved from the $WEIGHTED training pairs \
+(N_TRAIN${WEIGHT_PAIRS:+, WEIGHT_PAIRS}): keep DEV_SIZE below that"
 STEP_ARGS=(); [ "$STEPS" != 0 ] && STEP_ARGS=("trainer.max_steps=$STEPS")
 
+# DATA's pairs (every line read and checked as a pair): the first N_TRAIN train, the next N_TEST are held out
 mkdir -p "$OUT/data"
-awk -v n="$N_TRAIN" 'NR <= n' "$DATA" > "$OUT/data/train.jsonl"
-awk -v n="$N_TRAIN" -v m="$N_TEST" 'NR > n && NR <= n + m' "$DATA" > "$OUT/data/test.jsonl"
+"$PYTHON" - "$DATA" "$N_TRAIN" "$N_TEST" "$OUT/data" <<'PY'
+import sys
+from pathlib import Path
+
+from prefkd.data.preference import load_pairs
+from prefkd.data.records import DataError
+
+data, n_train, n_test, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+try:
+    pairs = load_pairs(data, check=False)  # one per non-blank line
+except DataError as e:
+    sys.exit(f"DATA={data}: {e}")
+if len(pairs) < n_train + n_test:
+    sys.exit(f"DATA has {len(pairs)} pairs; N_TRAIN + N_TEST = {n_train + n_test} (lower N_TRAIN/N_TEST or give "
+             f"more pairs): DATA={data}")
+lines = [line + "\n" for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+(out / "train.jsonl").write_text("".join(lines[:n_train]), encoding="utf-8")
+(out / "test.jsonl").write_text("".join(lines[n_train:n_train + n_test]), encoding="utf-8")
+PY
 TRAIN=$OUT/data/train.jsonl
 COMMON=("model=$PRESET" "dataset.source.dev_size=$DEV_SIZE" "${DEFAULTS[@]}" "${STEP_ARGS[@]}")
 

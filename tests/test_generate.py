@@ -182,9 +182,9 @@ def test_bad_input_fails_before_the_model_loads(teacher_dir, tmp_path, no_model)
         generate_file(teacher_dir, None)
     with pytest.raises(GenerateError, match="model.path= is required"):
         run(compose_gen(teacher_dir, tmp_path / "a.jsonl", "model.path=null"))
-    with pytest.raises(GenerateError, match="limit=0 must be"):
+    with pytest.raises(ValueError, match="limit=0: expects an integer ≥ 1 or null"):
         generate_file(teacher_dir, tmp_path / "a.jsonl", "limit=0")
-    with pytest.raises(GenerateError, match="split='valid' must be one of"):
+    with pytest.raises(ValueError, match="split='valid': expects one of train, dev, test"):
         generate_file(teacher_dir, tmp_path / "a.jsonl", "split=valid")
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"prompt": "P", "output": "O"}) + "\n")

@@ -73,7 +73,8 @@ def test_kd_tisdpo_reads_a_weight_file(tmp_path, hh_pairs):
     short.write_text(json.dumps({**rec, "chosen_weight": rec["chosen_weight"][:-1]}) + "\n" * 1)
     with pytest.raises(Exception, match="weights for .* parents"):
         quick_run(compose_cfg("model=tiny", "loss=kd_tisdpo", *HH, f"dataset.source.train={short}",
-                              "dataset.source.limit=null", "dataset.source.dev_size=0"), tmp_path / "bad")
+                              "dataset.source.limit=null", "dataset.source.dev_size=0", "trainer.batch_size=1"),
+                  tmp_path / "bad")
 
 
 def test_clear_errors(tmp_path):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from prefkd.models.loading import load_model, load_reward_model  # noqa: F401  (old `_target_`s name them here)
 from prefkd.training.evaluation import run
+from prefkd.training.schema import reported
 from prefkd.utils.config import config_dir, load_env
 
 
@@ -28,7 +29,8 @@ def _dataset_shorthand(argv: list[str]) -> list[str]:
 @hydra.main(config_path=config_dir(), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with reported():
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from prefkd.data.chat import prompt_of
 from prefkd.eval.generation import Sampling, generate_batches
+from prefkd.training.schema import check_entry, reported
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
 from prefkd.utils.io import atomic_write
@@ -75,20 +76,14 @@ def side_file(out: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- settings
 def check_config(cfg: DictConfig) -> Path:
-    """The keys that need no data or model; returns ``out`` as a path. Errors name the key and the fix."""
+    """The keys that need no data or model (their types and ranges: :mod:`prefkd.training.schema`); returns ``out``
+    as a path. Errors name the key and the fix."""
     if not cfg.out:
         raise GenerateError("out= is required: the JSONL file to write, e.g. out=outputs/seqkd/teacher_train.jsonl "
                             "(an existing file made by prefkd.generate is resumed).")
     if cfg.model.path is None and cfg.model.adapter is None:
         raise GenerateError("model.path= is required: the model whose answers are written (the teacher: a "
                             "checkpoint directory, hub id, .gguf file or package:<pkg>/<file>.gguf).")
-    if cfg.split not in SPLITS:
-        raise GenerateError(f"split={cfg.split!r} must be one of {list(SPLITS)}.")
-    for key in ("batch_size", "num_samples"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise GenerateError(f"{key}={cfg[key]!r} must be a whole number of at least 1.")
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise GenerateError(f"limit={cfg.limit!r} must be a whole number of at least 1, or null for every record.")
     if cfg.dataset.get("kind", "instruct") == "preference":
         raise GenerateError(f"dataset {cfg.dataset.source._target_} holds preference pairs; generate answers to "
                             f"instruction prompts (dataset=hh_sft for the prompts of pairs, or any instruction set).")
@@ -217,6 +212,7 @@ def append_lines(out: Path, lines: list[dict]) -> int:
 def run(cfg: DictConfig) -> dict:
     """Write (or resume) ``cfg.out``; returns the side file's content. Every setting and the data are checked, and a
     resumed file's settings compared, before the model loads."""
+    check_entry(cfg, "generate")
     out = check_config(cfg)
     set_num_threads(cfg.num_threads)
     records = split_records(cfg)
@@ -280,7 +276,8 @@ def summarize(out: Path, settings: dict, progress: Progress) -> dict:
 @hydra.main(config_path=config_dir(), config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    result = run(cfg)
+    with reported():
+        result = run(cfg)
     p = result["progress"]
     print(f"generated: {cfg.out} ({p['lines']} lines, {p['empty']} empty answers left out, {p['truncated']} cut at "
           f"max_new_tokens)")

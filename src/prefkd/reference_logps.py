@@ -60,18 +60,33 @@ def compute_reference_logps(pairs, reference, out: Path, *, max_length: int = 51
     return out
 
 
-@hydra.main(config_path=config_dir(), config_name="reference_logps", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """The command's work: every key checked and the pairs read before the model loads; writes (or resumes)
+    ``output`` (default ``run_dir/reference_logps.jsonl``) and returns it."""
     from prefkd.data.preference import read_pairs
+    from prefkd.training.schema import check_entry
 
-    load_env()
+    check_entry(cfg, "reference_logps")
     src = cfg.dataset.source
     pairs = read_pairs(str(src.train), src.limit, skip_invalid=src.skip_invalid, split=src.split)
-    out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "reference_logps.jsonl")
+    if not pairs:
+        raise ValueError(f"dataset.source.train={src.train}: no pair left to score (limit={src.limit}, and pairs with "
+                         f"empty or identical responses dropped by skip_invalid)")
+    out = Path(cfg.output or Path(run_dir) / "reference_logps.jsonl")
     compute_reference_logps(pairs, instantiate(cfg.model), out, max_length=cfg.dataset.max_length,
                             max_prompt_length=cfg.dataset.max_prompt_length, eos_parent=cfg.dataset.eos_parent,
                             batch_size=cfg.batch_size, progress=cfg.progress)
     print(f"reference log-probs: {out} ({len(pairs)} pairs)")
+    return out
+
+
+@hydra.main(config_path=config_dir(), config_name="reference_logps", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from prefkd.training.schema import reported
+
+    load_env()
+    with reported():
+        run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
+from prefkd.training.schema import reported
 from prefkd.training.teacher_cache import build
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
@@ -18,8 +19,9 @@ from prefkd.utils.devices import set_num_threads
 @hydra.main(config_path=config_dir(), config_name="teacher_cache", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    set_num_threads(cfg.trainer.num_threads)
-    out = build(cfg)
+    with reported():
+        set_num_threads(cfg.trainer.num_threads)
+        out = build(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     what = f"top_k={manifest['top_k']}" if manifest["store"] == "topk" else "last hidden states"
     print(f"teacher cache: {out} ({manifest['mb']} MB, {what})")

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prefkd.training.datasets import build_datasets
+from prefkd.training.schema import check_entry, reported
 from prefkd.training.teacher_placement import split_teacher_config
 from prefkd.utils.config import config_dir, load_env
 from prefkd.utils.devices import set_num_threads
@@ -65,8 +66,8 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """name -> {value, norm, cos} for every term and difference of ``cfg.terms`` / ``cfg.differences``."""
     from prefkd.losses.base import LossInputs, ModelOutputs
 
-    if not cfg.get("terms"):
-        raise ValueError("terms is empty: give at least one, e.g. 'terms={ce: {kd_rate: 0}, kd: {kd_rate: 1}}'")
+    check_entry(cfg, "term_gradients")  # every key (the terms' loss keys too), before any data or model loads
+    splits = instantiate(cfg.dataset.source)
     torch.manual_seed(cfg.seed)
     student, teacher = instantiate(cfg.student), instantiate(split_teacher_config(cfg.teacher)[0])
     losses = {}
@@ -78,7 +79,6 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
         losses[name] = loss
     if cfg.checkpoint:
         load_checkpoint(cfg.checkpoint, student, losses)
-    splits = instantiate(cfg.dataset.source)
     # the configured loss's precompute hooks (MCW-KD's lexical cost), whatever the terms
     data_loss = instantiate(cfg.loss)
     data_loss.setup(student.tokenizer, teacher.tokenizer)
@@ -114,8 +114,9 @@ def term_gradients(cfg: DictConfig) -> dict[str, dict[str, float]]:
 @hydra.main(config_path=config_dir(), config_name="term_gradients", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     load_env()
-    set_num_threads(cfg.trainer.num_threads)
-    rows = term_gradients(cfg)
+    with reported():
+        set_num_threads(cfg.trainer.num_threads)
+        rows = term_gradients(cfg)
     first = next(iter(cfg.terms))
     print(f"\n| term | value per token | ‖∇ student‖ | cos with ∇{first} |\n|---|---|---|---|")
     for name, r in rows.items():

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 import prefkd.training.run_info  # noqa: F401  (registers ${prefkd_job_subdir:...}, used by hydra.sweep.subdir)
 from prefkd.training.pipeline import check_sweep_direction, objective, pass_signal_on, run
+from prefkd.training.schema import reported
 from prefkd.training.trainer import PREEMPT_EXIT_CODE, NonFiniteLossError, Preempted
 from prefkd.utils.config import config_dir, load_env
 
@@ -26,7 +27,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     check_sweep_direction(cfg, hydra_cfg)
     try:
-        return objective(run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg))
+        with reported():
+            return objective(run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg))
     except Preempted as stop:
         pass_signal_on(stop)
         print(f"{stop}: exiting with code {PREEMPT_EXIT_CODE}; rerun the same command to resume", file=sys.stderr)

@@ -335,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_places(names: list[str], out_dir: Path, source: str | None) -> None:
+    """Before any set is fetched: ``--dir`` is a folder (or can become one) and, with ``--from``, every named set has
+    its local copy there; else a :class:`FetchError` naming the option."""
+    blocked = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if blocked is not None and not blocked.is_dir():
+        raise FetchError(f"--dir {out_dir}: {blocked} is a file, not a folder; give a folder (created if missing).")
+    if source is not None:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise FetchError(f"--from {folder}: no such folder; give the folder holding the hub files (DIR/NAME or "
+                             f"DIR/<hub id> for each set).")
+        for name in dict.fromkeys(names):  # every copy found before the first is converted
+            local_copy(SETS[name], folder, alone=len(set(names)) == 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = args.names or list(SETS)
@@ -343,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown set(s) {', '.join(unknown)}; the sets are {', '.join(SETS)}.", file=sys.stderr)
         return 2
     out_dir = Path(args.dir).expanduser() if args.dir else Path(data_dir())
+    try:
+        check_places(names, out_dir, args.source)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in dict.fromkeys(names):
         try:

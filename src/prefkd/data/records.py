@@ -23,6 +23,8 @@ ALPACA_NO_INPUT = (
 RECORD_HELP = ("each line must be a JSON object with `prompt` (the templated prompt) and `output` (the reference "
                "response), or `instruction` (+ optional `input`) and `output`, or `messages` (the conversation so far, "
                "rendered by each model's chat template) and `output`")
+PAIR_HELP = ("each line must be a JSON object with `chosen` and `rejected` (two full HH dialogues), or `prompt`, "
+             "`chosen` and `rejected` (a preference pair; optional `chosen_weight`/`rejected_weight`)")
 ROLES = ("system", "user", "assistant")
 
 
@@ -110,12 +112,34 @@ def to_instruction_record(raw: dict, where: str) -> dict:
     elif not isinstance(record["prompt"], str) or not record["prompt"].strip():
         raise DataError(f"{where}: field 'prompt' must be a non-empty string, got {record['prompt']!r}.")
     if "output" not in record or record["output"] is None:
-        raise DataError(f"{where}: missing field 'output'; {RECORD_HELP}.")
+        raise DataError(f"{where}: missing field 'output'{other_format(record, ('prompt', 'output'))}; "
+                        f"{RECORD_HELP}.")
     _check_output(record["output"], where)
     if "prompt" in record:
         check_unicode(record["prompt"], "prompt", where)
     check_unicode(record["output"], "output", where)
     return record
+
+
+def format_help(required: tuple[str, ...]) -> str:
+    """What a line of a file read with ``required`` fields must hold: instruction records (:data:`RECORD_HELP`),
+    preference pairs (:data:`PAIR_HELP`) or objects with those fields."""
+    if "prompt" in required and "output" in required:
+        return RECORD_HELP
+    if {"chosen", "rejected"} <= set(required):
+        return PAIR_HELP
+    return f"each line must be a JSON object with {', '.join(f'`{name}`' for name in required)}"
+
+
+def other_format(record: dict, required: tuple[str, ...]) -> str:
+    """A hint when a record holds the other kind of data: pairs given to an instruction reader, or the reverse."""
+    if "output" in required and "output" not in record and {"chosen", "rejected"} <= set(record):
+        return (" (this line holds `chosen`/`rejected`: a preference pair; pairs are read by dataset=hh, their "
+                "chosen responses as instruction records by dataset=hh_sft)")
+    if "chosen" in required and "chosen" not in record and "output" in record:
+        return (" (this line holds `output`: an instruction record; instruction records are read by dataset=jsonl, "
+                "pairs need `chosen` and `rejected`)")
+    return ""
 
 
 def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dict]:
@@ -128,13 +152,14 @@ def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dic
     """
     path = Path(path).expanduser()
     required = tuple(required)
+    fields = format_help(required)
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not found"
         from prefkd.data.fetch import missing_data_hint  # (fetch reads records: imported when needed)
 
         hint = missing_data_hint(path)  # a file `prefkd.data fetch` writes, or one under PREFKD_SHARED: say how
         raise FileNotFoundError(f"{path}: {what}; {f'{hint}; ' if hint else ''}expected a JSONL file "
-                                f"({RECORD_HELP}).")
+                                f"({fields}).")
     instruction = "prompt" in required and "output" in required
     records = []
     with open(path, encoding="utf-8") as f:
@@ -146,20 +171,21 @@ def read_jsonl(path, required: Iterable[str] = ("prompt", "output")) -> list[dic
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix that line so that "
-                                f"it holds exactly one JSON object ({RECORD_HELP}).") from None
+                                f"it holds exactly one JSON object ({fields}).") from None
             if not isinstance(raw, dict):
                 raise DataError(f"{where}: a line must hold a JSON object, got {type(raw).__name__}; "
-                                f"{RECORD_HELP}.")
+                                f"{fields}.")
             record = to_instruction_record(raw, where) if instruction else dict(raw)
             for name in required:
                 value = record.get(name)
                 if value is None:
-                    raise DataError(f"{where}: missing field {name!r}; add it to every line "
-                                    f"(required fields: {', '.join(required)}).")
+                    raise DataError(f"{where}: missing field {name!r}{other_format(record, required)}; add it to "
+                                    f"every line (required fields: {', '.join(required)}; {fields}).")
                 if isinstance(value, str) and not value.strip():
                     raise DataError(f"{where}: field {name!r} is empty; give it a non-empty string "
                                     f"(or remove the line).")
             records.append(record)
     if not records:
-        raise DataError(f"{path}: the file holds no records; {RECORD_HELP}.")
+        kind = "preference pairs" if fields == PAIR_HELP else "records"
+        raise DataError(f"{path}: the file holds no {kind} (it is empty or holds only blank lines); {fields}.")
     return records

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [d for d in args.dirs if not Path(d).exists()]
     if missing:
         parser.error("no such directory: " + ", ".join(missing))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder; give a folder (created if missing)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:

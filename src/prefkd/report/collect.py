@@ -224,7 +224,7 @@ def common_root(dirs: list[Path], run_dirs: list[Path]) -> Path:
 
 def collect(dirs: list[str | Path]) -> Collection:
     """Find and read every run and results.json under ``dirs``. Raises FileNotFoundError for a missing DIR and
-    NothingFound when there is neither a run (train_summary.json) nor a results.json."""
+    NothingFound when there is neither a run (train_summary.json) nor a readable results.json."""
     dirs = [Path(d) for d in dirs]
     run_dirs, result_files = find_inputs(dirs)
     if not run_dirs and not result_files:
@@ -233,6 +233,8 @@ def collect(dirs: list[str | Path]) -> Collection:
     warnings: list[str] = []
     runs = [load_run(d, warnings) for d in run_dirs]
     evaluations = [e for e in (load_evaluation(p, warnings) for p in result_files) if e is not None]
+    if not runs and not evaluations:  # every results.json unreadable or of no known shape: no report to write
+        raise NothingFound(f"nothing to report under {', '.join(str(d) for d in dirs)}: " + "; ".join(warnings))
     attach(runs, evaluations)
     return Collection(dirs=dirs, runs=runs, evaluations=evaluations, root=common_root(dirs, run_dirs),
                       warnings=warnings)

@@ -24,22 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from prefkd.models.bundle import ModelBundle
 from prefkd.models.loading import adapter_base
 from prefkd.training.checkpoint import is_adapter
+from prefkd.training.schema import check_entry
 from prefkd.utils.devices import set_num_threads
 
 log = logging.getLogger("prefkd.evaluate")
 
 
-def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
+def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path, sets: dict[str, str]) -> dict:
     from prefkd.eval.generation import Sampling
     from prefkd.eval.instruct import evaluate_instruct
     from prefkd.eval.report import to_markdown
-    from prefkd.eval.sets import select_sets
 
     e = cfg.eval
     sampling = Sampling(do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                         no_repeat_ngram_size=e.no_repeat_ngram_size, max_new_tokens=e.max_new_tokens,
                         max_prompt_length=e.max_prompt_length)
-    sets = select_sets(list(e.datasets), OmegaConf.to_container(e.sets, resolve=True))
     results = evaluate_instruct(policy.model, policy.tokenizer, sets, output_dir, seeds=list(e.seeds),
                                 batch_size=e.batch_size, limit=e.limit, sampling=sampling, progress=cfg.progress,
                                 model_name=cfg.model.path or adapter_base(cfg.model.adapter),
@@ -48,12 +47,10 @@ def run_instruct(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict
     return results
 
 
-def run_nll(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
+def run_nll(cfg: DictConfig, policy: ModelBundle, output_dir: Path, sets: dict[str, str]) -> dict:
     from prefkd.eval.nll import evaluate_nll, to_markdown
-    from prefkd.eval.sets import select_sets
 
     e = cfg.eval
-    sets = select_sets(list(e.datasets), OmegaConf.to_container(e.sets, resolve=True))
     results = evaluate_nll(policy.model, policy.tokenizer, sets, output_dir, batch_size=e.batch_size, limit=e.limit,
                            max_prompt_length=e.max_prompt_length, max_length=e.max_length, progress=cfg.progress,
                            model_name=cfg.model.path or adapter_base(cfg.model.adapter), adapter=cfg.model.adapter)
@@ -61,16 +58,21 @@ def run_nll(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
     return results
 
 
-def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path) -> dict:
-    from prefkd.eval.generation import Sampling
-    from prefkd.eval.preference import evaluate_preference, load_pairs, reward_win_rate
-    from prefkd.utils.io import atomic_write
-
-    e = cfg.eval
+def preference_data(e: DictConfig) -> str:
+    """The pairs file of ``eval=preference``: a key of ``eval.sets`` or a JSONL path."""
     data = e.sets.get(e.dataset) or e.dataset
     if e.dataset not in e.sets and not str(data).endswith(".jsonl"):
         raise ValueError(f"eval.dataset={e.dataset!r}: use one of {sorted(e.sets)} or the path of a JSONL file.")
-    pairs = load_pairs(data, e.limit)
+    return str(data)
+
+
+def run_preference(cfg: DictConfig, policy: ModelBundle, output_dir: Path, pairs: list) -> dict:
+    from prefkd.eval.generation import Sampling
+    from prefkd.eval.preference import evaluate_preference, reward_win_rate
+    from prefkd.utils.io import atomic_write
+
+    e = cfg.eval
+    data = preference_data(e)
     reference = instantiate(cfg.reference) if cfg.reference.path or cfg.reference.adapter else None
     results = {"model": policy.name, "reference": reference.name if reference else None, "data": str(data),
                **evaluate_preference(policy.model, policy.tokenizer, pairs,
@@ -128,33 +130,41 @@ def log_results(cfg: DictConfig, results: dict, output_dir: Path) -> None:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Load the model(s) named by a composed config and run its protocol; returns the results dict."""
+    """Load the model(s) named by a composed config and run its protocol; returns the results dict. The config's
+    keys and the evaluation data are checked first, before any model loads."""
+    from prefkd.eval.preference import load_pairs
+
+    check_entry(cfg, "evaluate")
     set_num_threads(cfg.num_threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runners = {"instruct": run_instruct, "nll": run_nll, "preference": run_preference}
-    if cfg.eval.protocol not in runners:
-        raise ValueError(f"eval.protocol={cfg.eval.protocol!r} is not one of {sorted(runners)}.")
-    if cfg.eval.protocol in ("instruct", "nll"):
-        check_set_files(cfg.eval, "eval")  # before the model loads
+    if cfg.eval.protocol == "preference":
+        data = load_pairs(preference_data(cfg.eval), cfg.eval.limit)
+    else:
+        data = check_set_files(cfg.eval, "eval")
     policy = instantiate(cfg.model)
-    results = runners[cfg.eval.protocol](cfg, policy, output_dir)
+    results = runners[cfg.eval.protocol](cfg, policy, output_dir, data)
     log_results(cfg, results, output_dir)
     return results
 
 
 # ---------------------------------------------------------------- evaluation after training (final_eval)
-def check_set_files(protocol: DictConfig, key: str) -> None:
-    """The instruct/nll sets of ``protocol`` (an eval config at ``key``) exist: a missing file is an error before any
-    model loads, naming the key to set and the command that fetches the missing sets."""
+def check_set_files(protocol: DictConfig, key: str) -> dict[str, str]:
+    """The instruct/nll sets of ``protocol`` (an eval config at ``key``) exist and hold valid records: a missing file
+    is an error before any model loads, naming the key to set and the command that fetches the missing sets; a bad
+    record names its file, line and field. Returns {set name: file}."""
     from prefkd.data.fetch import fetch_hint
-    from prefkd.eval.sets import resolve_data_path, select_sets
+    from prefkd.eval.sets import load_eval_set, resolve_data_path, select_sets
 
     sets = select_sets(list(protocol.datasets), OmegaConf.to_container(protocol.sets, resolve=True))
     missing = {name: path for name, path in sets.items() if not resolve_data_path(path).is_file()}
     if missing:
         raise FileNotFoundError(f"{key}: no file for set(s) {missing}: {fetch_hint(missing.values())}place them or "
                                 f"set {key}.sets.<name>=PATH (or drop them from {key}.datasets)")
+    for path in sets.values():
+        load_eval_set(path)  # every record read and checked
+    return sets
 
 
 def check_final_eval(cfg: DictConfig) -> None:
@@ -189,8 +199,10 @@ def evaluate_after_training(cfg: DictConfig, summary: dict, run_dir: Path, devic
              "adapter": path if lora else None,
              "tokenizer_path": path, "dtype": dtype, "device": device}
     none = {"_target_": "prefkd.models.loading.load_model", "path": None, "adapter": None}
-    ecfg = OmegaConf.create({"eval": OmegaConf.to_container(cfg.final_eval, resolve=True), "model": model,
-                             "reference": none, "reward_model": {"path": None}, "device": device,
+    protocol = {k: v for k, v in OmegaConf.to_container(cfg.final_eval, resolve=True).items() if k != "enabled"}
+    ecfg = OmegaConf.create({"eval": protocol, "model": model, "reference": none,
+                             "reward_model": {"_target_": "prefkd.models.loading.load_reward_model", "path": None},
+                             "device": device,
                              "num_threads": cfg.trainer.num_threads, "progress": True})
     print(f"\nfinal_eval: {cfg.final_eval.protocol} evaluation of {path} into {run_dir / 'eval'}")
     return run(ecfg, run_dir / "eval")

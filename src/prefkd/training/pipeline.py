@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefkd.models.bundle import ModelBundle
 from prefkd.training.checkpoint import is_adapter
-from prefkd.training.datasets import build_datasets
+from prefkd.training.datasets import build_datasets, check_data
 from prefkd.training.engine_checks import check_engine, check_sharded_models, describe_engine, fill_deepspeed_batch_size
 from prefkd.training.evaluation import check_final_eval, checkpoint_to_evaluate, evaluate_after_training
 from prefkd.training.on_policy import OnPolicySettings, check_on_policy
 from prefkd.training.run_info import describe_run, tokenizer_relation, wandb_metadata
+from prefkd.training.schema import check_entry
 from prefkd.training.teacher_cache import TeacherCache
 from prefkd.training.teacher_placement import TeacherPlacement, place_teacher, split_teacher_config
 from prefkd.training.tracking import Tracker
@@ -47,36 +48,13 @@ def has_target(node) -> bool:
     return node is not None and isinstance(node, DictConfig) and node.get("_target_") is not None
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Every ``???`` (mandatory) value that is still unset is an error naming the key and how to set it."""
-    missing = []
-
-    def walk(node, prefix: str) -> None:
-        for key in node:
-            full = f"{prefix}{key}"
-            if OmegaConf.is_missing(node, key):
-                missing.append(full)
-            elif isinstance(node[key], DictConfig):
-                walk(node[key], f"{full}.")
-
-    walk(cfg, "")
-    if missing:
-        hints = {"path": "a checkpoint directory, hub id or .gguf file", "train": "a JSONL file"}
-        items = "; ".join(f"{k}=<{hints.get(k.rsplit('.', 1)[-1], 'a value')}>" for k in missing)
-        raise ValueError(f"the configuration leaves {', '.join(missing)} unset (??? in config/): pass {items} on "
-                         f"the command line")
-
-
 def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> dict:
     """Build everything from a composed config and train (then evaluate with ``final_eval.enabled``).
 
     ``hydra_cfg`` (Hydra's runtime config under ``@hydra.main``) names the run in run_info.json and wandb.
     Returns the train summary, with ``eval`` holding the evaluation results when one ran."""
-    check_required(cfg)
+    check_entry(cfg, "train")  # unset keys, every key's type, range and name, and the groups' key combinations
     check_final_eval(cfg)  # a wrong evaluation setting fails now, not after training
-    if cfg.trainer.num_workers < 0:
-        raise ValueError(f"trainer.num_workers={cfg.trainer.num_workers}: use 0 (collate in the training process) "
-                         f"or more")
 
     tcfg = cfg.trainer
     set_num_threads(tcfg.num_threads)
@@ -99,17 +77,19 @@ def run(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig | None = None) -> 
     if tcfg.get("teacher_cache") and loss.needs.teacher:
         cache = TeacherCache(tcfg.teacher_cache)
         check_cache_serves(cache, loss, cfg.loss._target_)
+    if teacher_cfg is None and (loss.needs.teacher and not (cache and cache.store == "topk")
+                                or loss.needs.reference == "teacher"):
+        raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
+                         f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
     check_on_policy(OnPolicySettings.from_config(tcfg.get("on_policy")), loss, cfg.loss._target_, cache)
     check_sharded_models(engine, loss.needs, cfg, cache)
     splits = instantiate(cfg.dataset.source)  # the records are read (and checked) before any model loads
+    check_data(cfg, splits, loss, accelerator.num_processes)  # the loss's kind of records, one step's worth
     student = instantiate(cfg.student)
     teacher = None
     if cache is not None and cache.store == "topk":
         teacher = ModelBundle(None, cache.tokenizer(), cache.teacher)  # the data still needs the teacher tokenizer
     elif loss.needs.teacher or loss.needs.reference == "teacher":  # live, or a hidden-state cache (head, embeddings)
-        if teacher_cfg is None:
-            raise ValueError(f"loss {cfg.loss._target_} needs a teacher but teacher=none: pick a teacher "
-                             f"(e.g. teacher=smollm2 or a model= preset) or use loss=sft.")
         teacher = instantiate(teacher_cfg)
         if cache is not None and teacher.name != cache.teacher:
             raise ValueError(f"trainer.teacher_cache={tcfg.teacher_cache} holds {cache.teacher}'s hidden states, "

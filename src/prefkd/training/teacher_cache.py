@@ -206,17 +206,19 @@ def build(cfg) -> Path:
     """Build the cache for the train and dev splits of a composed train config plus ``cache.*`` keys."""
     from hydra.utils import instantiate
 
-    from prefkd.training.datasets import build_datasets
+    from prefkd.training.datasets import build_datasets, check_kind
+    from prefkd.training.schema import check_entry
 
-    store = cfg.cache.get("store", "topk")
-    if store not in ("topk", "hidden"):  # before any model loads
-        raise ValueError(f"cache.store={store!r}: valid values are 'topk' (log-probs) and 'hidden' (hidden states)")
+    check_entry(cfg, "teacher_cache")  # every key, before any data or model loads
+    store = cfg.cache.store
+    loss = instantiate(cfg.loss)
+    check_kind(cfg, loss)
+    splits = instantiate(cfg.dataset.source)  # the records are read (and checked) before any model loads
     out = Path(cfg.cache.dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    loss = instantiate(cfg.loss)
     student, teacher = instantiate(cfg.student), instantiate(split_teacher_config(cfg.teacher)[0])
     loss.setup(student.tokenizer, teacher.tokenizer)
-    train, dev = build_datasets(cfg, instantiate(cfg.dataset.source), student, teacher, loss)
+    train, dev = build_datasets(cfg, splits, student, teacher, loss)
     teacher.model.to(resolve_device(cfg.cache.device))
     splits = {}
     for split, ds in (("train", train), ("dev", dev)):
