@@ -3,7 +3,8 @@ commands: ``srun`` runs its command once as machine 0, ``scontrol`` names this m
 launcher is the real ``accelerate launch`` (one CPU process) and the trainer the real ``prefkd.train``.
 
 SIGUSR1 to the batch script (what ``#SBATCH --signal=B:USR1@600`` sends before the time limit) reaches the trainer,
-which saves ``checkpoints/step-N`` and stops; the script then requeues the job.
+which saves ``checkpoints/step-N`` and stops; the script then requeues the job. Another run's trainer on the same
+machine (a stand-in process named like one) is left alone.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def test_the_time_limit_notice_saves_a_checkpoint_and_requeues_the_job(tmp_path)
            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "GPUS_PER_NODE": "1",
            "MAIN_PORT": free_port(), "ACCELERATE_CONFIG": str(tmp_path / "one_cpu.yaml"), "PREFKD_ROOT": str(REPO),
            "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    other_run = subprocess.Popen(["bash", "-c", f'exec -a "python -m prefkd.train hydra.run.dir={tmp_path}/other" '
+                                  f'sleep 300'])  # another run's trainer, as pkill -f sees it
     job = subprocess.Popen(["bash", str(REPO / "run_train/slurm_multinode.sbatch"), str(run_dir), "model=tiny_same",
                             "loss=kd", "logger=none", "trainer.device=cpu", "trainer.max_steps=1000000",
                             "trainer.eval_every=1000000", "trainer.eval_at_start=false"],
@@ -59,8 +62,10 @@ def test_the_time_limit_notice_saves_a_checkpoint_and_requeues_the_job(tmp_path)
         time.sleep(1)
         job.send_signal(signal.SIGUSR1)
         out, _ = job.communicate(timeout=120)
+        assert other_run.poll() is None, "the notice reached another run's trainer"
     finally:
         job.kill()
+        other_run.kill()
     assert job.returncode == 0, out[-3000:]
     assert "asking every trainer to save and stop" in out and log.read_text() == "requeue 7\n"
     summary = json.loads((run_dir / "train_summary.json").read_text())
