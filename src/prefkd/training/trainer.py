@@ -35,6 +35,7 @@ from prefkd.models.sharding import on_device
 from prefkd.training.checkpoint import torch_optimizer
 from prefkd.training.checkpoint_manager import CheckpointManager, higher_is_better
 from prefkd.training.distill_module import DistillModule
+from prefkd.training.engine_checks import describe_engine
 from prefkd.training.fused_head import model_outputs, plan_fused_heads
 from prefkd.training.loader import Collate, StepSampler, build_loader
 from prefkd.training.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -62,13 +63,10 @@ def select_metric(trainer_cfg) -> str:
     return metric
 
 
-def _zero3(accelerator) -> bool:
+def _zero3(engine) -> bool:
     """The prepared module's parameters are partitioned by DeepSpeed ZeRO stage 3, where fused heads are not verified
     (under FSDP2 they are: tests/test_sharded_checkpoint.py)."""
-    from accelerate.utils import DistributedType
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    return engine.deepspeed and engine.zero_stage == 3
 
 
 def count_units(batch: dict, normalize_by: str) -> torch.Tensor:
@@ -114,7 +112,7 @@ class Trainer:
         # a cache of hidden states hands the teacher's last hidden state and head too; a top-k cache, log-probs
         self.fused = plan_fused_heads(cfg.get("fused_head", True), loss, student.model,
                                       model if not teacher_cache or teacher_cache.store == "hidden" else None,
-                                      reference=reference, sharded=_zero3(accelerator))
+                                      reference=reference, sharded=_zero3(describe_engine(accelerator)))
         self._build_reference(student, teacher)  # a copy of the initial student is made whole, before any sharding
         module = DistillModule(student.model, loss, compile=cfg.compile,  # the loss's modules train with the student
                                fused_head=self.fused.student)
